@@ -31,7 +31,7 @@ from sdca_dist.method.collective import AllReduce, resolve_all_reduce
 
 #: Elements (rows x dim) per scatter chunk: small on CPU to stay in cache and keep the float64
 #: temporaries tiny; large on GPU where launch count matters more than a 128 MB temporary.
-_CHUNK_ELEMS_CPU = 1 << 18
+_CHUNK_ELEMS_CPU = 1 << 17
 _CHUNK_ELEMS_GPU = 1 << 24
 
 
@@ -117,14 +117,14 @@ def _local_moments(dist: SemanticDistribution, features: Tensor, labels: Tensor,
         raise ValueError(f"features ({features.device}) / labels ({labels.device}) must be on the "
                          f"distribution's device ({device}); call .to(device) on it")
     features = features.detach()
-    work_dtype = features.dtype if features.dtype in (torch.float32, torch.float64) else torch.float32
     n_pix = features.shape[0]
 
     # Ignored pixels go to a trash row C: static shapes, no boolean masking (no host sync on GPU).
-    idx = labels.detach().long()
-    idx = torch.where(idx == ignore_index, torch.full_like(idx, C), idx)
-    torch._assert_async(((idx >= 0) & (idx <= C)).all(),
+    lab = labels.detach().long()
+    ignored = lab == ignore_index
+    torch._assert_async((ignored | ((lab >= 0) & (lab < C))).all(),
                         f"labels must lie in [0, {C}) or equal ignore_index={ignore_index}")
+    idx = torch.where(ignored, torch.full_like(lab, C), lab)
 
     count = torch.bincount(idx, minlength=C + 1).to(torch.float64)
     s1 = torch.zeros(C + 1, A, dtype=torch.float64, device=device)
@@ -142,7 +142,6 @@ def _local_moments(dist: SemanticDistribution, features: Tensor, labels: Tensor,
     seen = torch.cat([dist.count > 0, torch.zeros(1, dtype=torch.bool, device=device)]).unsqueeze(1)
     c_ext = torch.cat([c, torch.zeros(1, A, dtype=torch.float64, device=device)])
     shift = torch.where(seen, c_ext, torch.where(present, pixel, torch.zeros_like(pixel)))
-    shift = shift.to(work_dtype)  # what is really subtracted; .double() of it is exact
     shift[C] = 0
 
     use_matmul = device.type != "cpu"
@@ -150,14 +149,14 @@ def _local_moments(dist: SemanticDistribution, features: Tensor, labels: Tensor,
     classes = torch.arange(C + 1, device=device).unsqueeze(1) if use_matmul else None
     for start in range(0, n_pix, rows):
         ic = idx[start:start + rows]
-        d = (features[start:start + rows].to(work_dtype) - shift[ic]).to(torch.float64)
+        d = features[start:start + rows].to(torch.float64) - shift[ic]
         one_hot = (ic.unsqueeze(0) == classes).to(torch.float64) if use_matmul else None
         _scatter_rows(s1, ic, d, one_hot)
         d.mul_(d)
         _scatter_rows(s2, ic, d, one_hot)
 
     # Move the moments exactly (float64) from the local shift to the common one c.
-    e = shift[:C].to(torch.float64) - c
+    e = shift[:C] - c
     n = count[:C].unsqueeze(1)
     t1 = s1[:C] + n * e
     t2 = s2[:C] + 2.0 * e * s1[:C] + n * e * e
