@@ -1,0 +1,162 @@
+"""Typed configuration schema: the one home for every setting's name, type and default.
+
+Hydra YAML under ``conf/`` fills these dataclasses; because the schema is registered as the
+structured base of the primary config, a misspelt key or a wrong type fails when the config is
+composed, before anything runs or is submitted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+STAGES: tuple[str, ...] = ("src", "dist_init", "sdca", "pseudo_label", "ssl", "eval", "oracle")
+#: The method's chain, in order (eval runs at the end of every training stage; oracle is a reference).
+CHAIN: tuple[str, ...] = ("src", "dist_init", "sdca", "pseudo_label", "ssl")
+TRAINING_STAGES: tuple[str, ...] = ("src", "sdca", "ssl", "oracle")
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how images are sized. Sizes are [H, W]."""
+
+    #: folder holding one sub-folder per shard set (each with manifest.json)
+    shards_root: str = "shards"
+    source: str = "???"
+    target_train: str = "???"
+    target_val: str = "???"
+    #: 19 (GTA5 -> Cityscapes) or 16 (SYNTHIA -> Cityscapes)
+    num_classes: int = 19
+    #: source images are resized to this before augmentation (1280x720 GTA5, 1280x760 SYNTHIA)
+    source_resize: list[int] = field(default_factory=lambda: [720, 1280])
+    #: target images resized to this (1024x512)
+    target_resize: list[int] = field(default_factory=lambda: [512, 1024])
+    #: evaluation input size; labels stay at their original resolution
+    eval_resize: list[int] = field(default_factory=lambda: [512, 1024])
+    #: ssl stage: random scale range and crop on the target
+    ssl_scale: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    ssl_crop: list[int] = field(default_factory=lambda: [512, 1024])
+    #: class-balanced source sampling (method doc: "Source sampling")
+    class_balanced: bool = True
+    #: DALI CPU threads per rank
+    num_threads: int = 2
+    #: embedded synthetic benchmark: generate missing shards on first use
+    synthetic: bool = False
+    synthetic_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "deeplabv2_r101"
+    #: local torchvision-format ImageNet state_dict; None = random init (tests, synthetic)
+    pretrained: Optional[str] = None
+
+
+@dataclass
+class StageSchedule:
+    """Per-stage optimisation settings (method doc "Stages")."""
+
+    iters: int = 1000
+    #: poly schedule length (the reference decays over a longer horizon than it trains)
+    schedule_iters: int = 1000
+    lr: float = 5e-4
+    #: GLOBAL batch size (source in src/sdca, target in ssl/oracle), split evenly over the ranks
+    #: so that 1 GPU and 32 GPUs train the same model
+    batch_size: int = 1
+    #: GLOBAL target batch size in sdca
+    target_batch_size: int = 1
+
+
+@dataclass
+class TrainConfig:
+    """Settings shared by the training stages; ``iters`` overrides the stage's own count."""
+
+    iters: Optional[int] = None
+    checkpoint_every: int = 2000
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    image_every: int = 1000
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    classifier_lr_mult: float = 10.0
+    #: evaluate on target val at the end of each training stage
+    eval_at_end: bool = True
+    #: per-rank eval batch size (does not change the result)
+    eval_batch_size: int = 1
+
+
+@dataclass
+class MethodConfig:
+    """SDCA hyper-parameters (method doc)."""
+
+    tau: float = 100.0
+    delta: float = 0.9
+    lovasz_weight: float = 0.75
+    feat_weight: float = 1.0
+    out_weight: float = 1.0
+    pseudo_label_cap: float = 0.9
+    threshold_bins: int = 1000
+
+
+@dataclass
+class EngineConfig:
+    #: ddp | deepspeed
+    name: str = "ddp"
+    #: auto: nccl with GPUs, gloo without
+    backend: str = "auto"
+    zero_stage: int = 0
+    bf16: bool = False
+
+
+@dataclass
+class ClusterConfig:
+    #: local | slurm
+    name: str = "local"
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    time_min: int = 1440
+    gpus_per_node: int = 0
+    tasks_per_node: int = 1
+    cpus_per_task: int = 2
+    mem_gb: Optional[int] = None
+    max_requeues: int = 5
+    #: seconds before the time limit at which SLURM signals the job (USR2)
+    signal_delay_s: int = 120
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalConfig:
+    #: stage whose model_final.pt the ``eval`` stage evaluates
+    model_from: str = "ssl"
+
+
+@dataclass
+class Config:
+    """The whole run. ``conf`` names the preset (synthetic, gta2city, synthia2city)."""
+
+    conf: str = "???"
+    stage: str = "src"
+    run_dir: str = "runs/default"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    src: StageSchedule = field(default_factory=StageSchedule)
+    sdca: StageSchedule = field(default_factory=StageSchedule)
+    ssl: StageSchedule = field(default_factory=StageSchedule)
+    oracle: StageSchedule = field(default_factory=StageSchedule)
+    # --- launcher-only settings (launch/slurm.py) ---
+    nodes: int = 1
+    stages: list[str] = field(default_factory=lambda: list(CHAIN))
+    wait: bool = False
+    dry_run: bool = False
+    seeds: int = 1
+    with_oracle: bool = False

@@ -1,0 +1,110 @@
+"""The engine's side of the data path: which shard set feeds which stage, and with what sizes.
+
+It also makes the embedded synthetic benchmark appear on first use (``conf=synthetic``): the
+first rank to take the lock generates and shards; the others wait and then find it ready.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig
+
+from sdca_dist.classes import target_label_map
+from sdca_dist.engine.distributed import DistContext
+
+#: shard sets of the synthetic benchmark: name -> (layout, split)
+SYNTHETIC_SETS = {
+    "gta5_train": ("gta5", "train"),
+    "cityscapes_train": ("cityscapes", "train"),
+    "cityscapes_val": ("cityscapes", "val"),
+}
+
+
+class DataConfigError(ValueError):
+    """A data setting that cannot work (e.g. a batch that does not split over the ranks)."""
+
+
+def shard_set(cfg: DictConfig, name: str) -> Path:
+    """Folder of a named shard set (absolute names are used as they are)."""
+    path = Path(name)
+    return path if path.is_absolute() else Path(cfg.data.shards_root) / name
+
+
+def manifest_path(folder: Path) -> Path:
+    return Path(folder) / "manifest.json"
+
+
+def per_rank(global_batch: int, ctx: DistContext, key: str) -> int:
+    """Split a global batch evenly; the same global batch on any number of ranks is the same run."""
+    if global_batch < 1 or global_batch % ctx.world_size:
+        raise DataConfigError(f"{key}={global_batch} does not split evenly over {ctx.world_size} ranks")
+    return global_batch // ctx.world_size
+
+
+def ensure_synthetic_shards(cfg: DictConfig, log=print) -> None:
+    """Generate + shard the synthetic benchmark if its manifests are missing (race-safe)."""
+    if not cfg.data.synthetic:
+        return
+    root = Path(cfg.data.shards_root)
+    wanted = [cfg.data.source, cfg.data.target_train, cfg.data.target_val]
+    if all(manifest_path(shard_set(cfg, n)).is_file() for n in wanted):
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".generate.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # other ranks block here until the first one is done
+        raw = root / "raw"
+        if not (raw / ".complete").is_file():
+            log(f"generating the synthetic benchmark under {raw} (seed {cfg.data.synthetic_seed})")
+            _run([sys.executable, "-m", "sdca_dist.synth", "--out", str(raw), "--seed", str(cfg.data.synthetic_seed)])
+            (raw / ".complete").write_text("ok\n")
+        for name in wanted:
+            if name not in SYNTHETIC_SETS:
+                raise DataConfigError(f"data.source/target name {name!r} is not a synthetic set ({', '.join(SYNTHETIC_SETS)})")
+            out = shard_set(cfg, name)
+            if manifest_path(out).is_file():
+                continue
+            layout, split = SYNTHETIC_SETS[name]
+            log(f"sharding synthetic {layout}/{split} -> {out}")
+            _run([sys.executable, "-m", "sdca_dist.shard", "--layout", layout, "--root", str(raw / layout),
+                  "--split", split, "--out", str(out), "--workers", "1"])
+
+
+def _run(cmd: list[str]) -> None:
+    env = dict(os.environ)
+    # the generator/sharder are single-node tools: never let them see the rank environment
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise RuntimeError(f"{' '.join(cmd[1:4])} failed: {tail[0]}")
+
+
+def check_manifests(cfg: DictConfig, names: list[str]) -> None:
+    for name in names:
+        path = manifest_path(shard_set(cfg, name))
+        if not path.is_file():
+            raise FileNotFoundError(f"shard manifest {path} does not exist (pack it with python -m sdca_dist.shard)")
+
+
+def make_loader(cfg: DictConfig, ctx: DistContext, manifest: Path, batch_size: int, *, train: bool,
+                resize: Optional[list[int]] = None, crop: Optional[list[int]] = None,
+                scale: Optional[list[float]] = None, flip: bool = False, photometric: bool = False,
+                class_balanced: bool = False, target_labels: bool = False, seed_offset: int = 0):
+    """A ``ShardLoader`` for this rank. ``target_labels``: map Cityscapes 19 -> setting's classes."""
+    from sdca_dist.data.loader import ShardLoader
+
+    label_map = target_label_map(cfg.data.num_classes) if target_labels else None
+    return ShardLoader(
+        manifest, batch_size, rank=ctx.rank, world_size=ctx.world_size, train=train,
+        resize=tuple(resize) if resize else None, crop_size=tuple(crop) if crop else None,
+        scale_range=tuple(scale) if scale else None, flip=flip, photometric=photometric,
+        class_balanced=class_balanced, label_map=label_map, seed=int(cfg.seed) * 1000 + seed_offset,
+        num_threads=int(cfg.data.num_threads), device="auto",
+    )

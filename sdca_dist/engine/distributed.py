@@ -1,0 +1,133 @@
+"""Process-group setup: the ONE place that reads the rank environment.
+
+torchrun exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; ``srun`` exports
+SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID/SLURM_JOB_NODELIST. Both are read the same way so a
+stage behaves identically under either launcher; without either, the run is one process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM nodelist such as ``n[1-2],m3`` (scontrol when available)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=20, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if not m:
+        return nodelist
+    prefix, ranges = m.group(1), m.group(2)
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def rank_environment() -> dict[str, str]:
+    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from torchrun's or SLURM's variables."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        out = {k: env[k] for k in ("RANK", "WORLD_SIZE") }
+        out["LOCAL_RANK"] = env.get("LOCAL_RANK", "0")
+        out["MASTER_ADDR"] = env.get("MASTER_ADDR", "127.0.0.1")
+        out["MASTER_PORT"] = env.get("MASTER_PORT", "29500")
+        return out
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_ID" in env:
+        job = int(env["SLURM_JOB_ID"])
+        return {
+            "RANK": env["SLURM_PROCID"],
+            "WORLD_SIZE": env["SLURM_NTASKS"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+            # a port derived from the job id: every rank computes the same one without talking
+            "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + job % 20000),
+        }
+    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": ""}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistContext:
+    """Initialise the process group (if not yet) and pick the device.
+
+    ``backend="auto"``: NCCL when CUDA is available, gloo otherwise. A single process still gets
+    a (world size 1) process group so DeepSpeed and the collectives behave the same everywhere.
+    """
+    env = rank_environment()
+    rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
+    if not env["MASTER_PORT"]:
+        env["MASTER_PORT"] = str(_free_port())
+    os.environ.update(env)  # DeepSpeed and torch read these
+    use_cuda = torch.cuda.is_available()
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(local % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    return DistContext(rank=rank, world_size=world, local_rank=local, device=device, backend=backend)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_flag(flag: bool, ctx: DistContext) -> bool:
+    """True on every rank if ``flag`` is True on any rank (one tiny collective)."""
+    if not ctx.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def broadcast_object(obj, ctx: DistContext, src: int = 0):
+    if not ctx.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

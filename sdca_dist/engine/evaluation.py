@@ -1,0 +1,51 @@
+"""mIoU on the target val shards: every rank evaluates its share, one all-reduce of the confusion."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sdca_dist.engine.data import make_loader, manifest_path, shard_set
+from sdca_dist.engine.stage_context import StageContext
+
+
+@torch.no_grad()
+def evaluate(sc: StageContext, module: torch.nn.Module, tag: str = "eval", iteration: int = 0) -> dict:
+    """Evaluate ``module`` (unwrapped) on target val; returns the report written to metrics.json."""
+    from sdca_dist.method import ConfusionMatrix, miou_report
+
+    cfg, ctx = sc.cfg, sc.ctx
+    num_classes = int(cfg.data.num_classes)
+    loader = make_loader(cfg, ctx, manifest_path(shard_set(cfg, cfg.data.target_val)), int(cfg.train.eval_batch_size),
+                         train=False, resize=list(cfg.data.eval_resize), target_labels=True)
+    was_training = module.training
+    module.eval()
+    cm = ConfusionMatrix(num_classes, device=ctx.device)
+    t0 = time.time()
+    images = 0
+    shown = False
+    for batch in loader:
+        image = batch["image"].to(ctx.device)
+        label = batch["label"].to(ctx.device)
+        valid = batch["valid"].to(ctx.device)
+        dtype = next(module.parameters()).dtype
+        _, logits = module(image.to(dtype))
+        logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=True)
+        pred = logits.argmax(1)
+        label = torch.where(valid[:, None, None], label, torch.full_like(label, 255))
+        cm.update(pred, label)
+        images += int(valid.sum())
+        if not shown:
+            sc.observer.images(iteration, f"{tag}/val", image[0], label[0], pred[0])
+            shown = True
+    cm.all_reduce()
+    report = miou_report(cm, num_classes)
+    report["images_rank0"] = int(images)
+    report["eval_seconds"] = round(time.time() - t0, 2)
+    sc.observer.log(f"{tag}: mIoU {report['mIoU']:.2f}" + (f" (13-class {report['mIoU13']:.2f})" if "mIoU13" in report else ""))
+    sc.observer.scalars(iteration, {"mIoU": report["mIoU"], **{f"IoU/{k}": v for k, v in report["per_class"].items()}},
+                        prefix=f"{tag}/")
+    module.train(was_training)
+    return report

@@ -1,0 +1,204 @@
+"""Model wrapping: DDP or DeepSpeed behind one small face the training loops use.
+
+A training step is one or more micro-steps (sdca: a source micro-step and a target one) followed
+by one optimiser step. DDP all-reduces gradients only on the last micro-step (``no_sync`` on the
+others); DeepSpeed does the same through its gradient-accumulation boundary. Losses are summed,
+never averaged over micro-steps, so the two engines compute the same update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from sdca_dist.engine.distributed import DistContext
+from sdca_dist.engine.schedule import apply_lr
+
+
+def build_optimizer(model: nn.Module, momentum: float, weight_decay: float, classifier_lr_mult: float) -> torch.optim.Optimizer:
+    """SGD over the model's groups; each group remembers its LR multiplier (classifier 10x)."""
+    groups = model.param_groups(1.0)
+    for g in groups:
+        g["lr_mult"] = classifier_lr_mult if float(g["lr"]) > 1.0 else float(g["lr"])
+        g["params"] = [p for p in g["params"] if p.requires_grad]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.SGD(groups, lr=1.0, momentum=momentum, weight_decay=weight_decay)
+
+
+class ModelEngine:
+    """Common face of the DDP and DeepSpeed engines."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    micro_steps: int
+    #: floating dtype the model runs in (bf16 under DeepSpeed bf16)
+    dtype: torch.dtype = torch.float32
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def micro_step(self, index: int) -> Iterator[None]:
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def step(self, lr: float) -> None:
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+        if mode and getattr(self, "freeze_bn", False):
+            self.module.set_bn_frozen(True)
+
+    def eval(self) -> None:
+        self.module.eval()
+
+    # --- checkpoint ----------------------------------------------------------------------------
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def optimizer_state(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """(replicated state saved once by rank 0, per-rank shard)."""
+        raise NotImplementedError
+
+    def load(self, model: dict[str, torch.Tensor], common_opt: dict | None, rank_opt: dict | None) -> None:
+        raise NotImplementedError
+
+
+class DDPEngine(ModelEngine):
+    def __init__(self, model: nn.Module, ctx: DistContext, optimizer: torch.optim.Optimizer, micro_steps: int,
+                 freeze_bn: bool) -> None:
+        self.module = model.to(ctx.device)
+        self.ctx = ctx
+        self.optimizer = optimizer
+        self.micro_steps = micro_steps
+        self.freeze_bn = freeze_bn
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        # broadcast_buffers=False: BN buffers are frozen (src/sdca) or SyncBN-synchronised (ssl)
+        self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        self._last = True
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.wrapped(images)
+
+    @contextlib.contextmanager
+    def micro_step(self, index: int) -> Iterator[None]:
+        last = index == self.micro_steps - 1
+        with (contextlib.nullcontext() if last else self.wrapped.no_sync()):
+            yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, lr: float) -> None:
+        apply_lr(self.optimizer.param_groups, lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_state(self):
+        return self.optimizer.state_dict(), None
+
+    def load(self, model, common_opt, rank_opt) -> None:
+        self.module.load_state_dict(model)
+        if common_opt is not None:
+            self.optimizer.load_state_dict(common_opt)
+
+
+class DeepSpeedEngine(ModelEngine):
+    """DeepSpeed (ZeRO 0-3, optional bf16) with our SGD and poly schedule."""
+
+    def __init__(self, model: nn.Module, ctx: DistContext, optimizer: torch.optim.Optimizer, micro_steps: int,
+                 micro_batch: int, zero_stage: int, bf16: bool, freeze_bn: bool) -> None:
+        import deepspeed  # imported here: DDP runs must not pay DeepSpeed's start-up
+
+        config: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": max(1, micro_batch),
+            "gradient_accumulation_steps": micro_steps,
+            "zero_optimization": {"stage": zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        if bf16:
+            config["bf16"] = {"enabled": True}
+            # BatchNorm buffers must be bf16 too, else "expected scalar type BFloat16 but found Float"
+            config["data_types"] = {"buffer_dtype": "bf16"}
+        self.ctx = ctx
+        self.micro_steps = micro_steps
+        self.freeze_bn = freeze_bn
+        self.dtype = torch.bfloat16 if bf16 else torch.float32
+        self._base_groups = optimizer.param_groups
+        engine, ds_opt, _, _ = deepspeed.initialize(model=model.to(ctx.device), optimizer=optimizer, config=config)
+        self.engine = engine
+        self.module = engine.module
+        self.optimizer = ds_opt
+        self.zero_stage = zero_stage
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, logits = self.engine(images.to(self.dtype))
+        return feats.float(), logits.float()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # summed over micro-steps (as DDP), not averaged
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # only advances DeepSpeed's micro-step counter
+
+    def step(self, lr: float) -> None:
+        apply_lr(self.optimizer.param_groups, lr)
+        self.engine.step()
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+        if mode and self.freeze_bn:
+            self.module.set_bn_frozen(True)
+
+    def eval(self) -> None:
+        self.engine.eval()
+
+    def optimizer_state(self):
+        # DeepSpeed's optimizer state mixes tensors with its own objects (LossScaler, enums,
+        # fragment mappings) that ``weights_only`` loading refuses; keep the plain entries
+        # (momentum buffers, fp32 master partitions, ...) and rebuild the rest on load.
+        state = _plain_entries(self.optimizer.state_dict())
+        if self.zero_stage == 0:
+            return state, None
+        return None, state  # ZeRO: every rank holds its own partition
+
+    def load(self, model, common_opt, rank_opt) -> None:
+        self.module.load_state_dict(model)
+        saved = common_opt if self.zero_stage == 0 else rank_opt
+        if saved is not None:
+            state = self.optimizer.state_dict()
+            state.update(saved)
+            self.optimizer.load_state_dict(state)
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, (torch.Tensor, bool, int, float, str, type(None))):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, (str, int)) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+def _plain_entries(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in state.items() if _is_plain(v)}
+
+
+def build_engine(name: str, model: nn.Module, ctx: DistContext, *, momentum: float, weight_decay: float,
+                 classifier_lr_mult: float, micro_steps: int, micro_batch: int, zero_stage: int = 0,
+                 bf16: bool = False, freeze_bn: bool = True) -> ModelEngine:
+    optimizer = build_optimizer(model, momentum, weight_decay, classifier_lr_mult)
+    if name == "ddp":
+        return DDPEngine(model, ctx, optimizer, micro_steps, freeze_bn)
+    if name == "deepspeed":
+        return DeepSpeedEngine(model, ctx, optimizer, micro_steps, micro_batch, zero_stage, bf16, freeze_bn)
+    raise ValueError(f"engine.name={name!r}; valid: ddp, deepspeed")

@@ -1,0 +1,17 @@
+"""Poly learning-rate schedule with the classifier's multiplier (method doc: power 0.9)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+
+def poly_lr(base_lr: float, iteration: int, schedule_iters: int, power: float = 0.9) -> float:
+    """``base * (1 - it/schedule)^power``; the reference decays over a horizon longer than it trains."""
+    frac = min(max(iteration, 0) / float(max(schedule_iters, 1)), 1.0)
+    return base_lr * (1.0 - frac) ** power
+
+
+def apply_lr(param_groups: Iterable[dict], lr: float) -> None:
+    """Set every group's LR to ``lr * group['lr_mult']`` (classifier groups carry 10x)."""
+    for group in param_groups:
+        group["lr"] = lr * float(group.get("lr_mult", 1.0))

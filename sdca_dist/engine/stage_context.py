@@ -1,0 +1,81 @@
+"""Everything one stage run needs, built once: config, ranks, run folder, observer, model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig
+
+from sdca_dist.engine.checkpoint import atomic_torch_save, atomic_write_text
+from sdca_dist.engine.distributed import DistContext
+from sdca_dist.engine.observe import StageObserver
+from sdca_dist.engine.run_dir import METRICS, MODEL_FINAL, RunDir
+
+
+@dataclass(frozen=True)
+class Schedule:
+    iters: int
+    schedule_iters: int
+    lr: float
+    batch_size: int
+    target_batch_size: int
+
+
+@dataclass
+class StageContext:
+    cfg: DictConfig
+    ctx: DistContext
+    run: RunDir
+    name: str
+    observer: StageObserver
+
+    @property
+    def folder(self) -> Path:
+        return self.run.stage(self.name)
+
+    def schedule(self, section: Optional[str] = None) -> Schedule:
+        """The stage's schedule; ``train.iters`` overrides its length, keeping the poly horizon ratio."""
+        s = self.cfg[section or self.name]
+        iters = int(self.cfg.train.iters) if self.cfg.train.iters is not None else int(s.iters)
+        horizon = max(iters, round(int(s.schedule_iters) * iters / max(int(s.iters), 1)))
+        return Schedule(iters, horizon, float(s.lr), int(s.batch_size), int(s.target_batch_size))
+
+    def build_model(self, init_from: Optional[Path] = None, freeze_bn: bool = True) -> torch.nn.Module:
+        """The configured model, random/ImageNet init or the weights of an earlier stage."""
+        from sdca_dist.models import build_model
+
+        torch.manual_seed(int(self.cfg.seed))  # identical init on every rank
+        pretrained = self.cfg.model.pretrained if init_from is None else None
+        model = build_model(self.cfg.model.name, int(self.cfg.data.num_classes), pretrained=pretrained,
+                            freeze_bn=freeze_bn)
+        if init_from is not None:
+            state = torch.load(init_from, map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+            self.observer.log(f"initialised from {init_from}")
+        return model.to(self.ctx.device)
+
+    def save_model_final(self, state: dict[str, torch.Tensor]) -> Path:
+        """A plain float32 state_dict, identical in form for DDP and DeepSpeed (bf16) runs."""
+        path = self.folder / MODEL_FINAL
+        if self.ctx.is_main:
+            plain = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu() for k, v in state.items()}
+            atomic_torch_save(plain, path)
+        self.ctx.barrier()
+        return path
+
+    def write_json(self, name: str, payload: dict) -> Path:
+        path = self.folder / name
+        if self.ctx.is_main:
+            atomic_write_text(path, json.dumps(payload, indent=1, sort_keys=False) + "\n")
+        return path
+
+    def write_metrics(self, report: dict, extra: Optional[dict] = None) -> Path:
+        payload = {**report, **(extra or {})}
+        path = self.write_json(METRICS, payload)
+        if self.ctx.is_main and "table" in report:
+            atomic_write_text(self.folder / "per_class_iou.md", report["table"] + "\n")
+        return path

@@ -1,0 +1,49 @@
+"""dist_init: one distributed pass of the src model over the whole source set.
+
+Every rank reads its share of the shards; the per-class statistics are all-reduced at every
+update, so at the end each rank holds the distributions of the entire source set.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from sdca_dist.engine.data import make_loader, manifest_path, shard_set
+from sdca_dist.engine.run_dir import DISTRIBUTIONS
+from sdca_dist.engine.stage_context import StageContext
+from sdca_dist.engine.stages.distributions import DistributionPair
+from sdca_dist.method import flatten_pixels
+
+
+@torch.no_grad()
+def run(sc: StageContext) -> dict:
+    cfg, ctx, obs = sc.cfg, sc.ctx, sc.observer
+    model = sc.build_model(init_from=sc.run.model_of("src"), freeze_bn=True)
+    model.eval()
+    loader = make_loader(cfg, ctx, manifest_path(shard_set(cfg, cfg.data.source)), int(cfg.train.eval_batch_size),
+                         train=False, resize=list(cfg.data.source_resize))
+    dists = DistributionPair(int(cfg.data.num_classes), model.feature_dim, ctx.device)
+    obs.total = int(loader.steps_per_epoch)
+    obs.restart_clock(0)
+    t0 = time.time()
+    for step, batch in enumerate(loader, 1):
+        image = batch["image"].to(ctx.device)
+        label = batch["label"].to(ctx.device)
+        label = torch.where(batch["valid"].to(ctx.device)[:, None, None], label, torch.full_like(label, 255))
+        feats, logits = model(image)
+        f, y = flatten_pixels(feats, label)
+        o, _ = flatten_pixels(logits, label)
+        dists.update(f, o, y)  # one all-reduce for both levels; every rank calls it every step
+        if step % max(1, int(cfg.train.log_every)) == 0 or step == obs.total:
+            obs.progress(step, {})
+    path = sc.folder / DISTRIBUTIONS
+    if ctx.is_main:
+        dists.save(path)
+    ctx.barrier()
+    stats = dists.statistics()
+    obs.scalars(0, stats)
+    obs.log(f"distributions of {int(dists.feat.count.sum())} labelled pixels saved to {path}")
+    return {"distributions": str(path), "seconds": round(time.time() - t0, 2),
+            "pixels_per_class": [int(c) for c in dists.feat.count.tolist()], **stats}

@@ -1,0 +1,119 @@
+"""pseudo_label: per-class confidence thresholds on the target train set, then new shards.
+
+Pass 1 streams max-softmax histograms (all-reduced once) to get each class's median confidence
+(capped); pass 2 labels every image with those thresholds and writes it, with its original image
+bytes, as WebDataset shards + manifest in the same format as ``python -m sdca_dist.shard``, so
+the ssl stage reads them through the same loader. Each rank writes its own part files; rank 0
+writes the manifest last, so the shard set appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from sdca_dist.engine.data import make_loader, manifest_path, shard_set
+from sdca_dist.engine.run_dir import PSEUDO_SHARDS, THRESHOLDS
+from sdca_dist.engine.stage_context import StageContext
+
+
+def _loader(sc: StageContext):
+    cfg = sc.cfg
+    return make_loader(cfg, sc.ctx, manifest_path(shard_set(cfg, cfg.data.target_train)),
+                       int(cfg.train.eval_batch_size), train=False, resize=list(cfg.data.target_resize),
+                       target_labels=True)
+
+
+def _probabilities(model, image: torch.Tensor, size) -> torch.Tensor:
+    from sdca_dist.method import upsample_logits
+
+    _, logits = model(image)
+    return upsample_logits(logits.float(), tuple(size)).softmax(dim=1)
+
+
+@torch.no_grad()
+def run(sc: StageContext) -> dict:
+    from sdca_dist.classes import class_names
+    from sdca_dist.data.shards import ShardReader, ShardWriter, write_manifest
+    from sdca_dist.method import ClassThresholds, ConfusionMatrix, apply_thresholds, miou_report
+
+    cfg, ctx, obs = sc.cfg, sc.ctx, sc.observer
+    num_classes = int(cfg.data.num_classes)
+    model = sc.build_model(init_from=sc.run.model_of("sdca"), freeze_bn=True)
+    model.eval()
+    t0 = time.time()
+
+    # pass 1: thresholds
+    loader = _loader(sc)
+    obs.total = 2 * int(loader.steps_per_epoch)
+    obs.restart_clock(0)
+    thresholds = ClassThresholds(num_classes, bins=int(cfg.method.threshold_bins), device=ctx.device)
+    step = 0
+    for batch in loader:
+        valid = batch["valid"]
+        probs = _probabilities(model, batch["image"].to(ctx.device), batch["label"].shape[-2:])
+        if bool(valid.any()):
+            thresholds.update(probs[valid.to(ctx.device)])
+        step += 1
+        if step % max(1, int(cfg.train.log_every)) == 0:
+            obs.progress(step, {})
+    thr = thresholds.compute(cap=float(cfg.method.pseudo_label_cap)).cpu()
+    names = class_names(num_classes)
+    sc.write_json(THRESHOLDS, {"thresholds": {n: float(v) for n, v in zip(names, thr.tolist())},
+                               "cap": float(cfg.method.pseudo_label_cap)})
+    obs.log("class thresholds: " + ", ".join(f"{n}={v:.3f}" for n, v in zip(names, thr.tolist())))
+
+    # pass 2: label and write this rank's part files
+    out = sc.folder / PSEUDO_SHARDS
+    if ctx.is_main:
+        if out.exists():  # a crashed earlier attempt: its parts are stale
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+    ctx.barrier()
+    reader = ShardReader(manifest_path(shard_set(cfg, cfg.data.target_train)))
+    writer = ShardWriter(out, prefix=f"part-r{ctx.rank:05d}")
+    quality = ConfusionMatrix(num_classes, device=ctx.device)  # pseudo label vs the held-back GT
+    kept = total = 0
+    for batch in _loader(sc):
+        probs = _probabilities(model, batch["image"].to(ctx.device), batch["label"].shape[-2:])
+        labels = apply_thresholds(probs, thr.to(ctx.device))
+        gt = batch["label"].to(ctx.device)
+        for i in range(labels.shape[0]):
+            if not bool(batch["valid"][i]):
+                continue
+            sample = reader.read(int(batch["index"][i]))
+            lab = labels[i].to(torch.uint8).cpu().numpy()
+            writer.add(sample["key"], sample["image"], sample["image_ext"], lab,
+                       {"path": sample["meta"].get("path"), "source_index": int(batch["index"][i])})
+            confident = labels[i] != 255
+            quality.update(labels[i][None], torch.where(confident, gt[i], torch.full_like(gt[i], 255))[None])
+            kept += int(confident.sum())
+            total += int(lab.size)
+        step += 1
+        if step % max(1, int(cfg.train.log_every)) == 0:
+            obs.progress(step, {})
+    infos = writer.close()
+    gathered = [None] * ctx.world_size if ctx.distributed else [infos]
+    if ctx.distributed:
+        dist.all_gather_object(gathered, infos)
+    counts = torch.tensor([kept, total], dtype=torch.float64, device=ctx.device)
+    if ctx.distributed:
+        dist.all_reduce(counts)
+    quality.all_reduce()
+    if ctx.is_main:
+        all_infos = [info for part in gathered for info in part]
+        write_manifest(out, all_infos, num_classes)
+    ctx.barrier()
+    report = miou_report(quality, num_classes)
+    share = float(counts[0] / max(float(counts[1]), 1.0))
+    obs.log(f"pseudo labels: {100 * share:.1f}% of pixels kept; mIoU of kept pixels vs ground truth "
+            f"{report['mIoU']:.2f} (diagnostic only: ground truth is never used for training)")
+    summary = {"thresholds": [float(v) for v in thr.tolist()], "kept_pixel_share": share,
+               "pseudo_label_mIoU_vs_gt": report["mIoU"], "manifest": str(out / "manifest.json"),
+               "seconds": round(time.time() - t0, 2)}
+    sc.write_json("pseudo_label_quality.json", {**summary, "per_class": report["per_class"]})
+    return summary

@@ -1,0 +1,63 @@
+"""Supervised training stages: src (source labels), oracle (target labels), ssl (pseudo labels).
+
+They differ only in the shard set, the augmentation, the loss (ssl: CE only) and the BN mode
+(ssl trains BN, converted to SyncBN across ranks); the loop is shared.
+"""
+
+from __future__ import annotations
+
+from sdca_dist.engine.data import make_loader, manifest_path, per_rank, shard_set
+from sdca_dist.engine.stage_context import StageContext
+from sdca_dist.engine.stages.common import finish_training, make_engine
+from sdca_dist.engine.training import TrainingPlan, run_training
+
+
+def _run_supervised(sc: StageContext, manifest, *, init_from=None, freeze_bn: bool, lovasz_weight: float,
+                    resize, crop=None, scale=None, flip=False, photometric=False, class_balanced=False,
+                    target_labels=False) -> dict:
+    sched = sc.schedule()
+    batch = per_rank(sched.batch_size, sc.ctx, f"{sc.name}.batch_size")
+    model = sc.build_model(init_from=init_from, freeze_bn=freeze_bn)
+    if not freeze_bn and sc.ctx.world_size > 1 and sc.ctx.device.type == "cuda":
+        model = model.to_sync_bn()  # SyncBN needs a GPU backend; on CPU each rank keeps its own BN stats
+    engine = make_engine(sc, model, micro_steps=1, micro_batch=batch, freeze_bn=freeze_bn)
+    loader = make_loader(sc.cfg, sc.ctx, manifest, batch, train=True, resize=resize, crop=crop, scale=scale,
+                         flip=flip, photometric=photometric, class_balanced=class_balanced,
+                         target_labels=target_labels)
+
+    from sdca_dist.method import segmentation_loss
+
+    def step(engine, batches, it):
+        b = batches["train"]
+        with engine.micro_step(0):
+            _, logits = engine(b["image"])
+            loss = segmentation_loss(logits, b["label"], lovasz_weight)
+            engine.backward(loss)
+        return {"loss": float(loss.detach())}
+
+    plan = TrainingPlan(schedule=sched, engine=engine, loaders={"train": loader}, step=step,
+                        images_per_step=batch)
+    stats = run_training(sc, plan)
+    return finish_training(sc, engine, stats, sched.iters)
+
+
+def run_src(sc: StageContext) -> dict:
+    cfg = sc.cfg
+    return _run_supervised(sc, manifest_path(shard_set(cfg, cfg.data.source)), freeze_bn=True,
+                           lovasz_weight=float(cfg.method.lovasz_weight), resize=list(cfg.data.source_resize),
+                           class_balanced=bool(cfg.data.class_balanced))
+
+
+def run_oracle(sc: StageContext) -> dict:
+    """Reference upper bound: the same recipe on the target's own labels."""
+    cfg = sc.cfg
+    return _run_supervised(sc, manifest_path(shard_set(cfg, cfg.data.target_train)), freeze_bn=True,
+                           lovasz_weight=float(cfg.method.lovasz_weight), resize=list(cfg.data.target_resize),
+                           target_labels=True)
+
+
+def run_ssl(sc: StageContext) -> dict:
+    cfg = sc.cfg
+    return _run_supervised(sc, sc.run.pseudo_manifest(), init_from=sc.run.model_of("sdca"), freeze_bn=False,
+                           lovasz_weight=0.0, resize=list(cfg.data.target_resize), crop=list(cfg.data.ssl_crop),
+                           scale=list(cfg.data.ssl_scale), flip=True, photometric=True)
