@@ -43,6 +43,11 @@ class DataConfig:
     #: embedded synthetic benchmark: generate missing shards on first use
     synthetic: bool = False
     synthetic_seed: int = 0
+    #: images generated: [source, target train, target val]
+    synthetic_counts: list[int] = field(default_factory=lambda: [300, 300, 100])
+    #: generated image sizes [H, W]
+    synthetic_source_size: list[int] = field(default_factory=lambda: [144, 288])
+    synthetic_target_size: list[int] = field(default_factory=lambda: [128, 256])
 
 
 @dataclass

@@ -61,7 +61,11 @@ def ensure_synthetic_shards(cfg: DictConfig, log=print) -> None:
         raw = root / "raw"
         if not (raw / ".complete").is_file():
             log(f"generating the synthetic benchmark under {raw} (seed {cfg.data.synthetic_seed})")
-            _run([sys.executable, "-m", "sdca_dist.synth", "--out", str(raw), "--seed", str(cfg.data.synthetic_seed)])
+            n_src, n_tr, n_val = (int(x) for x in cfg.data.synthetic_counts)
+            (sh, sw), (th, tw) = cfg.data.synthetic_source_size, cfg.data.synthetic_target_size
+            _run([sys.executable, "-m", "sdca_dist.synth", "--out", str(raw), "--seed", str(cfg.data.synthetic_seed),
+                  "--num-source", str(n_src), "--num-target-train", str(n_tr), "--num-target-val", str(n_val),
+                  "--source-size", f"{sw}x{sh}", "--target-size", f"{tw}x{th}"])
             (raw / ".complete").write_text("ok\n")
         for name in wanted:
             if name not in SYNTHETIC_SETS:

@@ -79,8 +79,10 @@ class DDPEngine(ModelEngine):
         self.micro_steps = micro_steps
         self.freeze_bn = freeze_bn
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        # broadcast_buffers=False: BN buffers are frozen (src/sdca) or SyncBN-synchronised (ssl)
-        self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        # Frozen BN (src/sdca) has nothing to sync; trainable BN is SyncBN on GPUs. On CPU (no
+        # SyncBN there) rank 0's running statistics are broadcast so every rank holds the same model.
+        sync_buffers = (not freeze_bn) and ctx.device.type != "cuda"
+        self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=sync_buffers)
         self._last = True
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,62 @@
+"""Helpers for engine tests: the real CLI (alone or under torchrun) on a tiny synthetic benchmark."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: a tiny synthetic benchmark (generated once per test session under its own shards root)
+TINY = [
+    "conf=synthetic", "train.log_every=1", "train.image_every=2", "train.eval_batch_size=4",
+    "data.synthetic_counts=[24,24,12]", "data.synthetic_source_size=[72,144]", "data.synthetic_target_size=[64,128]",
+    "data.source_resize=[64,128]", "data.target_resize=[64,128]", "data.eval_resize=[64,128]",
+    "data.ssl_crop=[48,96]", "src.batch_size=4", "sdca.batch_size=2", "sdca.target_batch_size=2",
+    "ssl.batch_size=4", "oracle.batch_size=4",
+]
+
+
+def child_env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["OMP_NUM_THREADS"] = "1"
+    e["PYTHONUNBUFFERED"] = "1"
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    return e
+
+
+def train_cmd(ranks: int, overrides: list[str]) -> list[str]:
+    if ranks > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                "-m", "sdca_dist.train", *overrides]
+    return [sys.executable, "-m", "sdca_dist.train", *overrides]
+
+
+def tiny(shards_root: Path, *overrides: str) -> list[str]:
+    return TINY + [f"data.shards_root={shards_root}", *overrides]
+
+
+def run_train(ranks: int, overrides: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(train_cmd(ranks, overrides), cwd=REPO, env=child_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def run_launcher(overrides: list[str], timeout: int = 1200) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "launch" / "slurm.py"), *overrides], cwd=REPO,
+                          env=child_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def worker_pids(parent: int) -> list[int]:
+    """Direct children of ``parent`` (torchrun's rank processes)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            pids.append(int(stat.parent.name))
+    return sorted(pids)
