@@ -95,3 +95,30 @@ def target_label_map(num_classes: int) -> np.ndarray | None:
     if num_classes == 16:
         return lookup_table(CS19_TO_SYNTHIA16)
     raise ValueError(f"no class table for num_classes={num_classes} (expected 19 or 16)")
+
+
+# --- inverse tables, used to WRITE dataset-style labels (the synthetic benchmark) -------------
+
+#: 19-class trainId -> the Cityscapes/GTA5 label id that carries it (first id in labels.py).
+CITYSCAPES_TRAINID_TO_ID: dict[int, int] = {}
+for _l in sorted(_CS_LABELS, key=lambda l: l.id):
+    if 0 <= _l.trainId < 255 and _l.id >= 0:
+        CITYSCAPES_TRAINID_TO_ID.setdefault(_l.trainId, _l.id)
+#: Cityscapes label ids of unlabelled pixels and of the ego vehicle (both ignored).
+CITYSCAPES_UNLABELED_ID = 0
+CITYSCAPES_EGO_VEHICLE_ID = 1
+
+#: Colour per Cityscapes label id (index = id), the palette of GTA5's "P" label PNGs.
+CITYSCAPES_ID_PALETTE: np.ndarray = np.zeros((256, 3), dtype=np.uint8)
+for _l in _CS_LABELS:
+    if 0 <= _l.id < 256:
+        CITYSCAPES_ID_PALETTE[_l.id] = _l.color
+
+#: 19-class trainId -> SYNTHIA class id. Terrain (16), truck (18) and train (20) exist in
+#: SYNTHIA's id table but are not among its 16 evaluated classes, so they map back to ignore.
+SYNTHIA_ID_OF_CS19: dict[int, int] = {
+    **{cs: sid for sid, t16 in SYNTHIA_ID_TO_TRAINID16.items() for cs in [SYNTHIA16_TO_CS19[t16]]},
+    9: 16, 14: 18, 16: 20,
+}
+SYNTHIA_VOID_ID = 0
+assert len(SYNTHIA_ID_OF_CS19) == 19
