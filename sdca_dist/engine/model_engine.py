@@ -20,11 +20,9 @@ from sdca_dist.engine.schedule import apply_lr
 
 def build_optimizer(model: nn.Module, momentum: float, weight_decay: float, classifier_lr_mult: float) -> torch.optim.Optimizer:
     """SGD over the model's groups; each group remembers its LR multiplier (classifier 10x)."""
-    groups = model.param_groups(1.0)
+    groups = [g for g in model.param_groups(1.0) if g["params"]]
     for g in groups:
-        g["lr_mult"] = classifier_lr_mult if float(g["lr"]) > 1.0 else float(g["lr"])
-        g["params"] = [p for p in g["params"] if p.requires_grad]
-    groups = [g for g in groups if g["params"]]
+        g["lr_mult"] = classifier_lr_mult if g.get("name") == "classifier" else 1.0
     return torch.optim.SGD(groups, lr=1.0, momentum=momentum, weight_decay=weight_decay)
 
 
@@ -51,9 +49,7 @@ class ModelEngine:
         raise NotImplementedError
 
     def train(self, mode: bool = True) -> None:
-        self.module.train(mode)
-        if mode and getattr(self, "freeze_bn", False):
-            self.module.set_bn_frozen(True)
+        self.module.train(mode)  # a frozen-BN model keeps its BN in eval mode (SegmentationModel.train)
 
     def eval(self) -> None:
         self.module.eval()
@@ -157,8 +153,6 @@ class DeepSpeedEngine(ModelEngine):
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
-        if mode and self.freeze_bn:
-            self.module.set_bn_frozen(True)
 
     def eval(self) -> None:
         self.engine.eval()

@@ -16,11 +16,11 @@ from sdca_dist.engine.checkpoint import atomic_torch_save
 class DistributionPair:
     """Feature-level (A = backbone dim) and output-level (A = classes) semantic distributions."""
 
-    def __init__(self, num_classes: int, feature_dim: int, device: torch.device) -> None:
+    def __init__(self, num_classes: int, feature_dim: int, device: torch.device, all_reduce=None) -> None:
         from sdca_dist.method import SemanticDistribution
 
-        self.feat = SemanticDistribution(num_classes, feature_dim).to(device)
-        self.out = SemanticDistribution(num_classes, num_classes).to(device)
+        self.feat = SemanticDistribution(num_classes, feature_dim, all_reduce=all_reduce).to(device)
+        self.out = SemanticDistribution(num_classes, num_classes, all_reduce=all_reduce).to(device)
 
     @torch.no_grad()
     def update(self, feats: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:

@@ -7,23 +7,77 @@ losses with confident pseudo labels). Gradients are synchronised once, after the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
 import torch
 
 from sdca_dist.engine.data import make_loader, manifest_path, per_rank, shard_set
+from sdca_dist.engine.model_engine import ModelEngine
+from sdca_dist.engine.observe import StageObserver
 from sdca_dist.engine.stage_context import StageContext
 from sdca_dist.engine.stages.common import finish_training, make_engine
 from sdca_dist.engine.stages.distributions import DistributionPair
 from sdca_dist.engine.training import TrainingPlan, run_training
 
 
-def run(sc: StageContext) -> dict:
-    from sdca_dist.method import (confidence_pseudo_labels, flatten_pixels, pixel_contrastive_loss,
-                                  segmentation_loss)
+@dataclass
+class SDCAStep:
+    """One sdca training step (also driven directly by ``python -m sdca_dist.bench step``)."""
 
+    dists: DistributionPair
+    tau: float = 100.0
+    delta: float = 0.9
+    feat_weight: float = 1.0
+    out_weight: float = 1.0
+    lovasz_weight: float = 0.75
+    observer: Optional[StageObserver] = None
+    image_every: int = 1000
+
+    def _contrastive(self, f: torch.Tensor, o: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature- and output-level losses of one domain's pixels against the distributions."""
+        from sdca_dist.method import pixel_contrastive_loss
+
+        d = self.dists
+        return (pixel_contrastive_loss(f, y, d.feat.mean, d.feat.var, tau=self.tau),
+                pixel_contrastive_loss(o, y, d.out.mean, d.out.var, tau=self.tau))
+
+    def __call__(self, engine: ModelEngine, batches: Mapping[str, dict], it: int) -> dict[str, float]:
+        from sdca_dist.method import confidence_pseudo_labels, flatten_pixels, segmentation_loss
+
+        s, t = batches["source"], batches["target"]
+        wf, wo = self.feat_weight, self.out_weight
+        with engine.micro_step(0):
+            feats, logits = engine(s["image"])
+            seg = segmentation_loss(logits, s["label"], self.lovasz_weight)
+            f, y = flatten_pixels(feats, s["label"])
+            o, _ = flatten_pixels(logits, s["label"])
+            # estimators first (global batch, one all-reduce for both levels), then the losses
+            self.dists.update(f, o, y)
+            lfs, los = self._contrastive(f, o, y)
+            loss_s = seg + wf * lfs + wo * los
+            engine.backward(loss_s)
+        with engine.micro_step(1):
+            feats_t, logits_t = engine(t["image"])
+            pseudo = confidence_pseudo_labels(logits_t.detach(), delta=self.delta)
+            ft, yt = flatten_pixels(feats_t, pseudo)
+            ot, _ = flatten_pixels(logits_t, pseudo)
+            lft, lot = self._contrastive(ft, ot, yt)
+            loss_t = wf * lft + wo * lot
+            engine.backward(loss_t)
+        if self.observer is not None and (it + 1) % self.image_every == 0:
+            self.observer.images(it + 1, "sdca/source", s["image"][0], s["label"][0], pred=logits[0].detach().argmax(0))
+            self.observer.images(it + 1, "sdca/target", t["image"][0], pred=logits_t[0].detach().argmax(0),
+                                 pseudo=pseudo[0])
+        return {"loss": float((loss_s + loss_t).detach()), "seg": float(seg.detach()),
+                "feat_src": float(lfs.detach()), "out_src": float(los.detach()),
+                "feat_tgt": float(lft.detach()), "out_tgt": float(lot.detach()),
+                "pseudo_label_share": float((yt != 255).float().mean())}
+
+
+def run(sc: StageContext) -> dict:
     cfg, ctx = sc.cfg, sc.ctx
     m = cfg.method
-    tau, delta = float(m.tau), float(m.delta)
-    wf, wo, wl = float(m.feat_weight), float(m.out_weight), float(m.lovasz_weight)
     sched = sc.schedule()
     src_batch = per_rank(sched.batch_size, ctx, "sdca.batch_size")
     tgt_batch = per_rank(sched.target_batch_size, ctx, "sdca.target_batch_size")
@@ -36,43 +90,9 @@ def run(sc: StageContext) -> dict:
                          class_balanced=bool(cfg.data.class_balanced), seed_offset=1)
     target = make_loader(cfg, ctx, manifest_path(shard_set(cfg, cfg.data.target_train)), tgt_batch, train=True,
                          resize=list(cfg.data.target_resize), seed_offset=2)
-    image_every = max(1, int(cfg.train.image_every))
-
-    def contrastive(f, o, y):
-        """Feature- and output-level losses of one domain's pixels against the distributions."""
-        lf = pixel_contrastive_loss(f, y, dists.feat.mean, dists.feat.var, tau=tau)
-        lo = pixel_contrastive_loss(o, y, dists.out.mean, dists.out.var, tau=tau)
-        return lf, lo
-
-    def step(engine, batches, it):
-        s, t = batches["source"], batches["target"]
-        with engine.micro_step(0):
-            feats, logits = engine(s["image"])
-            seg = segmentation_loss(logits, s["label"], wl)
-            f, y = flatten_pixels(feats, s["label"])
-            o, _ = flatten_pixels(logits, s["label"])
-            # estimators first (global batch, one all-reduce for both levels), then the losses
-            dists.update(f, o, y)
-            lfs, los = contrastive(f, o, y)
-            loss_s = seg + wf * lfs + wo * los
-            engine.backward(loss_s)
-        with engine.micro_step(1):
-            feats_t, logits_t = engine(t["image"])
-            pseudo = confidence_pseudo_labels(logits_t.detach(), delta=delta)
-            ft, yt = flatten_pixels(feats_t, pseudo)
-            ot, _ = flatten_pixels(logits_t, pseudo)
-            lft, lot = contrastive(ft, ot, yt)
-            loss_t = wf * lft + wo * lot
-            engine.backward(loss_t)
-        if (it + 1) % image_every == 0:
-            sc.observer.images(it + 1, "sdca/source", s["image"][0], s["label"][0],
-                               pred=logits[0].detach().argmax(0))
-            sc.observer.images(it + 1, "sdca/target", t["image"][0], pred=logits_t[0].detach().argmax(0),
-                               pseudo=pseudo[0])
-        return {"loss": float((loss_s + loss_t).detach()), "seg": float(seg.detach()), "feat_src": float(lfs.detach()),
-                "out_src": float(los.detach()), "feat_tgt": float(lft.detach()), "out_tgt": float(lot.detach()),
-                "pseudo_label_share": float((yt != 255).float().mean())}
-
+    step = SDCAStep(dists, tau=float(m.tau), delta=float(m.delta), feat_weight=float(m.feat_weight),
+                    out_weight=float(m.out_weight), lovasz_weight=float(m.lovasz_weight), observer=sc.observer,
+                    image_every=max(1, int(cfg.train.image_every)))
     plan = TrainingPlan(schedule=sched, engine=engine, loaders={"source": source, "target": target}, step=step,
                         shared_state={"distributions": dists}, extra_scalars=dists.statistics,
                         images_per_step=src_batch + tgt_batch)
