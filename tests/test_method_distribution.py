@@ -131,3 +131,22 @@ def test_flatten_pixels_downsamples_labels_nearest_and_keeps_row_order():
     # already at feature resolution: unchanged
     feats2, flat2 = flatten_pixels(fmap, labels[:, ::2, ::2])
     assert torch.equal(flat2, flat)
+
+
+def test_accelerator_scatter_path_matches_cpu_path(monkeypatch):
+    # GPUs use a one-hot matmul instead of index_add_; exercise that code path on CPU too.
+    import sdca_dist.method.distribution as distribution
+
+    C, A = 5, 11
+    batches = random_batches(seed=21, num_batches=10, num_classes=C, dim=A)
+    cpu_path = SemanticDistribution(C, A)
+    for feats, labels in batches:
+        cpu_path.update(feats, labels)
+    monkeypatch.setattr(distribution, "_use_matmul", lambda device: True)
+    monkeypatch.setattr(distribution, "_CHUNK_ELEMS_GPU", 7 * A)  # several chunks
+    mm_path = SemanticDistribution(C, A)
+    for feats, labels in batches:
+        mm_path.update(feats, labels)
+    assert torch.equal(mm_path.count, cpu_path.count)
+    torch.testing.assert_close(mm_path.mean, cpu_path.mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mm_path.var, cpu_path.var, rtol=1e-10, atol=1e-12)

@@ -141,6 +141,10 @@ def _timed(step: Callable[[], None], reps: int) -> float:
     return statistics.median(times)
 
 
+def _progress(message: str) -> None:
+    print(f"[estimator] {message}", file=sys.stderr, flush=True)
+
+
 def _memory_in_subprocess(variant: str) -> float:
     out = subprocess.run([sys.executable, "-m", "sdca_dist.bench", "estimator", "--memory-probe", variant],
                          check=True, capture_output=True, text=True)
@@ -162,20 +166,25 @@ def main(argv: list[str]) -> int:
 
     print(f"estimator update, N={N_PIXELS} pixels, C={NUM_CLASSES}, levels A={FEAT_DIM} + A={NUM_CLASSES}, "
           f"torch threads={torch.get_num_threads()}")
+    _progress("building inputs and warm state (both variants)")
     ours, ours_step = build("ours")
     ref, ref_step = build("reference")
     ours_step()  # one update each from the same state: compare results (and warm up)
+    t0 = time.perf_counter()
     ref_step()
+    t_first = time.perf_counter() - t0
     for name, a, b in (("feature", ours[0], ref[0]), ("output", ours[1], ref[1])):
         dm = ((a.mean.float() - b.mean).abs().max() / b.mean.abs().max()).item()
         dv = ((a.var.float() - b.var).abs().max() / b.var.abs().max()).item()
         assert torch.equal(a.count, b.count.long()), f"{name} counts differ"
         print(f"  agreement after one update ({name} level): max rel diff mean {dm:.1e}, var {dv:.1e}")
+    _progress(f"timing ours x{args.reps}, then the reference x{args.ref_reps} (~{t_first:.0f} s each)")
     t_ours = _timed(ours_step, args.reps)
     t_ref = _timed(ref_step, args.ref_reps)
     print(f"  time per update  ours {t_ours * 1e3:9.1f} ms   reference {t_ref * 1e3:9.1f} ms "
           f"(median of {args.reps} / {args.ref_reps})")
     del ours, ref, ours_step, ref_step
+    _progress("peak memory: one fresh subprocess per variant")
     m_ours = _memory_in_subprocess("ours")
     m_ref = _memory_in_subprocess("reference")
     print(f"  extra peak RSS   ours {m_ours:9.1f} MB   reference {m_ref:9.1f} MB "

@@ -88,6 +88,10 @@ def _run(variant: str, n_images: int) -> tuple[np.ndarray | None, float]:
     return np.asarray(th, dtype=np.float64), spent
 
 
+def _progress(message: str) -> None:
+    print(f"[thresholds] {message}", file=sys.stderr, flush=True)
+
+
 def _memory_in_subprocess(variant: str, n_images: int) -> float:
     out = subprocess.run([sys.executable, "-m", "sdca_dist.bench", "thresholds", "--images", str(n_images),
                           "--memory-probe", variant], check=True, capture_output=True, text=True)
@@ -107,12 +111,15 @@ def main(argv: list[str]) -> int:
         return 0
 
     print(f"class thresholds over {n} maps of {NUM_CLASSES}x{HEIGHT}x{WIDTH}, torch threads={torch.get_num_threads()}")
+    _progress(f"ours over {n} maps (~{n * 0.08:.0f} s with map generation)")
     th_ours, t_ours = _run("ours", n)
+    _progress(f"reference over {n} maps")
     th_ref, t_ref = _run("reference", n)
     diff = float(np.abs(th_ours - th_ref).max())
     print(f"  max |ours - reference| threshold: {diff:.2e} (reference = upper middle element; "
           f"ours = histogram median, <= {0.5 / 2000:.1e} from numpy's median)")
     print(f"  time  ours {t_ours:8.2f} s   reference {t_ref:8.2f} s (map generation excluded)")
+    _progress("peak memory: generate-only, ours, reference, each in a fresh subprocess (~1 min)")
     base = _memory_in_subprocess("null", n)
     m_ours = _memory_in_subprocess("ours", n) - base
     m_ref = _memory_in_subprocess("reference", n) - base

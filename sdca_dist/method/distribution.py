@@ -93,6 +93,12 @@ class SemanticDistribution:
         return f"SemanticDistribution(num_classes={self.num_classes}, dim={self.dim}, classes_seen={seen})"
 
 
+def _use_matmul(device: torch.device) -> bool:
+    """Scatter by one-hot matmul (deterministic, BLAS) on accelerators; index_add_ on CPU where
+    it is as fast and needs no [C, chunk] one-hot."""
+    return device.type != "cpu"
+
+
 def _scatter_rows(dst: Tensor, index: Tensor, src: Tensor, one_hot: Tensor | None) -> None:
     """dst[index[i]] += src[i] for all i: index_add_ on CPU, one-hot matmul where BLAS is cheap."""
     if one_hot is None:
@@ -144,7 +150,7 @@ def _local_moments(dist: SemanticDistribution, features: Tensor, labels: Tensor,
     shift = torch.where(seen, c_ext, torch.where(present, pixel, torch.zeros_like(pixel)))
     shift[C] = 0
 
-    use_matmul = device.type != "cpu"
+    use_matmul = _use_matmul(device)
     rows = max(1, (_CHUNK_ELEMS_GPU if use_matmul else _CHUNK_ELEMS_CPU) // A)
     classes = torch.arange(C + 1, device=device).unsqueeze(1) if use_matmul else None
     for start in range(0, n_pix, rows):
