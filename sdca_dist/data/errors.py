@@ -10,3 +10,6 @@ class DataError(ValueError):
         self.where = str(where)
         self.problem = problem
         super().__init__(f"{self.where}: {problem}".replace("\n", " "))
+
+    def __reduce__(self):  # survive the trip back from a worker process
+        return (DataError, (self.where, self.problem))

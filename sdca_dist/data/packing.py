@@ -9,6 +9,7 @@ the rest, so the result is byte-identical to an uninterrupted run.
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import io
 import sys
 import time
@@ -86,7 +87,8 @@ def _ordered(jobs: list, workers: int) -> Iterator[dict]:
         for j in jobs:
             yield encode_sample(j)
         return
-    with ProcessPoolExecutor(workers) as pool:
+    # spawn: the caller may hold DALI/torch threads, which do not survive fork
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         yield from pool.map(encode_sample, jobs, chunksize=4)
 
 
