@@ -41,11 +41,17 @@ def evaluate(sc: StageContext, module: torch.nn.Module, tag: str = "eval", itera
             sc.observer.images(iteration, f"{tag}/val", image[0], label[0], pred[0])
             shown = True
     cm.all_reduce()
+    from sdca_dist.classes import class_names
+
     report = miou_report(cm, num_classes)
+    # strict JSON: a class with empty union (absent and never predicted) is null, not NaN
+    report["per_class"] = {k: (None if v != v else v) for k, v in report["per_class"].items()}
+    report["table"] = cm.table(class_names(num_classes))
     report["images_rank0"] = int(images)
     report["eval_seconds"] = round(time.time() - t0, 2)
     sc.observer.log(f"{tag}: mIoU {report['mIoU']:.2f}" + (f" (13-class {report['mIoU13']:.2f})" if "mIoU13" in report else ""))
-    sc.observer.scalars(iteration, {"mIoU": report["mIoU"], **{f"IoU/{k}": v for k, v in report["per_class"].items()}},
+    sc.observer.scalars(iteration, {"mIoU": report["mIoU"],
+                                    **{f"IoU/{k}": v for k, v in report["per_class"].items() if v is not None}},
                         prefix=f"{tag}/")
     module.train(was_training)
     return report

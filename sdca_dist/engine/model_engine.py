@@ -78,7 +78,7 @@ class DDPEngine(ModelEngine):
         # Frozen BN (src/sdca) has nothing to sync; trainable BN is SyncBN on GPUs. On CPU (no
         # SyncBN there) rank 0's running statistics are broadcast so every rank holds the same model.
         sync_buffers = (not freeze_bn) and ctx.device.type != "cuda"
-        self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=sync_buffers)
+        self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=sync_buffers)
         self._last = True
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

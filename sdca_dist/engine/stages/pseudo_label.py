@@ -90,7 +90,9 @@ def run(sc: StageContext) -> dict:
             writer.add(sample["key"], sample["image"], sample["image_ext"], lab,
                        {"path": sample["meta"].get("path"), "source_index": int(batch["index"][i])})
             confident = labels[i] != 255
-            quality.update(labels[i][None], torch.where(confident, gt[i], torch.full_like(gt[i], 255))[None])
+            # only confident pixels are scored: elsewhere the GT is masked to ignore
+            quality.update(torch.where(confident, labels[i], torch.zeros_like(labels[i]))[None],
+                           torch.where(confident, gt[i], torch.full_like(gt[i], 255))[None])
             kept += int(confident.sum())
             total += int(lab.size)
         step += 1
