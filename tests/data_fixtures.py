@@ -39,16 +39,17 @@ def shard_sets(synth_root, tmp_path_factory) -> dict[str, Path]:
     return res
 
 
-def write_colour_set(out: Path, n: int, size_hw: tuple[int, int], seed: int = 0, shard_size: int = 20_000) -> Path:
+def write_colour_set(out: Path, n: int, size_hw: tuple[int, int], seed: int = 0, shard_size: int = 20_000,
+                     cell: int = 16) -> Path:
     """Lossless shards whose image is the label coloured with the class palette (alignment checks)."""
     rng = np.random.default_rng(seed)
     h, w = size_hw
     w_ = ShardWriter(out, prefix="part", shard_size=shard_size, num_classes=19)
     for i in range(n):
-        # blocky labels (8x8 cells) incl. ignore cells, so edges are few and flips/crops are visible
-        cells = rng.integers(0, 20, size=(h // 8 + 1, w // 8 + 1)).astype(np.uint8)
+        # blocky labels (cell x cell) incl. ignore cells, so edges are few and flips/crops are visible
+        cells = rng.integers(0, 20, size=(h // cell + 1, w // cell + 1)).astype(np.uint8)
         cells[cells == 19] = 255
-        label = np.kron(cells, np.ones((8, 8), np.uint8))[:h, :w]
+        label = np.kron(cells, np.ones((cell, cell), np.uint8))[:h, :w]
         buf = io.BytesIO()
         Image.fromarray(colorize(label)).save(buf, format="PNG")
         w_.add(f"s{i:04d}", buf.getvalue(), "img.png", label, {"path": f"s{i:04d}.png"})
