@@ -199,7 +199,7 @@ AccountingStoragePort=$DBD_PORT
 AccountingStoragePass=$SOCK
 JobCompType=jobcomp/none
 SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=1
+SchedulerParameters=bf_interval=1,sched_interval=2
 DependencyParameters=kill_invalid_depend
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
