@@ -250,34 +250,75 @@ def wait_slurm(submitted: list[tuple[str, list[Any]]], poll_s: float = 5.0) -> l
     return records
 
 
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def write_summary(cfg: DictConfig, stages: list[str]) -> Optional[Path]:
-    """summary.json + summary.md: per stage, each seed's mIoU, mean and std (papers report 3-seed means)."""
+    """summary.json + summary.md: per stage, each seed's mIoU, mean and std, per-class IoU (mean over
+    seeds) and wall time. Papers report 3-seed means; single-seed numbers are hard to reproduce."""
     root = Path(cfg.run_dir)
+    runs = seed_runs(cfg)
     table: dict[str, dict] = {}
     for stage in stages:
-        values = []
-        for seed, rd in seed_runs(cfg):
-            m = rd / stage / "metrics.json"
-            if m.is_file():
-                data = json.loads(m.read_text())
-                values.append({"seed": seed, "mIoU": data["mIoU"], "wall_seconds": data.get("wall_seconds"),
-                               **({"mIoU13": data["mIoU13"]} if "mIoU13" in data else {})})
-        if values:
-            ious = [v["mIoU"] for v in values]
+        per_seed, walls, per_class = [], [], []
+        for seed, rd in runs:
+            done = _read_json(rd / stage / "DONE")
+            if done is None:
+                continue
+            walls.append(float(done.get("wall_seconds", float("nan"))))
+            metrics = _read_json(rd / stage / "metrics.json")
+            if metrics is not None:
+                row = {"seed": seed, "mIoU": float(metrics["mIoU"])}
+                if "mIoU13" in metrics:
+                    row["mIoU13"] = float(metrics["mIoU13"])
+                per_seed.append(row)
+                per_class.append(metrics["per_class"])
+        if not walls:
+            continue
+        entry: dict[str, Any] = {"wall_seconds": walls, "wall_seconds_mean": sum(walls) / len(walls)}
+        if per_seed:
+            ious = [r["mIoU"] for r in per_seed]
             mean = sum(ious) / len(ious)
             std = math.sqrt(sum((x - mean) ** 2 for x in ious) / (len(ious) - 1)) if len(ious) > 1 else 0.0
-            table[stage] = {"per_seed": values, "mIoU": ious, "mean": mean, "std": std}
+            names = list(per_class[0])
+            entry.update({"per_seed": per_seed, "mIoU": ious, "mean": mean, "std": std,
+                          "per_class_mean": {n: _mean([pc.get(n) for pc in per_class]) for n in names}})
+        table[stage] = entry
     if not table:
         return None
-    lines = ["| stage | mIoU mean ± std | per seed |", "|---|---|---|"]
+    lines = [f"# {cfg.conf}: {len(runs)} seed(s), run folder {root}", "",
+             "| stage | mIoU mean ± std | per seed | wall time (s, mean) |", "|---|---|---|---|"]
     for stage, row in table.items():
-        per = ", ".join(f"{v['seed']}: {v['mIoU']:.2f}" for v in row["per_seed"])
-        lines.append(f"| {stage} | {row['mean']:.2f} ± {row['std']:.2f} | {per} |")
+        if "mean" in row:
+            per = ", ".join(f"{v['seed']}: {v['mIoU']:.2f}" for v in row["per_seed"])
+            lines.append(f"| {stage} | {row['mean']:.2f} ± {row['std']:.2f} | {per} | {row['wall_seconds_mean']:.0f} |")
+        else:
+            lines.append(f"| {stage} | - | - | {row['wall_seconds_mean']:.0f} |")
+    scored = [s for s in table if "per_class_mean" in table[s]]
+    if scored:
+        lines += ["", "Per-class IoU (mean over seeds):", "",
+                  "| class | " + " | ".join(scored) + " |", "|---|" + "---|" * len(scored)]
+        for name in table[scored[0]]["per_class_mean"]:
+            vals = [table[s]["per_class_mean"].get(name) for s in scored]
+            lines.append(f"| {name} | " + " | ".join("n/a" if v is None else f"{v:.1f}" for v in vals) + " |")
+    lines += ["", f"TensorBoard: tensorboard --logdir {root}"]
     root.mkdir(parents=True, exist_ok=True)
-    (root / "summary.json").write_text(json.dumps({"conf": cfg.conf, "stages": table}, indent=1) + "\n")
+    payload = {"conf": cfg.conf, "seeds": [s for s, _ in runs], "stages": table}
+    if "oracle" in table:
+        payload["oracle"] = table["oracle"]
+    (root / "summary.json").write_text(json.dumps(payload, indent=1) + "\n")
     (root / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     return root / "summary.md"
+
+
+def _mean(values: list[Optional[float]]) -> Optional[float]:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
 
 
 def main(argv: Sequence[str]) -> int:

@@ -121,8 +121,10 @@ def test_sdca_interrupted_at_a_random_step_resumes_bitwise_exact(chain: Path, sh
 
     stop_after = random.randint(2, 8)
     first = _run_until_signal(tiny(shards, *common, f"run_dir={runs['interrupted']}"), stop_after)
-    assert first.returncode == 3, first.stdout[-3000:]
-    assert "checkpoint written" in first.stdout
+    # each rank exits 3 after the checkpoint; torchrun itself reports any non-zero worker as 1
+    assert first.returncode != 0, first.stdout[-3000:]
+    assert re.search(r"exitcode\s*: 3 ", first.stdout), first.stdout[-3000:]
+    assert "stop signal: checkpoint written" in first.stdout
     ckpts = sorted((runs["interrupted"] / "sdca" / "checkpoints").glob("iter_*"))
     stopped_at = int(ckpts[-1].name.split("_")[1])
     assert stop_after <= stopped_at < iters
