@@ -149,9 +149,11 @@ cmd_down() {
     # Leftovers (slurmstepd, job processes) all live in the mount namespaces we created for the
     # slurm daemons: kill exactly the processes still inside those namespaces.
     if [ -s "$RUN/mntns" ]; then
-        local ns p
+        local ns p own_ns
+        own_ns=$(readlink /proc/self/ns/mnt)
         while read -r ns; do
-            [ -n "$ns" ] || continue
+            # never the machine's own namespace, whatever the file says
+            [ -n "$ns" ] && [ "$ns" != "$own_ns" ] || continue
             for p in /proc/[0-9]*; do
                 [ "$(readlink "$p/ns/mnt" 2>/dev/null)" = "$ns" ] || continue
                 say "down: killing leftover ${p#/proc/} ($(tr '\0' ' ' < "$p/cmdline" 2>/dev/null | cut -c1-60))"

@@ -9,9 +9,15 @@ To run against an existing cluster instead (nothing is installed, started or sto
     SDCA_SLURM_EXTERNAL=1 SLURM_CONF=/path/to/slurm.conf \
     SDCA_SLURM_PARTITION_LOW=... SDCA_SLURM_PARTITION_HIGH=... pytest tests/slurm
 SDCA_SLURM_KEEP=1 leaves the local cluster running after the session (for debugging).
+
+Several test sessions may run at once on a shared machine: each holds an flock on
+`<state dir>.lock` for its whole session, and a session that finds /tmp/sdca-slurm taken uses
+/tmp/sdca-slurm-1 (ports 17010-17014), -2, ... instead of stopping the other session's cluster.
+Setting SDCA_SLURM_DIR / SDCA_SLURM_PORT_BASE pins one slot (and waits for its lock).
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import time
@@ -111,6 +117,28 @@ def _script(verb: str, env: dict[str, str], timeout: float) -> subprocess.Comple
                           timeout=timeout)
 
 
+def _claim_slot(slots: int = 4) -> tuple[dict[str, str], object]:
+    """Pick a state folder + port range no other live test session holds; lock it for the session."""
+    env = dict(os.environ)
+    env.pop("SLURM_CONF", None)
+    pinned = "SDCA_SLURM_DIR" in env or "SDCA_SLURM_PORT_BASE" in env
+    base_dir = env.get("SDCA_SLURM_DIR", "/tmp/sdca-slurm")
+    base_port = int(env.get("SDCA_SLURM_PORT_BASE", "17000"))
+    for slot in range(1 if pinned else slots):
+        state = base_dir if slot == 0 else f"{base_dir}-{slot}"
+        lock = open(state + ".lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if pinned else fcntl.LOCK_NB))
+        except BlockingIOError:
+            lock.close()
+            continue
+        env["SDCA_SLURM_DIR"] = state
+        env["SDCA_SLURM_PORT_BASE"] = str(base_port + 10 * slot)
+        return env, lock
+    pytest.fail(f"all {slots} SLURM test cluster slots ({base_dir}, {base_dir}-1, ...) are held by other "
+                "test sessions", pytrace=False)
+
+
 def _external_cluster() -> SlurmCluster:
     conf = os.environ.get("SLURM_CONF")
     if not conf or not Path(conf).is_file():
@@ -128,13 +156,13 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     if os.environ.get("SDCA_SLURM_EXTERNAL") == "1":
         cluster = _external_cluster()
     else:
-        env = dict(os.environ)
-        env.pop("SLURM_CONF", None)
+        env, lock = _claim_slot()
         for verb, limit in (("install", 900), ("up", 300)):
             proc = _script(verb, env, limit)
             if proc.returncode != 0:
                 if verb == "up":
                     _script("down", env, 120)  # stop whatever part of the cluster did start
+                lock.close()
                 pytest.fail(f"tests/slurm/cluster.sh {verb} failed (rc={proc.returncode}):\n"
                             f"{proc.stdout}\n{proc.stderr}", pytrace=False)
         exported = dict(line.removeprefix("export ").split("=", 1)
@@ -155,10 +183,12 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        if not cluster.external and os.environ.get("SDCA_SLURM_KEEP") != "1":
-            proc = _script("down", dict(os.environ), 120)
-            if proc.returncode != 0:
-                print(f"tests/slurm/cluster.sh down failed: {proc.stderr}")
+        if not cluster.external:
+            if os.environ.get("SDCA_SLURM_KEEP") != "1":
+                proc = _script("down", env, 120)
+                if proc.returncode != 0:
+                    print(f"tests/slurm/cluster.sh down failed: {proc.stderr}")
+            lock.close()
 
 
 @pytest.fixture
