@@ -24,7 +24,8 @@ def main(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from sdca_dist.engine.data import DataConfigError
-    from sdca_dist.engine.run_dir import MissingInputError
+    from sdca_dist.data.errors import DataError
+    from sdca_dist.engine.run_dir import MissingInputError, StageInputError
     from sdca_dist.engine.runner import run_stage
 
     try:
@@ -32,7 +33,7 @@ def main(argv: list[str]) -> int:
     except Preempted as exc:
         print(f"[{cfg.stage}] {exc}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
-    except (MissingInputError, DataConfigError, FileNotFoundError) as exc:
+    except (MissingInputError, StageInputError, DataConfigError, DataError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -15,7 +15,10 @@ def test_presets_compose_with_published_settings():
     s = compose_config(["conf=synthia2city"])
     assert s.data.num_classes == 16 and list(s.data.source_resize) == [760, 1280]
     syn = compose_config(["conf=synthetic"])
-    assert syn.model.name == "small" and syn.cluster.name == "local" and syn.data.synthetic
+    assert syn.model.name == "small" and syn.data.synthetic
+    # on a cluster: CPU-only ranks; cluster=local runs the same preset on this machine
+    assert syn.cluster.name == "slurm" and syn.cluster.gpus_per_node == 0
+    assert compose_config(["conf=synthetic", "cluster=local"]).cluster.name == "local"
 
 
 def test_command_line_group_choice_beats_the_preset():

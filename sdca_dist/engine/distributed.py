@@ -97,6 +97,10 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistContex
     if not env["MASTER_PORT"]:
         env["MASTER_PORT"] = str(_free_port())
     os.environ.update(env)  # DeepSpeed and torch read these
+    if "OMP_NUM_THREADS" not in os.environ and os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        # srun does not bind threads: use what the job asked for (also keeps CPU results
+        # bitwise reproducible across launches, as torchrun's OMP_NUM_THREADS does)
+        torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
     use_cuda = torch.cuda.is_available()
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"

@@ -27,6 +27,10 @@ class MissingInputError(FileNotFoundError):
     """A stage's input from an earlier stage is absent; the message names the file."""
 
 
+class StageInputError(ValueError):
+    """A stage's input exists but cannot be used (corrupt, wrong model); the message names the file."""
+
+
 @dataclass(frozen=True)
 class RunDir:
     root: Path

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from sdca_dist.engine.checkpoint import atomic_torch_save, atomic_write_text
 from sdca_dist.engine.distributed import DistContext
 from sdca_dist.engine.observe import StageObserver
-from sdca_dist.engine.run_dir import METRICS, MODEL_FINAL, RunDir
+from sdca_dist.engine.run_dir import METRICS, MODEL_FINAL, RunDir, StageInputError
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,12 @@ class StageContext:
         model = build_model(self.cfg.model.name, int(self.cfg.data.num_classes), pretrained=pretrained,
                             freeze_bn=freeze_bn)
         if init_from is not None:
-            state = torch.load(init_from, map_location="cpu", weights_only=True)
-            model.load_state_dict(state)
+            try:
+                state = torch.load(init_from, map_location="cpu", weights_only=True)
+                model.load_state_dict(state)
+            except Exception as exc:  # corrupt file, or weights of another model/class count
+                detail = " ".join(str(exc).split())[:300]
+                raise StageInputError(f"cannot load model weights {init_from}: {type(exc).__name__}: {detail}") from None
             self.observer.log(f"initialised from {init_from}")
         return model.to(self.ctx.device)
 

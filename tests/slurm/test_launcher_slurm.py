@@ -1,0 +1,123 @@
+"""launch/slurm.py against the real SLURM test cluster (2 nodes, gloo ranks, one per node).
+
+Specifications:
+1. ``python launch/slurm.py conf=synthetic nodes=2 wait=true`` runs the whole chain, one job per
+   stage, every job COMPLETED in sacct, final metrics present;
+2. a stage signalled with SIGUSR2 mid-run checkpoints (all ranks), is requeued, resumes, and ends
+   with weights bitwise equal to an uninterrupted run;
+3. a failing stage stops the chain: the next job never starts, and the launcher reports the
+   stage's error line.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine_fixtures import REPO, child_env, run_launcher, tiny  # noqa: E402
+
+pytestmark = pytest.mark.timeout(900)
+
+CHAIN = ["src", "dist_init", "sdca", "pseudo_label", "ssl"]
+
+
+def _job_ids(stdout: str) -> dict[str, str]:
+    return dict(re.findall(r"\[launch\] (\w+): job (\d+)", stdout))
+
+
+def _cluster(slurm, *extra: str) -> list[str]:
+    return ["nodes=2", f"cluster.partition={slurm.low_partition}", "cluster.time_min=30", *extra]
+
+
+def test_whole_chain_on_two_nodes(slurm, tmp_path):
+    run = tmp_path / "run"
+    proc = run_launcher(tiny(tmp_path / "shards", *_cluster(slurm, "wait=true", f"run_dir={run}", "train.iters=3")))
+    jobs = _job_ids(proc.stdout)
+    for j in jobs.values():
+        slurm.track(j)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert list(jobs) == CHAIN, jobs
+    for stage, job in jobs.items():
+        assert slurm.wait_sacct_state(job, {"COMPLETED"}, 30, stage) == "COMPLETED"
+        assert (run / stage / "DONE").is_file()
+        # the stage really ran with 2 ranks on the 2 nodes
+        assert '"world_size": 2' in (run / stage / "DONE").read_text()
+    assert (run / "ssl" / "metrics.json").is_file()
+    dependency = slurm.run("scontrol", "show", "job", jobs["ssl"], check=False).stdout
+    assert "afterok" in dependency.lower() or "Dependency=(null)" in dependency  # satisfied deps are cleared
+
+
+def _wait_log(path_glob, pattern: str, timeout_s: float, base: Path) -> str:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        for log in base.glob(path_glob):
+            text = log.read_text(errors="replace")
+            if re.search(pattern, text):
+                return text
+        time.sleep(0.5)
+    raise AssertionError(f"no {pattern!r} in {base}/{path_glob} after {timeout_s}s")
+
+
+def test_usr2_mid_stage_checkpoints_requeues_and_resumes_bitwise(slurm, tmp_path):
+    shards = tmp_path / "shards"
+    common = ["stages=[src]", "wait=true", "train.iters=24", "train.checkpoint_every=1000"]
+    straight = run_launcher(tiny(shards, *_cluster(slurm, *common, f"run_dir={tmp_path / 'straight'}")))
+    for j in _job_ids(straight.stdout).values():
+        slurm.track(j)
+    assert straight.returncode == 0, straight.stdout[-2000:] + straight.stderr[-2000:]
+
+    run = tmp_path / "interrupted"
+    launcher = subprocess.Popen(
+        [sys.executable, str(REPO / "launch" / "slurm.py"), *tiny(shards, *_cluster(slurm, *common, f"run_dir={run}"))],
+        cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        job = None
+        for line in launcher.stdout:
+            m = re.search(r"\[launch\] src: job (\d+)", line)
+            if m:
+                job = slurm.track(m.group(1))
+                break
+        assert job, "the launcher printed no job id"
+        _wait_log(f"slurm/src/{job}/*_0_log.out", r"\[src\] it ([3-9]|1\d)/24", 300, run)
+        slurm.run("scancel", "--signal=USR2", job)
+        out, err = launcher.communicate(timeout=600)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 0, out[-2000:] + err[-2000:]
+    log = "".join(p.read_text(errors="replace") for p in sorted((run / "slurm" / "src" / job).glob("*_0_log.out")))
+    assert "stop signal: checkpoint written" in log
+    m = re.search(r"resumed from .*iter_(\d+) at iteration (\d+)", log)
+    assert m, "the requeued job did not resume from the checkpoint"
+    assert 3 <= int(m.group(2)) < 24
+    records = slurm.sacct(job, duplicates=True)
+    assert len(records) >= 2 and records[-1]["State"].startswith("COMPLETED"), records
+    a = torch.load(tmp_path / "straight" / "src" / "model_final.pt", weights_only=True)
+    b = torch.load(run / "src" / "model_final.pt", weights_only=True)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after the requeue"
+
+
+def test_failing_stage_stops_the_chain_and_is_reported(slurm, tmp_path):
+    run = tmp_path / "run"
+    (run / "src").mkdir(parents=True)
+    (run / "src" / "model_final.pt").write_bytes(b"not a checkpoint")
+    proc = run_launcher(tiny(tmp_path / "shards", *_cluster(slurm, "stages=[dist_init,sdca]", "wait=true",
+                                                            f"run_dir={run}")))
+    jobs = _job_ids(proc.stdout)
+    for j in jobs.values():
+        slurm.track(j)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: stage dist_init job") and f"{run}/src/model_final.pt" in message, message
+    assert "not run: sdca" in message
+    assert slurm.sacct(jobs["dist_init"])[-1]["State"].startswith("FAILED")
+    assert not (run / "sdca").exists(), "the dependent stage started"
+    assert slurm.sacct(jobs["sdca"])[-1]["State"].split()[0] in {"CANCELLED", "PENDING"}
