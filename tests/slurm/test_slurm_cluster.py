@@ -100,15 +100,15 @@ def test_usr2_checkpoints_requeues_and_resumes(slurm, tmp_path):
 
 def test_high_partition_preempts_low_job_which_resumes(slurm, tmp_path):
     total, state = 24, tmp_path / "counter.json"
-    # The low job holds every CPU of the node it runs on, so the high job must preempt it.
-    ex = executor(slurm, tmp_path / "submitit", name="counter-preempted", cpus_per_task=2)
+    # Both jobs want the same node exclusively, so the high job can only start by preempting.
+    ex = executor(slurm, tmp_path / "submitit", name="counter-preempted", slurm_exclusive=True)
     job = ex.submit(slurm_jobs.StepCounter(str(state), total, 0.5))
     slurm.track(job.job_id)
     seen = _wait_for_step(state, 3, 60, job)
     node = slurm.sacct(job.job_id)[0]["NodeList"]
     marker = tmp_path / "high.ran"
     high = slurm.track(slurm.run(
-        "sbatch", "--parsable", "-p", slurm.high_partition, "-w", node, "-N1", "-n1", "-c2", "-t", "5",
+        "sbatch", "--parsable", "-p", slurm.high_partition, "-w", node, "-N1", "-n1", "--exclusive", "-t", "5",
         "-o", str(tmp_path / "high.out"), "--wrap", f"echo $SLURM_JOB_ID > {marker}").stdout.strip().split(";")[0])
     slurm.wait_sacct_state(high, {"COMPLETED"}, 90, "high-priority job")
     assert marker.exists()
