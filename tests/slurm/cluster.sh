@@ -290,6 +290,8 @@ cmd_up() {
     for p in munged mariadbd mariadb-install-db slurmdbd slurmctld slurmd sinfo unshare; do
         command -v "$p" >/dev/null || die "$p not found: run '$0 install' first"
     done
+    unshare -m --propagation private true 2>/dev/null \
+        || die "'unshare -m' is not permitted here (needs CAP_SYS_ADMIN, e.g. a privileged container): n1/n2 cannot be made resolvable for jobs"
     # A previous (crashed) run: stop what it started, by its own pid files.
     [ -d "$STATE" ] && { say "up: cleaning previous state at $STATE"; cmd_down; }
     for p in "$CTLD_PORT" "$SLURMD_PORT1" "$SLURMD_PORT2" "$DBD_PORT" "$DB_PORT"; do
