@@ -246,20 +246,38 @@ def job_error(job: Any) -> str:
     """The exception line of a failed job's log (rank 0), else its last line, else its state."""
     err = Path(job.paths.stderr)
     lines = err.read_text(errors="replace").strip().splitlines() if err.is_file() else []
+    lines = [re.sub(r"^\[rank\d+\]:\s?", "", ln) for ln in lines]  # torch's per-rank prefix
     errors = [ln.strip() for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Preempted)\b.*: ", ln.strip())]
     if errors:
         return errors[-1]
     return lines[-1].strip() if lines else f"no log at {err} (the job never started)"
 
 
+#: sacct states after which a job never runs again (PREEMPTED/REQUEUED jobs come back)
+TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
+                   "DEADLINE"}
+
+
+def job_state(job: Any) -> str:
+    """The job's state from sacct (forced refresh: submitit's cached view can lag behind)."""
+    return str(job.get_info(mode="force").get("State", "UNKNOWN")).split()[0]
+
+
 def wait_slurm(submitted: list[tuple[str, list[Any]]], poll_s: float = 5.0) -> list[dict]:
-    """Wait for every job; a failed stage cancels nothing by hand: SLURM drops its dependants."""
+    """Wait until every job reaches a terminal sacct state; SLURM itself cancels the dependants
+    of a failed stage (kill_invalid_depend), so a failure never leaves the wait hanging."""
     records = []
+    failed = False
     for stage, jobs in submitted:
         for job in jobs:
-            while not job.done():
+            state = job_state(job)
+            if failed and state == "PENDING":
+                # clusters without kill_invalid_depend keep such jobs pending forever
+                subprocess.run(["scancel", str(job.job_id)], capture_output=True, timeout=60)
+            while state not in TERMINAL_STATES:
                 time.sleep(poll_s)
-            state = job.state
+                state = job_state(job)
+            failed = failed or (state != "COMPLETED" and stage != "oracle")  # oracle gates nothing
             rec = {"stage": stage, "job_id": str(job.job_id), "state": state}
             if state != "COMPLETED":
                 rec["error"] = job_error(job)

@@ -106,7 +106,7 @@ def _run_until_signal(overrides: list[str], stop_after: int) -> subprocess.Compl
     return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(out), "")
 
 
-@pytest.mark.parametrize("engine", ["ddp"])
+@pytest.mark.parametrize("engine", [["engine=ddp"], ["engine=deepspeed", "engine.zero_stage=1"]], ids=["ddp", "deepspeed_zero1"])
 def test_sdca_interrupted_at_a_random_step_resumes_bitwise_exact(chain: Path, shards: Path, tmp_path: Path, engine):
     iters = 16
     runs = {}
@@ -115,7 +115,7 @@ def test_sdca_interrupted_at_a_random_step_resumes_bitwise_exact(chain: Path, sh
         for stage in ("src", "dist_init"):  # inputs from the chain fixture
             shutil.copytree(chain / stage, run_dir / stage)
         runs[name] = run_dir
-    common = ["stage=sdca", f"train.iters={iters}", "train.checkpoint_every=5", f"engine={engine}"]
+    common = ["stage=sdca", f"train.iters={iters}", "train.checkpoint_every=5", *engine]
     straight = run_train(2, tiny(shards, *common, f"run_dir={runs['straight']}"))
     assert straight.returncode == 0, straight.stderr[-3000:]
 
@@ -145,9 +145,12 @@ def test_sdca_interrupted_at_a_random_step_resumes_bitwise_exact(chain: Path, sh
             assert torch.equal(da[level][k], db[level][k]), f"estimator {level}.{k} differs"
 
 
-def test_deepspeed_zero2_two_ranks_trains_and_writes_plain_model(chain: Path, shards: Path, tmp_path: Path):
+@pytest.mark.parametrize("zero, bf16", [(2, False), (1, True)])
+def test_deepspeed_two_ranks_trains_and_writes_plain_model(chain: Path, shards: Path, tmp_path: Path, zero, bf16):
+    """ZeRO-2 in fp32 and ZeRO-1 in bf16 (BatchNorm buffers in bf16 via data_types.buffer_dtype)."""
     proc = run_train(2, tiny(shards, "stage=src", f"run_dir={tmp_path}", "engine=deepspeed",
-                             "engine.zero_stage=2", "train.iters=3"), timeout=900)
+                             f"engine.zero_stage={zero}", f"engine.bf16={str(bf16).lower()}", "train.iters=3"),
+                     timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ds = _state(tmp_path / "src" / "model_final.pt")
     ddp = _state(chain / "src" / "model_final.pt")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -57,7 +58,8 @@ class StageContext:
                 state = torch.load(init_from, map_location="cpu", weights_only=True)
                 model.load_state_dict(state)
             except Exception as exc:  # corrupt file, or weights of another model/class count
-                detail = " ".join(str(exc).split())[:300]
+                detail = ("not a weights-only torch state_dict (truncated, corrupt or foreign file)"
+                          if isinstance(exc, pickle.UnpicklingError) else " ".join(str(exc).split())[:300])
                 raise StageInputError(f"cannot load model weights {init_from}: {type(exc).__name__}: {detail}") from None
             self.observer.log(f"initialised from {init_from}")
         return model.to(self.ctx.device)

@@ -121,3 +121,16 @@ def test_failing_stage_stops_the_chain_and_is_reported(slurm, tmp_path):
     assert slurm.sacct(jobs["dist_init"])[-1]["State"].startswith("FAILED")
     assert not (run / "sdca").exists(), "the dependent stage started"
     assert slurm.sacct(jobs["sdca"])[-1]["State"].split()[0] in {"CANCELLED", "PENDING"}
+
+
+def test_what_the_partition_cannot_give_is_refused_before_submission(slurm, tmp_path):
+    base = tiny(tmp_path / "shards", f"run_dir={tmp_path / 'run'}", f"cluster.partition={slurm.low_partition}",
+                "cluster.time_min=30")
+    gpus = run_launcher(base + ["nodes=2", "cluster.gpus_per_node=4"])
+    assert gpus.returncode == 2
+    assert gpus.stderr.strip().splitlines()[-1] == (
+        f"error: cluster.gpus_per_node=4 but partition {slurm.low_partition} offers 0 GPU(s) per node")
+    nodes = run_launcher(base + ["nodes=3"])
+    assert nodes.returncode == 2
+    assert nodes.stderr.strip().splitlines()[-1] == f"error: nodes=3 but partition {slurm.low_partition} has 2 node(s)"
+    assert not (tmp_path / "run" / "slurm").exists(), "something was submitted"

@@ -1,0 +1,64 @@
+"""launch/slurm.py before anything is submitted: config mistakes, missing inputs, dry runs.
+
+These never reach a cluster: every one must fail (or print) before sbatch would be called.
+"""
+
+from __future__ import annotations
+
+import json
+
+from engine_fixtures import run_launcher
+
+
+def _last_error(proc) -> str:
+    lines = proc.stderr.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def test_unknown_preset_lists_the_valid_choices():
+    proc = run_launcher(["conf=gta2cty", "nodes=4"], timeout=120)
+    assert proc.returncode == 2
+    assert _last_error(proc) == "error: unknown conf='gta2cty'; valid choices: gta2city, synthetic, synthia2city"
+
+
+def test_unknown_key_and_wrong_type_fail_before_submission():
+    bad_key = run_launcher(["conf=gta2city", "cluster.partiton=gpu"], timeout=120)
+    assert bad_key.returncode == 2 and "cluster.partiton" in _last_error(bad_key)
+    bad_type = run_launcher(["conf=gta2city", "nodes=four"], timeout=120)
+    assert bad_type.returncode == 2 and "nodes" in _last_error(bad_type)
+    zero = run_launcher(["conf=gta2city", "nodes=0"], timeout=120)
+    assert zero.returncode == 2 and _last_error(zero) == "error: nodes=0 must be >= 1"
+
+
+def test_missing_shards_and_weights_are_all_named(tmp_path):
+    proc = run_launcher(["conf=gta2city", "nodes=4", f"data.shards_root={tmp_path}",
+                         f"model.pretrained={tmp_path}/resnet101.pth", "dry_run=true"], timeout=120)
+    assert proc.returncode == 2
+    err = _last_error(proc)
+    for name in ("gta5_train", "cityscapes_train", "cityscapes_val"):
+        assert f"{tmp_path}/{name}/manifest.json" in err
+    assert f"model.pretrained={tmp_path}/resnet101.pth" in err
+
+
+def test_a_stage_whose_producer_is_not_planned_needs_its_input(tmp_path):
+    proc = run_launcher(["conf=synthetic", "cluster=local", "stages=[sdca]", f"run_dir={tmp_path}", "dry_run=true"],
+                        timeout=120)
+    assert proc.returncode == 2
+    assert f"stage sdca needs {tmp_path}/src/model_final.pt (from stage src, not planned)" in _last_error(proc)
+
+
+def test_dry_run_prints_config_and_sbatch_parameters_per_stage(tmp_path):
+    shards = tmp_path / "shards"
+    for name in ("gta5_train", "cityscapes_train", "cityscapes_val"):
+        (shards / name).mkdir(parents=True)
+        (shards / name / "manifest.json").write_text("{}")
+    proc = run_launcher(["conf=gta2city", "nodes=4", f"data.shards_root={shards}", "cluster.partition=gpu",
+                         "--dry-run"], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "conf: gta2city" in proc.stdout and "tau: 100.0" in proc.stdout
+    rows = {line.split(":", 1)[0][len("[dry-run] "):]: json.loads(line.split(": ", 1)[1])
+            for line in proc.stdout.splitlines() if line.startswith("[dry-run] ")}
+    assert list(rows) == ["src", "dist_init", "sdca", "pseudo_label", "ssl"]
+    for params in rows.values():
+        assert params["nodes"] == 4 and params["ntasks_per_node"] == 4 and params["gpus_per_node"] == 4
+        assert params["partition"] == "gpu" and params["signal_delay_s"] == 120
