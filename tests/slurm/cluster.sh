@@ -334,10 +334,18 @@ cmd_env() {
     echo "export SDCA_SLURM_DIR=$STATE"
 }
 
+# A pytest session holds an flock on $STATE.lock for its whole life (tests/slurm/conftest.py) and
+# tells us so with SDCA_SLURM_LOCK_HELD=1; by hand, refuse to touch a slot a session is using.
+guard_session_lock() {
+    [ "${SDCA_SLURM_LOCK_HELD:-}" = 1 ] && return 0
+    # only test the lock: an fd held here would be inherited by the daemons and lock the slot forever
+    flock -n "$STATE.lock" true || die "a test session is using $STATE (it holds $STATE.lock); pick another SDCA_SLURM_DIR and SDCA_SLURM_PORT_BASE"
+}
+
 case "${1:-}" in
     install) cmd_install ;;
-    up) cmd_up ;;
-    down) cmd_down ;;
+    up) guard_session_lock; cmd_up ;;
+    down) guard_session_lock; cmd_down ;;
     status) cmd_status ;;
     env) cmd_env ;;
     *) echo "usage: $0 {install|up|down|status|env}" >&2; exit 2 ;;

@@ -134,6 +134,7 @@ def _claim_slot(slots: int = 4) -> tuple[dict[str, str], object]:
             continue
         env["SDCA_SLURM_DIR"] = state
         env["SDCA_SLURM_PORT_BASE"] = str(base_port + 10 * slot)
+        env["SDCA_SLURM_LOCK_HELD"] = "1"  # cluster.sh: we hold the slot's lock
         return env, lock
     pytest.fail(f"all {slots} SLURM test cluster slots ({base_dir}, {base_dir}-1, ...) are held by other "
                 "test sessions", pytrace=False)

@@ -83,8 +83,9 @@ def _check_resumed(slurm, job, state: Path, total: int, signalled_at_step: int) 
     log = job.paths.stdout.read_text(errors="replace") + job.paths.stderr.read_text(errors="replace")
     assert "this job is preempted" in log and "Requeued job" in log, log[-3000:]
     assert "timed-out" not in log, "the signal was taken for a timeout (timeout_min too small?)"
+    # the result pickle can exist a moment before the controller has told slurmdbd
+    slurm.wait_sacct_state(job.job_id, {"COMPLETED"}, 30, "requeued counter accounting")
     runs = slurm.sacct(job.job_id, duplicates=True)
-    assert [r["State"].split()[0] for r in runs][-1] == "COMPLETED", runs
     assert len(runs) >= 2 and runs[0]["State"].split()[0] in {"REQUEUED", "PREEMPTED"}, runs
 
 
@@ -128,6 +129,7 @@ def test_afterok_chain_stops_when_a_job_fails(slurm, tmp_path):
     slurm.track(second.job_id)
 
     slurm.wait_done(first, 90, "failing job A")
+    assert slurm.wait_sacct_state(first.job_id, {"FAILED", "COMPLETED", "CANCELLED"}, 30, "job A accounting") == "FAILED"
     assert first.get_info(mode="force")["State"] == "FAILED"
     exc = first.exception()
     assert exc is not None and "stage A fails on purpose" in str(exc), exc
