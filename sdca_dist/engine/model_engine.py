@@ -9,6 +9,7 @@ never averaged over micro-steps, so the two engines compute the same update.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any, Iterator
 
 import torch
@@ -172,11 +173,18 @@ class DeepSpeedEngine(ModelEngine):
         if saved is not None:
             state = self.optimizer.state_dict()
             state.update(saved)
-            self.optimizer.load_state_dict(state)
+            accepts = inspect.signature(self.optimizer.load_state_dict).parameters
+            if "state_dict_list" in accepts:
+                # DeepSpeed's optimizers take one state per data-parallel rank and read their own;
+                # the fp32 master copy comes from the checkpoint, not from the (bf16) model
+                self.optimizer.load_state_dict([state] * self.ctx.world_size, load_from_fp32_weights=True)
+            else:
+                self.optimizer.load_state_dict(state)
 
 
 def _is_plain(value: Any) -> bool:
-    if isinstance(value, (torch.Tensor, bool, int, float, str, type(None))):
+    # exact types: DeepSpeed's enums subclass int but weights_only loading refuses them
+    if isinstance(value, torch.Tensor) or type(value) in (bool, int, float, str, type(None)):
         return True
     if isinstance(value, (list, tuple)):
         return all(_is_plain(v) for v in value)
