@@ -101,13 +101,19 @@ class SynthConfig:
     target_size: tuple[int, int] = (256, 128)  # (W, H), Cityscapes 2:1
     # the domain gap: target = source style + gap * (these deviations)
     gap: float = 1.0
-    palette_shift: float = 35.0  # degrees of hue rotation of every class colour
-    palette_jitter: float = 20.0  # degrees of extra per-class hue rotation (fixed per seed)
-    texture: float = 0.20  # extra texture amplitude
-    noise: float = 6.0  # extra pixel noise std
-    blur: float = 0.8  # extra blur sigma (px)
-    lighting: float = 0.20  # extra lighting variation
-    cast: float = 0.08  # per-image colour cast
+    # Defaults: a gap of rendering, not of semantics. Class hues sit ~20-40 degrees apart, so a
+    # large global hue rotation maps one class onto another's source colour (car -> bicycle),
+    # a "permuted palette" no alignment can undo; the hue moves stay small and the gap comes
+    # from desaturation, darkening, grain, sensor noise, blur, lighting and colour casts.
+    palette_shift: float = 10.0  # degrees of hue rotation of every class colour
+    palette_jitter: float = 6.0  # degrees of extra per-class hue rotation (fixed per seed)
+    desaturate: float = 0.35  # fraction of saturation lost
+    darken: float = 0.15  # fraction of value lost
+    texture: float = 0.30  # extra texture amplitude
+    noise: float = 12.0  # extra pixel noise std
+    blur: float = 1.0  # extra blur sigma (px)
+    lighting: float = 0.25  # extra lighting variation
+    cast: float = 0.15  # per-image colour cast
     workers: int = 1
     source_style: DomainStyle = field(default_factory=DomainStyle)
 
@@ -116,8 +122,8 @@ class SynthConfig:
         return DomainStyle(
             hue_shift=s.hue_shift + g * self.palette_shift,
             hue_jitter=s.hue_jitter + g * self.palette_jitter,
-            saturation=s.saturation * (1 - 0.25 * min(g, 2.0) / 2),
-            value=s.value,
+            saturation=s.saturation * max(0.0, 1 - g * self.desaturate),
+            value=s.value * max(0.05, 1 - g * self.darken),
             texture=s.texture + g * self.texture,
             texture_scale=max(2, s.texture_scale - 4),
             noise=s.noise + g * self.noise,
@@ -441,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--synthia-size", type=_size, default=None, help="WxH (default: --source-size)")
     ap.add_argument("--target-size", type=_size, default=d.target_size, help="WxH")
     ap.add_argument("--gap", type=float, default=d.gap, help="scales every target deviation (0 = no gap)")
-    for name in ("palette_shift", "palette_jitter", "texture", "noise", "blur", "lighting", "cast"):
+    for name in ("palette_shift", "palette_jitter", "desaturate", "darken", "texture", "noise", "blur", "lighting", "cast"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     ap.add_argument("--workers", type=int, default=1)
     a = ap.parse_args(argv)

@@ -48,6 +48,9 @@ class DataConfig:
     #: generated image sizes [H, W]
     synthetic_source_size: list[int] = field(default_factory=lambda: [144, 288])
     synthetic_target_size: list[int] = field(default_factory=lambda: [128, 256])
+    #: domain-gap knobs passed to ``python -m sdca_dist.synth`` (gap, palette_shift, noise, ...);
+    #: empty = the generator's defaults
+    synthetic_gap: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -65,7 +65,9 @@ def ensure_synthetic_shards(cfg: DictConfig, log=print) -> None:
             (sh, sw), (th, tw) = cfg.data.synthetic_source_size, cfg.data.synthetic_target_size
             _run([sys.executable, "-m", "sdca_dist.synth", "--out", str(raw), "--seed", str(cfg.data.synthetic_seed),
                   "--num-source", str(n_src), "--num-target-train", str(n_tr), "--num-target-val", str(n_val),
-                  "--source-size", f"{sw}x{sh}", "--target-size", f"{tw}x{th}"])
+                  "--source-size", f"{sw}x{sh}", "--target-size", f"{tw}x{th}",
+                  *(a for k, v in dict(cfg.data.get("synthetic_gap") or {}).items()
+                    for a in ("--" + str(k).replace("_", "-"), str(float(v))))])
             (raw / ".complete").write_text("ok\n")
         for name in wanted:
             if name not in SYNTHETIC_SETS:
