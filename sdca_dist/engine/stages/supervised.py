@@ -41,9 +41,18 @@ def _run_supervised(sc: StageContext, manifest, *, init_from=None, freeze_bn: bo
     return finish_training(sc, engine, stats, sched.iters)
 
 
+def _freeze_bn_from_scratch(cfg) -> bool:
+    """Frozen BN keeps the PRETRAINED statistics (the method's src stage). A randomly initialised
+    backbone (``model.pretrained: null``, e.g. the synthetic preset) has none: frozen, its BN is the
+    identity (mean 0, var 1), and ssl's unfrozen BN would then rescale every activation of a net
+    trained without normalisation. So a from-scratch src/oracle learns its BN statistics; sdca and
+    later stages freeze those as usual."""
+    return cfg.model.get("pretrained") is not None
+
+
 def run_src(sc: StageContext) -> dict:
     cfg = sc.cfg
-    return _run_supervised(sc, manifest_path(shard_set(cfg, cfg.data.source)), freeze_bn=True,
+    return _run_supervised(sc, manifest_path(shard_set(cfg, cfg.data.source)), freeze_bn=_freeze_bn_from_scratch(cfg),
                            lovasz_weight=float(cfg.method.lovasz_weight), resize=list(cfg.data.source_resize),
                            class_balanced=bool(cfg.data.class_balanced))
 
@@ -51,7 +60,7 @@ def run_src(sc: StageContext) -> dict:
 def run_oracle(sc: StageContext) -> dict:
     """Reference upper bound: the same recipe on the target's own labels."""
     cfg = sc.cfg
-    return _run_supervised(sc, manifest_path(shard_set(cfg, cfg.data.target_train)), freeze_bn=True,
+    return _run_supervised(sc, manifest_path(shard_set(cfg, cfg.data.target_train)), freeze_bn=_freeze_bn_from_scratch(cfg),
                            lovasz_weight=float(cfg.method.lovasz_weight), resize=list(cfg.data.target_resize),
                            target_labels=True)
 
