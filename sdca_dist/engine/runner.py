@@ -9,8 +9,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from sdca_dist.config import config_to_yaml
-from sdca_dist.engine.data import check_manifests, ensure_synthetic_shards
-from sdca_dist.engine.distributed import init_distributed, shutdown_distributed
+from sdca_dist.engine.data import DataConfigError, check_manifests, ensure_synthetic_shards
+from sdca_dist.engine.distributed import broadcast_object, init_distributed, shutdown_distributed
 from sdca_dist.engine.observe import StageObserver
 from sdca_dist.engine.run_dir import RunDir, check_inputs
 from sdca_dist.engine.stage_context import StageContext
@@ -45,9 +45,17 @@ def run_stage(cfg: DictConfig) -> dict:
             (folder / "config.yaml").write_text(text)
             observer.text("config", text)
         check_inputs(run, stage, str(cfg.eval.model_from))
+        # rank 0 generates the synthetic shards (if missing) while the others wait; a failure
+        # there is told to every rank, so none is left waiting in a collective
+        problem = None
         if ctx.is_main:
-            ensure_synthetic_shards(cfg, log=observer.log)
-        ctx.barrier()
+            try:
+                ensure_synthetic_shards(cfg, log=observer.log)
+            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+                problem = f"{type(exc).__name__}: {exc}"
+        problem = broadcast_object(problem, ctx)
+        if problem is not None:
+            raise DataConfigError(f"synthetic benchmark generation failed: {problem}")
         check_manifests(cfg, [getattr(cfg.data, k) for k in STAGE_SHARDS[stage]])
         sc = StageContext(cfg=cfg, ctx=ctx, run=run, name=stage, observer=observer)
         t0 = time.time()
