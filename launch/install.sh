@@ -12,17 +12,25 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 py=.venv/bin/python
-$py -m pip install -q --upgrade pip 2>&1 | grep -v -i "warning" || true
+log=.venv/install.log
+: > "$log"
+pipq() {  # pip, quiet; its full output goes to .venv/install.log and is shown only on failure
+  if ! $py -m pip install -q "$@" >>"$log" 2>&1; then
+    tail -n 30 "$log" >&2
+    echo "install: pip install $* failed (full log: $log)" >&2
+    exit 1
+  fi
+}
+pipq --upgrade pip
 if ! $py -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "install: GPU found; installing the project's torch range (CUDA build)"
   else
     echo "install: no GPU; installing torch==2.13.0 (CPU build) first"
-    $py -m pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
-    $py -c "import torch" || { echo "install: torch==2.13.0 failed to install" >&2; exit 1; }
+    pipq torch==2.13.0
   fi
 fi
-$py -m pip install -q -e ".${extra}" 2>&1 | grep -v -e "is ignored" -e "BuildBackendWarning" -e "^ *$" || true
-$py -c "import sdca_dist, nvidia.dali, deepspeed, submitit, hydra" 2>/dev/null \
-  || { echo "install: the project did not install cleanly (see pip output above)" >&2; exit 1; }
+pipq -e ".${extra}"
+$py -c "import sdca_dist, nvidia.dali, deepspeed, submitit, hydra" >>"$log" 2>&1 \
+  || { echo "install: the project does not import cleanly (see $log)" >&2; exit 1; }
 echo "install: ready ($($py -c 'import torch; print("torch", torch.__version__)'))"
