@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import tempfile
 import time
 from pathlib import Path
@@ -115,7 +116,16 @@ def _measure(world: int, mode: str, args: dict) -> dict:
         procs = [ctx.Process(target=_worker, args=(r, world, init, mode, args, q)) for r in range(world)]
         for p in procs:
             p.start()
-        result = q.get(timeout=1800)
+        result = None
+        while result is None:
+            try:
+                result = q.get(timeout=5)
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead:  # a rank crashed: the others would wait in a collective forever
+                    for p in procs:
+                        p.kill()
+                    raise RuntimeError(f"a benchmark rank exited with code {dead[0]} ({mode}, {world} ranks)")
         for p in procs:
             p.join()
     return result
