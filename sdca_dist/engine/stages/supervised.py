@@ -27,12 +27,17 @@ def _run_supervised(sc: StageContext, manifest, *, init_from=None, freeze_bn: bo
 
     from sdca_dist.method import segmentation_loss
 
+    image_every = max(1, int(sc.cfg.train.image_every))
+
     def step(engine, batches, it):
         b = batches["train"]
         with engine.micro_step(0):
             _, logits = engine(b["image"])
             loss = segmentation_loss(logits, b["label"], lovasz_weight)
             engine.backward(loss)
+        if (it + 1) % image_every == 0:  # input, (pseudo) label and prediction, Cityscapes palette
+            sc.observer.images(it + 1, f"{sc.name}/train", b["image"][0], b["label"][0],
+                               pred=logits[0].detach().argmax(0))
         return {"loss": float(loss.detach())}
 
     plan = TrainingPlan(schedule=sched, engine=engine, loaders={"train": loader}, step=step,
