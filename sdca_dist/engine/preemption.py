@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import signal
 from types import FrameType
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 #: exit code of ``python -m sdca_dist.train`` after a checkpoint on a stop signal
 PREEMPTED_EXIT_CODE = 3

@@ -12,7 +12,6 @@ from __future__ import annotations
 import shutil
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
