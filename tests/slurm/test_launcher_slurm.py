@@ -11,6 +11,7 @@ Specifications:
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -134,3 +135,21 @@ def test_what_the_partition_cannot_give_is_refused_before_submission(slurm, tmp_
     assert nodes.returncode == 2
     assert nodes.stderr.strip().splitlines()[-1] == f"error: nodes=3 but partition {slurm.low_partition} has 2 node(s)"
     assert not (tmp_path / "run" / "slurm").exists(), "something was submitted"
+
+
+def test_seeds_run_as_one_job_array_and_are_summarised(slurm, tmp_path):
+    run = tmp_path / "run"
+    proc = run_launcher(tiny(tmp_path / "shards", *_cluster(slurm, "stages=[src]", "seeds=2", "wait=true",
+                                                            f"run_dir={run}", "train.iters=2")))
+    jobs = _job_ids(proc.stdout)
+    for j in jobs.values():
+        slurm.track(j)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "src: job" in proc.stdout and "(2 seed(s))" in proc.stdout
+    records = slurm.sacct(jobs["src"])
+    assert sorted(r["JobID"] for r in records) == [f"{jobs['src']}_0", f"{jobs['src']}_1"], records
+    assert all(r["State"].startswith("COMPLETED") for r in records)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and len(summary["stages"]["src"]["mIoU"]) == 2
+    for seed in (0, 1):
+        assert f"seed: {seed}" in (run / f"seed_{seed}" / "src" / "config.yaml").read_text()
