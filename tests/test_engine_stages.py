@@ -157,3 +157,13 @@ def test_deepspeed_two_ranks_trains_and_writes_plain_model(chain: Path, shards: 
     assert ds.keys() == ddp.keys()
     assert all(ds[k].shape == ddp[k].shape and ds[k].dtype == ddp[k].dtype for k in ds)
     assert json.loads((tmp_path / "src" / "metrics.json").read_text())["mIoU"] >= 0.0
+
+
+def test_eval_stage_reproduces_the_training_stage_metrics(chain: Path, shards: Path):
+    """eval on src's model_final.pt must give exactly the mIoU src reported at its end (same data)."""
+    proc = run_train(2, tiny(shards, "stage=eval", "eval.model_from=src", f"run_dir={chain}"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluated = json.loads((chain / "eval" / "metrics.json").read_text())
+    trained = json.loads((chain / "src" / "metrics.json").read_text())
+    assert evaluated["model_from"] == "src"
+    assert evaluated["mIoU"] == trained["mIoU"] and evaluated["per_class"] == trained["per_class"]

@@ -55,6 +55,13 @@ class ModelEngine:
     def eval(self) -> None:
         self.module.eval()
 
+    def sync_buffers(self) -> None:
+        """Make every rank's buffers (BN running statistics) rank 0's: DDP syncs them at the START
+        of each forward, so after the last training step the ranks differ by one local update."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for buf in self.module.buffers():
+                torch.distributed.broadcast(buf, src=0)
+
     # --- checkpoint ----------------------------------------------------------------------------
     def model_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.module.state_dict().items()}

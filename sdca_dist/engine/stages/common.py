@@ -21,6 +21,7 @@ def make_engine(sc: StageContext, model: torch.nn.Module, micro_steps: int, micr
 
 def finish_training(sc: StageContext, engine: ModelEngine, stats: dict, iters: int) -> dict:
     """model_final.pt, then mIoU on target val (metrics.json + per-class table)."""
+    engine.sync_buffers()  # the saved model and every rank's evaluation use the same statistics
     path = sc.save_model_final(engine.model_state())
     summary = {"model_final": str(path), **stats}
     if sc.cfg.train.eval_at_end:
