@@ -20,10 +20,11 @@ def _conv_bn_relu(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn
 
 
 class DilatedResidual(nn.Module):
-    """Two dilated 3x3 conv-BN with an identity skip."""
+    """Two dilated 3x3 conv-BN with an identity skip; ``relu_out=False`` leaves the sum linear."""
 
-    def __init__(self, channels: int, dilation: int) -> None:
+    def __init__(self, channels: int, dilation: int, relu_out: bool = True) -> None:
         super().__init__()
+        self.relu_out = relu_out
         self.conv1 = nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation, bias=False)
         self.bn1 = nn.BatchNorm2d(channels)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation, bias=False)
@@ -32,13 +33,19 @@ class DilatedResidual(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(x + self.bn2(self.conv2(out)))
+        out = x + self.bn2(self.conv2(out))
+        return self.relu(out) if self.relu_out else out
 
 
 class SmallBackbone(nn.Module):
-    """stem 3->w0 (s2) -> w1 (s2) -> w2 (s2) -> residual blocks dilated 2, 4; ``out_channels = w2``."""
+    """stem 3->w0 (s2) -> w1 (s2) -> w2 (s2) -> residual blocks dilated 2, 4; ``out_channels = w2``.
 
-    def __init__(self, widths: tuple[int, int, int] = (16, 32, 64)) -> None:
+    ``final_relu=False`` drops the ReLU after the last residual sum, so the features that SDCA's
+    contrastive loss normalises to unit vectors are not confined to the positive orthant (post-ReLU,
+    all class means sit within a narrow cone and differ little in cosine).
+    """
+
+    def __init__(self, widths: tuple[int, int, int] = (16, 32, 64), final_relu: bool = True) -> None:
         super().__init__()
         w0, w1, w2 = widths
         self.stem = nn.Sequential(
@@ -47,7 +54,7 @@ class SmallBackbone(nn.Module):
             _conv_bn_relu(w1, w1),
             _conv_bn_relu(w1, w2, stride=2),
         )
-        self.context = nn.Sequential(DilatedResidual(w2, 2), DilatedResidual(w2, 4))
+        self.context = nn.Sequential(DilatedResidual(w2, 2), DilatedResidual(w2, 4, relu_out=final_relu))
         self.out_channels = w2
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
