@@ -77,6 +77,7 @@ class DomainStyle:
 
     hue_shift: float = 0.0  # degrees, all classes
     hue_jitter: float = 0.0  # degrees, per class (fixed per seed): colours move "permuted-ish"
+    tone_jitter: float = 0.0  # per class (fixed per seed): value and saturation gains 1 +- this
     saturation: float = 1.0  # gain
     value: float = 1.0  # gain
     texture: float = 0.05  # amplitude of the multiplicative texture field
@@ -114,6 +115,9 @@ class SynthConfig:
     blur: float = 1.0  # extra blur sigma (px)
     lighting: float = 0.25  # extra lighting variation
     cast: float = 0.15  # per-image colour cast
+    # per-class brightness/saturation change (fixed per seed): the one part of the gap that the
+    # sdca stage's global photometric augmentation cannot imitate (it moves every class together)
+    class_tone: float = 0.0
     workers: int = 1
     source_style: DomainStyle = field(default_factory=DomainStyle)
 
@@ -122,6 +126,7 @@ class SynthConfig:
         return DomainStyle(
             hue_shift=s.hue_shift + g * self.palette_shift,
             hue_jitter=s.hue_jitter + g * self.palette_jitter,
+            tone_jitter=s.tone_jitter + g * self.class_tone,
             saturation=s.saturation * max(0.0, 1 - g * self.desaturate),
             value=s.value * max(0.05, 1 - g * self.darken),
             texture=s.texture + g * self.texture,
@@ -270,10 +275,12 @@ def scene_layout(rng: np.random.Generator, h: int, w: int, ego: bool = False) ->
 def class_colours(style: DomainStyle, seed: int) -> np.ndarray:
     """19x3 float32 RGB in [0,1] for a domain style; the per-class jitter is fixed per seed."""
     jitter = np.random.default_rng([seed, 977]).uniform(-1, 1, size=19)
+    tone = 1.0 + style.tone_jitter * np.random.default_rng([seed, 978]).uniform(-1, 1, size=(19, 2))
     out = np.zeros((19, 3), dtype=np.float32)
     for k, (hh, ss, vv) in enumerate(BASE_HSV):
         hue = (hh + (style.hue_shift + style.hue_jitter * jitter[k]) / 360.0) % 1.0
-        out[k] = colorsys.hsv_to_rgb(hue, min(1.0, ss * style.saturation), min(1.0, vv * style.value))
+        sat = min(1.0, max(0.0, ss * style.saturation * tone[k, 0]))
+        out[k] = colorsys.hsv_to_rgb(hue, sat, min(1.0, max(0.0, vv * style.value * tone[k, 1])))
     return out
 
 
@@ -447,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--synthia-size", type=_size, default=None, help="WxH (default: --source-size)")
     ap.add_argument("--target-size", type=_size, default=d.target_size, help="WxH")
     ap.add_argument("--gap", type=float, default=d.gap, help="scales every target deviation (0 = no gap)")
-    for name in ("palette_shift", "palette_jitter", "desaturate", "darken", "texture", "noise", "blur", "lighting", "cast"):
+    for name in ("palette_shift", "palette_jitter", "desaturate", "darken", "texture", "noise", "blur", "lighting", "cast", "class_tone"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     ap.add_argument("--workers", type=int, default=1)
     a = ap.parse_args(argv)

@@ -108,3 +108,22 @@ def test_unknown_ids_error_or_ignore(tmp_path):
         read_label("cityscapes", tmp_path / "x_gtFine_labelIds.png")
     lbl, n = read_label("cityscapes", tmp_path / "x_gtFine_labelIds.png", unknown="ignore")
     assert n == 2 and lbl.tolist() == [[0, 255], [255, 13]]
+
+
+def test_class_tone_knob_changes_classes_unequally():
+    """class_tone: per-class brightness moves that no global photometric change can imitate."""
+    import colorsys
+
+    from sdca_dist.synth import class_colours
+
+    def value_ratios(tone: float) -> np.ndarray:
+        cfg = SynthConfig(seed=3, class_tone=tone)
+        src = class_colours(cfg.source_style, cfg.seed)
+        tgt = class_colours(cfg.target_style(), cfg.seed)
+        return np.array([colorsys.rgb_to_hsv(*t)[2] / colorsys.rgb_to_hsv(*s)[2] for s, t in zip(src, tgt)])
+
+    flat, toned = value_ratios(0.0), value_ratios(0.3)
+    assert np.ptp(flat) < 1e-5  # default: every class darkened by the same factor
+    assert np.ptp(toned) > 0.2  # per class, fixed per seed
+    assert np.array_equal(class_colours(SynthConfig(seed=3, class_tone=0.3).source_style, 3),
+                          class_colours(SynthConfig(seed=3).source_style, 3))  # source untouched
