@@ -129,6 +129,23 @@ def all_reduce_flag(flag: bool, ctx: DistContext) -> bool:
     return bool(t.item() > 0)
 
 
+def broadcast_tensors(tensors: list[torch.Tensor], ctx: DistContext, src: int = 0) -> None:
+    """Overwrite ``tensors`` in place with rank ``src``'s values: one broadcast per dtype (a
+    DeepLabV2 has hundreds of BN buffers; one collective each would be hundreds of round trips)."""
+    if not ctx.distributed or ctx.world_size == 1 or not tensors:
+        return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = _flatten_dense_tensors(group)
+        dist.broadcast(flat, src=src)
+        for t, v in zip(group, _unflatten_dense_tensors(flat, group)):
+            t.copy_(v)
+
+
 def broadcast_object(obj, ctx: DistContext, src: int = 0):
     if not ctx.distributed:
         return obj

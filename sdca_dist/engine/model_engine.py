@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from sdca_dist.engine.distributed import DistContext
+from sdca_dist.engine.distributed import DistContext, broadcast_tensors
 from sdca_dist.engine.schedule import apply_lr
 
 
@@ -58,9 +58,7 @@ class ModelEngine:
     def sync_buffers(self) -> None:
         """Make every rank's buffers (BN running statistics) rank 0's: DDP syncs them at the START
         of each forward, so after the last training step the ranks differ by one local update."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for buf in self.module.buffers():
-                torch.distributed.broadcast(buf, src=0)
+        broadcast_tensors(list(self.module.buffers()), self.ctx)
 
     # --- checkpoint ----------------------------------------------------------------------------
     def model_state(self) -> dict[str, torch.Tensor]:
