@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 from torch import nn
@@ -25,10 +24,7 @@ SMALL_DILATIONS = (1, 2, 4, 8)
 _BACKBONES = {
     "deeplabv2_r101": (resnet101_backbone, "resnet101", DEEPLAB_DILATIONS),
     "deeplabv2_vgg16": (vgg16_backbone, "vgg16", DEEPLAB_DILATIONS),
-    # no ReLU on the small net's output features: SDCA normalises them to unit vectors, and
-    # post-ReLU they all sit in one orthant (mean pairwise cosine of class means 0.51 vs 0.25
-    # without; src/sdca mIoU +2..+7 on the synthetic benchmark; measured in issue 6)
-    "small": (functools.partial(SmallBackbone, final_relu=False), None, SMALL_DILATIONS),
+    "small": (SmallBackbone, None, SMALL_DILATIONS),
 }
 
 MODEL_NAMES = tuple(_BACKBONES)

@@ -40,12 +40,13 @@ class DilatedResidual(nn.Module):
 class SmallBackbone(nn.Module):
     """stem 3->w0 (s2) -> w1 (s2) -> w2 (s2) -> residual blocks dilated 2, 4; ``out_channels = w2``.
 
-    ``final_relu=False`` drops the ReLU after the last residual sum, so the features that SDCA's
-    contrastive loss normalises to unit vectors are not confined to the positive orthant (post-ReLU,
-    all class means sit within a narrow cone and differ little in cosine).
+    No ReLU after the last residual sum (``final_relu=False``, the default): SDCA's contrastive loss
+    normalises the features to unit vectors, and post-ReLU they all sit in one orthant (mean
+    pairwise cosine of class means 0.51 vs 0.25 without; src/sdca mIoU +1..+7 on the synthetic
+    benchmark, measured in issue 6).
     """
 
-    def __init__(self, widths: tuple[int, int, int] = (16, 32, 64), final_relu: bool = True) -> None:
+    def __init__(self, widths: tuple[int, int, int] = (16, 32, 64), final_relu: bool = False) -> None:
         super().__init__()
         w0, w1, w2 = widths
         self.stem = nn.Sequential(
