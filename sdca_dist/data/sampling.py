@@ -1,8 +1,9 @@
 """Randomness of the data path as pure functions of (seed, rank, batch number): exact resume.
 
 Augmentation parameters are drawn here in NumPy and fed to DALI (external_source), so a loader
-restored at batch g draws exactly what the uninterrupted one drew. The class-balanced sampler's
-only state is its per-class draw counts, snapshotted per batch.
+restored at batch g draws exactly what the uninterrupted one drew. Sample order is a pure function
+of the seed too (a full permutation per epoch, or the class-balanced draw sequence), so a loader's
+position is its batch count (plus a small sampler snapshot that saves regenerating draws).
 """
 
 from __future__ import annotations
@@ -52,46 +53,135 @@ def augment_params(spec: AugmentSpec, seed: int, rank: int, batch: int, n: int) 
     return p
 
 
-class ClassBalancedSampler:
-    """The reference's source sampling: class k with weight 1/log(1.01 + freq_k), then an image with k.
+#: draws between two resets of the class counts (the reference's SUB_EPOCH_SIZE)
+SUB_EPOCH = 3000
 
-    freq_k is the share of draws so far that picked class k. Only classes present in some image
-    are drawn. Draws for batch g use an RNG keyed by (seed, rank, g) and the counts before g.
+
+class ClassBalancedSampler:
+    """The reference's class-balanced source sampling (BIT-DA/SDCA core/datasets/gtav.py), exactly resumable.
+
+    The rule, as the reference applies it: draw class k with weight ``1 / log(1.01 + f_k)`` (only
+    classes present in some image), take the next image of k's list, then add 1 to the count of
+    EVERY class present in that image (per-image presence: any pixel); ``f = counts / counts.sum()``
+    (all zero at first: uniform). The counts reset every ``SUB_EPOCH`` (3,000) draws. Each class's
+    list is walked in manifest order, then in a fresh permutation each time it is exhausted; the
+    walk positions carry over the resets. The reference builds the whole draw list up front and the
+    PyTorch DataLoader then shuffles it; here each 3,000-draw block is permuted instead, which gives
+    every position the same marginal distribution without knowing the run length.
+
+    Multiple ranks: ONE global sequence per seed. Global draw ``d`` is the same on every rank and
+    for every world size; the loader gives rank r of W, batch g (local batch B) the draws
+    ``g*B*W + r*B + [0, B)``. So the same global batch on any number of ranks draws the same images,
+    and the counts are those of the global draw stream (the reference instead builds one list per
+    process with its own randomness and lets DistributedSampler split each; per rank the
+    statistics are the same).
+
+    Everything is a pure function of (seed, draw number): block b's draws depend only on the walk
+    state at its start, which ``walk_at`` caches (a few ints per class), so resuming needs at most
+    the regeneration of one block.
     """
 
-    def __init__(self, presence: list[list[int]], num_classes: int, seed: int, rank: int):
-        self.num_classes = num_classes
-        self.seed, self.rank = seed, rank
-        by_class: list[list[int]] = [[] for _ in range(num_classes)]
+    def __init__(self, presence: list[list[int]], num_classes: int, seed: int, block: int = SUB_EPOCH):
+        self.num_classes, self.seed, self.block = num_classes, int(seed) & 0xFFFFFFFF, int(block)
+        n = len(presence)
+        self.present = np.zeros((n, num_classes), dtype=np.int64)
         for idx, classes in enumerate(presence):
             for c in classes:
                 if 0 <= c < num_classes:
-                    by_class[c].append(idx)
-        self.images_of = [np.asarray(v, dtype=np.int64) for v in by_class]
-        self.available = np.array([len(v) > 0 for v in by_class])
+                    self.present[idx, c] = 1
+        self.images_of = [np.flatnonzero(self.present[:, c]) for c in range(num_classes)]
+        self.available = np.array([len(v) > 0 for v in self.images_of])
         if not self.available.any():
             raise ValueError("class-balanced sampling needs per-image class presence; the manifest has none")
-        self.counts = np.zeros(num_classes, dtype=np.int64)
+        #: block -> walk state at its start: per class (cycle, position in that cycle's order)
+        self.walk_at: dict[int, tuple[tuple[int, int], ...]] = {0: tuple((0, 0) for _ in range(num_classes))}
+        self._blocks: dict[int, np.ndarray] = {}
+        self._orders: dict[tuple[int, int], np.ndarray] = {}
 
-    def weights(self) -> np.ndarray:
-        total = self.counts.sum()
-        freq = self.counts / total if total else np.zeros(self.num_classes)
+    @staticmethod
+    def weights(counts: np.ndarray, available: np.ndarray) -> np.ndarray:
+        """Class probabilities for the next draw from the counts since the last reset."""
+        total = counts.sum()
+        freq = counts / total if total else np.zeros(len(counts))
         w = 1.0 / np.log(1.01 + freq)
-        w[~self.available] = 0.0
+        w[~available] = 0.0
         return w / w.sum()
 
-    def draw_batch(self, batch: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """(manifest indices, drawn classes) of batch ``batch``; advances the counts."""
-        rng = batch_rng(self.seed, self.rank, batch, 1)
-        idx = np.empty(n, dtype=np.int64)
-        cls = np.empty(n, dtype=np.int64)
-        for i in range(n):
-            k = int(rng.choice(self.num_classes, p=self.weights()))
+    def _order(self, k: int, cycle: int) -> np.ndarray:
+        """Class k's image list in walk ``cycle``: manifest order first, then fresh permutations."""
+        key = (k, cycle)
+        if key not in self._orders:
             imgs = self.images_of[k]
-            idx[i] = imgs[int(rng.integers(len(imgs)))]
-            cls[i] = k
-            self.counts[k] += 1
-        return idx, cls
+            order = imgs if cycle == 0 else np.random.default_rng([self.seed, 3, k, cycle]).permutation(imgs)
+            self._orders = {kk: v for kk, v in self._orders.items() if kk[0] != k}  # one cycle per class
+            self._orders[key] = order
+        return self._orders[key]
+
+    def _generate(self, b: int) -> np.ndarray:
+        walk = [list(x) for x in self.walk_state(b)]
+        rng = np.random.default_rng([self.seed, 1, b])
+        u = rng.random(self.block)
+        counts = np.zeros(self.num_classes, dtype=np.int64)
+        out = np.empty(self.block, dtype=np.int64)
+        for i in range(self.block):
+            cdf = np.cumsum(self.weights(counts, self.available))
+            k = min(int(np.searchsorted(cdf, u[i] * cdf[-1], side="right")), self.num_classes - 1)
+            while not self.available[k]:  # u at a boundary of a zero-weight class: take the next one
+                k -= 1
+            cycle, pos = walk[k]
+            order = self._order(k, cycle)
+            idx = int(order[pos])
+            walk[k] = [cycle + 1, 0] if pos + 1 == len(order) else [cycle, pos + 1]
+            out[i] = idx
+            counts += self.present[idx]
+        self.walk_at[b + 1] = tuple((c, p) for c, p in walk)
+        return out[rng.permutation(self.block)]
+
+    def walk_state(self, b: int) -> tuple[tuple[int, int], ...]:
+        """Walk state at the start of block b (generating the blocks before it if needed)."""
+        while b not in self.walk_at:
+            known = max(k for k in self.walk_at if k < b)
+            self.block_draws(known)
+        return self.walk_at[b]
+
+    def block_draws(self, b: int) -> np.ndarray:
+        if b not in self._blocks:
+            self._blocks[b] = self._generate(b)
+            for old in [k for k in self._blocks if k < b - 1]:
+                del self._blocks[old]
+        return self._blocks[b]
+
+    def draws(self, start: int, stop: int) -> np.ndarray:
+        """Manifest indices of global draws ``[start, stop)``."""
+        out = []
+        d = start
+        while d < stop:
+            b, off = divmod(d, self.block)
+            take = min(stop - d, self.block - off)
+            out.append(self.block_draws(b)[off:off + take])
+            d += take
+        return np.concatenate(out) if out else np.empty(0, np.int64)
+
+    def state(self, draw: int) -> dict:
+        """What restores the sampler for draws from ``draw`` on without regenerating earlier blocks."""
+        b = draw // self.block
+        return {"block": b, "walk": [list(x) for x in self.walk_state(b)]}
+
+    def load_state(self, d: dict) -> None:
+        walk = tuple((int(c), int(p)) for c, p in d["walk"])
+        if len(walk) != self.num_classes:
+            raise ValueError(f"sampler state has {len(walk)} classes, this manifest {self.num_classes}")
+        self.walk_at[int(d["block"])] = walk
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """Training order of epoch ``epoch``: a full permutation of all n samples, the same on every rank.
+
+    Rank r then takes positions ``shard_bounds(n, W, r)`` of it (every sample once per epoch over
+    the ranks). A full shuffle like the reference's DataLoader/DistributedSampler, whatever the
+    number of ranks (a reader's shuffle buffer mixes only ~1,000 neighbouring samples).
+    """
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, 2, epoch]).permutation(n)
 
 
 def shard_bounds(n: int, num_shards: int, shard: int) -> tuple[int, int]:
@@ -102,3 +192,47 @@ def shard_bounds(n: int, num_shards: int, shard: int) -> tuple[int, int]:
 def steps_per_epoch(n: int, world_size: int, batch_size: int) -> int:
     """With pad_last_batch every DALI shard is padded to ceil(n/S) samples, then to whole batches."""
     return math.ceil(math.ceil(n / world_size) / batch_size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sdca_dist.data.sampling MANIFEST --draws N --seed S``: the sampler's first N keys.
+
+    Rank 0 of 1 (global draws 0..N-1), one sample key per line; ``--summary`` prints instead, per
+    class, the share of draws whose image contains it. Bad input: one line, exit 2.
+    """
+    import argparse
+    import sys
+
+    from sdca_dist.data.errors import DataError
+    from sdca_dist.data.shards import load_manifest
+
+    ap = argparse.ArgumentParser(prog="python -m sdca_dist.data.sampling", description=main.__doc__.split("\n")[0])
+    ap.add_argument("manifest", help="manifest.json of a shard set, or its folder")
+    ap.add_argument("--draws", type=int, required=True, help="number of draws (>= 1)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--summary", action="store_true", help="per-class share of draws instead of keys")
+    a = ap.parse_args(argv)
+    if a.draws < 1:
+        ap.error(f"--draws must be >= 1, got {a.draws}")
+    try:
+        m = load_manifest(a.manifest)
+        sampler = ClassBalancedSampler(m.presence(), m.num_classes, a.seed)
+    except (DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    idx = sampler.draws(0, a.draws)
+    try:
+        if a.summary:
+            share = sampler.present[idx].mean(axis=0)
+            for c in range(m.num_classes):
+                print(f"{c}\t{share[c]:.4f}")
+        else:
+            sys.stdout.write("".join(m.samples[int(i)]["key"] + "\n" for i in idx))
+        sys.stdout.flush()
+    except BrokenPipeError:  # e.g. | head
+        sys.stdout = None
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
