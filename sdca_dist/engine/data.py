@@ -102,8 +102,15 @@ def check_manifests(cfg: DictConfig, names: list[str]) -> None:
 def make_loader(cfg: DictConfig, ctx: DistContext, manifest: Path, batch_size: int, *, train: bool,
                 resize: Optional[list[int]] = None, crop: Optional[list[int]] = None,
                 scale: Optional[list[float]] = None, flip: bool = False, photometric: bool = False,
-                class_balanced: bool = False, target_labels: bool = False, seed_offset: int = 0):
-    """A ``ShardLoader`` for this rank. ``target_labels``: map Cityscapes 19 -> setting's classes."""
+                class_balanced: bool = False, target_labels: bool = False, seed_offset: int = 0,
+                crop_policy: str = "pad"):
+    """A ``ShardLoader`` for this rank. ``target_labels``: map Cityscapes 19 -> setting's classes.
+
+    ``resize=None`` scales relative to each image's own (original) size; ``crop_policy="fit"``
+    floors each sample's scale so the image covers ``crop`` (never pads: the reference's ssl recipe,
+    ``resize=None, crop=[512, 1024], scale=[0.5, 1.5], crop_policy="fit"``); ``"pad"`` pads with
+    0 / 255. The seed is the same on every rank (sample order is global; augmentation adds the rank).
+    """
     from sdca_dist.data.loader import ShardLoader
 
     label_map = target_label_map(cfg.data.num_classes) if target_labels else None
@@ -112,5 +119,5 @@ def make_loader(cfg: DictConfig, ctx: DistContext, manifest: Path, batch_size: i
         resize=tuple(resize) if resize else None, crop_size=tuple(crop) if crop else None,
         scale_range=tuple(scale) if scale else None, flip=flip, photometric=photometric,
         class_balanced=class_balanced, label_map=label_map, seed=int(cfg.seed) * 1000 + seed_offset,
-        num_threads=int(cfg.data.num_threads), device="auto",
+        num_threads=int(cfg.data.num_threads), device="auto", crop_policy=crop_policy,
     )
