@@ -51,7 +51,10 @@ def _require_dir(path: Path) -> None:
         raise DataError(path, "input folder is empty")
 
 
-def _pair_by_stem(images: dict[str, Path], labels: dict[str, Path], root: Path) -> list[SamplePair]:
+def _pair_by_stem(images: dict[str, Path], labels: dict[str, Path], root: Path, img_dir: Path,
+                  pattern: str = "*.png") -> list[SamplePair]:
+    if not images:  # an empty dataset is an error, never a 0-sample shard set
+        raise DataError(img_dir, f"input folder holds no {pattern} images")
     for stem in sorted(images.keys() - labels.keys()):
         raise DataError(images[stem], "image without label")
     for stem in sorted(labels.keys() - images.keys()):
@@ -68,14 +71,16 @@ def _gta5_pairs(root: Path, split: str) -> list[SamplePair]:
     img_dir, lbl_dir = root / "images", root / "labels"
     _require_dir(img_dir)
     _require_dir(lbl_dir)
-    return _pair_by_stem({p.stem: p for p in img_dir.glob("*.png")}, {p.stem: p for p in lbl_dir.glob("*.png")}, root)
+    return _pair_by_stem({p.stem: p for p in img_dir.glob("*.png")}, {p.stem: p for p in lbl_dir.glob("*.png")}, root,
+                         img_dir)
 
 
 def _synthia_pairs(root: Path, split: str) -> list[SamplePair]:
     img_dir, lbl_dir = root / "RAND_CITYSCAPES" / "RGB", root / "RAND_CITYSCAPES" / "GT" / "LABELS"
     _require_dir(img_dir)
     _require_dir(lbl_dir)
-    return _pair_by_stem({p.stem: p for p in img_dir.glob("*.png")}, {p.stem: p for p in lbl_dir.glob("*.png")}, root)
+    return _pair_by_stem({p.stem: p for p in img_dir.glob("*.png")}, {p.stem: p for p in lbl_dir.glob("*.png")}, root,
+                         img_dir)
 
 
 def _cityscapes_pairs(root: Path, split: str) -> list[SamplePair]:
@@ -84,9 +89,7 @@ def _cityscapes_pairs(root: Path, split: str) -> list[SamplePair]:
     _require_dir(lbl_dir)
     images = {p.name[: -len("_leftImg8bit.png")]: p for p in img_dir.glob("*/*_leftImg8bit.png")}
     labels = {p.name[: -len("_gtFine_labelIds.png")]: p for p in lbl_dir.glob("*/*_gtFine_labelIds.png")}
-    if not images:
-        raise DataError(img_dir, "input folder holds no *_leftImg8bit.png")
-    return _pair_by_stem(images, labels, root)
+    return _pair_by_stem(images, labels, root, img_dir, "*/*_leftImg8bit.png")
 
 
 def _open_checked(path: Path) -> Image.Image:
@@ -154,5 +157,5 @@ def read_label(layout: str, path: Path, unknown: str = "error") -> tuple[np.ndar
     if n_bad and unknown == "error":
         shown = ", ".join(str(int(i)) for i in np.unique(ids[bad])[:5])
         raise DataError(path, f"{n_bad} pixels with ids outside the {layout} table (ids {shown}); "
-                              f"rerun with --unknown-ids ignore to map them to 255")
+                              f"rerun with --unknown-ids ignore to map them to 255 (the same --out continues)")
     return lay.lut[ids], n_bad

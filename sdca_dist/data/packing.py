@@ -1,16 +1,33 @@
-"""Pack a dataset layout into WebDataset shards: parallel, atomic, resumable with identical bytes.
+"""Pack a dataset layout into WebDataset shards: parallel, atomic, resumable, verifiable, repairable.
 
 Workers decode + re-encode samples in parallel (ordered), one writer appends them in sorted key
 order and cuts shards at a byte size: shard boundaries therefore depend only on the inputs and
-options. A rerun keeps the complete shards (those with sidecars), skips their samples and writes
-the rest, so the result is byte-identical to an uninterrupted run.
+options, and a rerun into the same folder reproduces an uninterrupted run byte for byte.
+
+Provenance: every shard's sidecar lists, in input order, the pairs it consumed (packed or skipped)
+with the sha256 of their raw image and label files. A rerun keeps the complete shards only after
+re-hashing their raw files (and the tars): a folder built from other data (other files, a
+regenerated synthetic set, another root with other content) is refused with one line, or rebuilt
+with ``overwrite=True``; it is never mixed. Content hashes, not sizes and mtimes, because the
+output depends only on content: a copied or identically regenerated dataset resumes, and a file
+edited in place without a size or time change cannot slip through. Measured cost: hashing 300
+generated 1024x512 images + labels (224 MB) takes 0.2 s warm / 0.6 s cold, against 12 s to pack
+them with 2 workers (README, "Shards").
+
+``verify`` checks a shard set against its manifest without the raw data (sha256 and size of every
+tar, DALI index, sidecar); ``repair`` rebuilds exactly the damaged shards from the raw data and
+installs them only if their bytes equal the manifest's record.
 """
 
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import io
+import json
+import multiprocessing
+import os
+import re
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -18,21 +35,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from sdca_dist.data.errors import DataError
-from sdca_dist.data.layouts import SamplePair, get_layout, list_pairs, read_image, read_label
+from sdca_dist.data.errors import DataError, OutputError, UsageError
+from sdca_dist.data.layouts import LAYOUTS, SamplePair, get_layout, list_pairs, read_image, read_label
 from sdca_dist.data.shards import (
     DEFAULT_SHARD_SIZE,
     Manifest,
+    ShardInfo,
     ShardWriter,
+    dali_index_text,
     encode_label,
+    file_sha256,
+    index_path,
+    json_bytes,
     load_manifest,
+    os_error,
     read_sidecars,
+    sidecar_path,
     write_manifest,
 )
+
+# Cityscapes-layout sets (target train, val) are stored losslessly so training and evaluation see
+# the dataset's own pixels; the synthetic sources default to JPEG q90 (GPU "mixed" decode, ~5x smaller).
+DEFAULT_IMAGE_FORMAT = {"gta5": "jpeg", "synthia": "jpeg", "cityscapes": "png"}
+IMAGE_FORMATS = ("jpeg", "png")
+_SHARD_FILE = re.compile(r"^shard-\d{6}\.(tar|idx|tar\.json)$")
+_REBUILD_HINT = "use a new --out, or add --overwrite to rebuild this folder"
 
 
 @dataclass(frozen=True)
 class PackOptions:
+    """What ``python -m sdca_dist.shard`` builds; values are range-checked on creation (``UsageError``)."""
+
     layout: str
     root: Path
     out: Path
@@ -40,16 +73,53 @@ class PackOptions:
     shard_size: int = DEFAULT_SHARD_SIZE
     workers: int = 1
     jpeg_quality: int = 90
-    lossless: bool = False
+    image_format: str | None = None  # "jpeg" | "png"; None: the layout's default (DEFAULT_IMAGE_FORMAT)
     skip_mismatched: bool = False
     unknown_ids: str = "error"  # or "ignore": map ids outside the table to 255 (counted in the manifest)
     progress: bool = True
+    overwrite: bool = False  # rebuild a folder that holds shards of other data or options
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise UsageError("--layout", f"{self.layout!r} is not one of {', '.join(sorted(LAYOUTS))}")
+        if self.split not in ("train", "val"):
+            raise UsageError("--split", f"{self.split!r} is not train or val")
+        if isinstance(self.shard_size, bool) or not isinstance(self.shard_size, int) or self.shard_size < 1:
+            raise UsageError("--shard-size", f"must be at least 1 byte, got {self.shard_size!r}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or not 1 <= self.workers <= 1024:
+            raise UsageError("--workers", f"must be between 1 and 1024, got {self.workers!r}")
+        if isinstance(self.jpeg_quality, bool) or not isinstance(self.jpeg_quality, int) or not 1 <= self.jpeg_quality <= 100:
+            raise UsageError("--jpeg-quality", f"must be between 1 and 100, got {self.jpeg_quality!r}")
+        if self.image_format not in (None, *IMAGE_FORMATS):
+            raise UsageError("--image-format", f"{self.image_format!r} is not one of {', '.join(IMAGE_FORMATS)}")
+        if self.unknown_ids not in ("error", "ignore"):
+            raise UsageError("--unknown-ids", f"{self.unknown_ids!r} is not error or ignore")
+
+    @property
+    def format(self) -> str:
+        return self.image_format or DEFAULT_IMAGE_FORMAT[self.layout]
 
     def recorded(self) -> dict:
-        """What must match for a resumed run to continue an earlier one."""
+        """What must match for a resumed run to continue an earlier one (see ``_incompatible``)."""
         return {"layout": self.layout, "split": self.split, "shard_size": self.shard_size,
-                "jpeg_quality": self.jpeg_quality, "lossless": self.lossless, "unknown_ids": self.unknown_ids,
-                "skip_mismatched": self.skip_mismatched}
+                "image_format": self.format, "jpeg_quality": self.jpeg_quality if self.format == "jpeg" else None,
+                "unknown_ids": self.unknown_ids, "skip_mismatched": self.skip_mismatched}
+
+
+def _incompatible(old: dict, new: dict) -> list[str]:
+    """Option changes that make shards written under ``old`` differ from a fresh run under ``new``.
+
+    Shards completed in the strict modes (``unknown_ids=error``, ``skip_mismatched=False``) are
+    exactly what the permissive modes would write (the strict run met no unknown id / mismatch in
+    them), so following the error's hint (``--unknown-ids ignore``) continues in the same folder.
+    """
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if a == b or (k, a, b) in (("unknown_ids", "error", "ignore"), ("skip_mismatched", False, True)):
+            continue
+        out.append(f"{k} {a!r} -> {b!r}")
+    return out
 
 
 def _mismatch(pair: SamplePair, image_wh: tuple[int, int], label_wh: tuple[int, int]) -> str:
@@ -57,38 +127,46 @@ def _mismatch(pair: SamplePair, image_wh: tuple[int, int], label_wh: tuple[int, 
             f"({pair.label.name})")
 
 
+def _source(pair: SamplePair, root: Path) -> dict:
+    """Identity of one input pair: relative paths + content hashes."""
+    return {"path": pair.rel, "label_path": pair.label.relative_to(root).as_posix(),
+            "image": file_sha256(pair.image), "label": file_sha256(pair.label)}
+
+
 def encode_sample(job: tuple) -> dict:
-    """Worker: read + check one pair, return encoded bytes (or a 'skipped' record)."""
-    layout, pair, root, quality, lossless, unknown, skip_mismatched = job
+    """Worker: read + check one pair, return encoded bytes (or a 'skipped' record) and its source record."""
+    layout, pair, root, quality, fmt, unknown, skip_mismatched = job
+    source = _source(pair, root)
     image = read_image(pair.image)
     label, n_unknown = read_label(layout, pair.label, unknown)
     if image.size != (label.shape[1], label.shape[0]):
         msg = _mismatch(pair, image.size, (label.shape[1], label.shape[0]))
         if skip_mismatched:
-            return {"skipped": {"path": pair.rel, "reason": msg}}
+            return {"key": pair.key, "source": {**source, "skipped": msg}}
         raise DataError(pair.image, msg)
     buf = io.BytesIO()
-    if lossless:
+    if fmt == "png":
         image.save(buf, format="PNG", compress_level=3)
         ext = "img.png"
     else:
         image.save(buf, format="JPEG", quality=quality)
         ext = "jpg"
     label_png, pixels = encode_label(label, get_layout(layout).num_classes)
-    meta = {"path": pair.rel, "label_path": pair.label.relative_to(root).as_posix(), "size": list(image.size)}
+    meta = {"path": pair.rel, "label_path": source["label_path"], "size": list(image.size)}
     if n_unknown:
         meta["unknown_id_pixels"] = n_unknown
+        source["unknown_id_pixels"] = n_unknown
     return {"key": pair.key, "image": buf.getvalue(), "ext": ext, "label_png": label_png, "pixels": pixels,
-            "size": image.size, "meta": meta}
+            "size": image.size, "meta": meta, "source": source}
 
 
 def _ordered(jobs: list, workers: int) -> Iterator[dict]:
-    if workers <= 1:
+    if workers <= 1 or len(jobs) <= 1:
         for j in jobs:
             yield encode_sample(j)
         return
     # spawn: the caller may hold DALI/torch threads, which do not survive fork
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
         yield from pool.map(encode_sample, jobs, chunksize=4)
 
 
@@ -110,86 +188,229 @@ class _Progress:
             print(file=sys.stderr)
 
 
+# ---------------------------------------------------------------------------------------------
+# the output folder
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """Create ``out`` (and parents); drop crash leftovers; with ``overwrite`` drop our earlier shards too.
+
+    Only files this tool writes are removed (``shard-NNNNNN.*``, ``manifest.json``, ``.tmp-*``).
+    """
+    if out.exists() and not out.is_dir():
+        raise OutputError(out, "--out is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied", str(out))
+        for p in out.iterdir():
+            if p.name.startswith(".tmp-"):  # leftovers of an interrupted run: never complete
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            elif overwrite and (_SHARD_FILE.match(p.name) or p.name == "manifest.json"):
+                p.unlink()
+    except FileExistsError:  # a file on the way to out
+        raise OutputError(out, "a file on the path is not a folder") from None
+    except NotADirectoryError:
+        raise OutputError(out, "a file on the path is not a folder") from None
+    except OSError as e:
+        raise os_error(out, e) from None
+
+
+def _remove_stale(out: Path, keep: set[str]) -> None:
+    """After a build: shard files beyond the new set (an earlier, longer run) would mislead a resume."""
+    for p in out.iterdir():
+        if _SHARD_FILE.match(p.name) and p.name.split(".")[0] + ".tar" not in keep:
+            p.unlink()
+
+
+def _resume_point(out: Path, pairs: list[SamplePair], opts: PackOptions) -> tuple[list[ShardInfo], int]:
+    """(complete shards to keep, number of input pairs they consumed); refuses other data/options."""
+    kept: list[ShardInfo] = []
+    for i, info in enumerate(sorted(read_sidecars(out), key=lambda s: s.name)):
+        if info.name != f"shard-{i:06d}.tar":
+            break  # keep only the contiguous prefix shard-000000..
+        diff = _incompatible(info.options, opts.recorded())
+        if diff:
+            raise DataError(out / info.name, f"was written with other options ({'; '.join(diff)}); {_REBUILD_HINT}")
+        if not info.provenance:
+            raise DataError(out / info.name, f"has no source records (written by an older version); {_REBUILD_HINT}")
+        kept.append(info)
+    owned = [(e, info) for info in kept for e in info.provenance]
+    n = len(owned)
+    if n > len(pairs):
+        raise DataError(out, f"holds shards of other data ({n} inputs packed, the input has {len(pairs)}); "
+                             f"{_REBUILD_HINT}")
+    for (e, info), p in zip(owned, pairs):
+        if e["key"] != p.key:
+            raise DataError(out, f"holds shards of other data ({info.name} packed {e['path']!r} where the input "
+                                 f"has {p.rel!r}); {_REBUILD_HINT}")
+        cur = _source(p, opts.root)
+        if cur["image"] != e["image"] or cur["label"] != e["label"]:
+            changed = p.image if cur["image"] != e["image"] else p.label
+            raise DataError(out, f"holds shards of other data ({changed} differs from the file packed into "
+                                 f"{info.name}); {_REBUILD_HINT}")
+    # a kept tar must still be the recorded one (a damaged tar is rebuilt, together with those after it)
+    for j, info in enumerate(kept):
+        if file_sha256(out / info.name) != info.sha256:
+            n = sum(len(k.provenance) for k in kept[:j])
+            kept = kept[:j]
+            break
+    return kept, n
+
+
 def pack(opts: PackOptions) -> Manifest:
     """Shard ``opts.root`` (layout + split) into ``opts.out``; returns the written manifest."""
     lay = get_layout(opts.layout)
     pairs = list_pairs(opts.layout, opts.root, opts.split)
     out = opts.out
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".tmp-*"):  # leftovers of an interrupted run: never complete
-        stale.unlink()
-    done = read_sidecars(out)
-    for info in done:
-        if info.options != opts.recorded():
-            raise DataError(out / info.name, f"was written with other options {info.options}; "
-                                             f"remove {out} or rerun with the same options")
-    # keep only the contiguous prefix shard-000000.. of complete shards
-    kept = []
-    for i, info in enumerate(sorted(done, key=lambda s: s.name)):
-        if info.name != f"shard-{i:06d}.tar":
-            break
-        kept.append(info)
-    keys_done = {rec["key"] for info in kept for rec in info.samples}
-    remaining = [p for p in pairs if p.key not in keys_done]
-    if len(pairs) - len(remaining) != len(keys_done):
-        raise DataError(out, "existing shards hold samples that are not in the input; remove the folder")
+    prepare_out(out, opts.overwrite)
+    kept, n_done = _resume_point(out, pairs, opts)
+    remaining = pairs[n_done:]
     writer = ShardWriter(out, prefix="shard", shard_size=opts.shard_size, num_classes=lay.num_classes,
                          start_index=len(kept), options=opts.recorded())
-    jobs = [(opts.layout, p, opts.root, opts.jpeg_quality, opts.lossless, opts.unknown_ids, opts.skip_mismatched) for p in remaining]
+    jobs = [(opts.layout, p, opts.root, opts.jpeg_quality, opts.format, opts.unknown_ids, opts.skip_mismatched)
+            for p in remaining]
     progress = _Progress(len(pairs), opts.progress)
-    skipped: list[dict] = []
-    unknown: list[dict] = []  # labels whose ids outside the table were mapped to 255 (--unknown-ids ignore)
-    n = len(pairs) - len(remaining)
+    n = n_done
     try:
         for res in _ordered(jobs, opts.workers):
             n += 1
-            if "skipped" in res:
-                skipped.append(res["skipped"])
+            if "image" not in res:
+                writer.note_source({"key": res["key"], **res["source"]})
             else:
-                if res["meta"].get("unknown_id_pixels"):
-                    unknown.append({"path": res["meta"]["label_path"], "pixels": res["meta"]["unknown_id_pixels"]})
                 writer.add_encoded(res["key"], res["image"], res["ext"], res["label_png"], res["pixels"],
-                                   tuple(res["size"]), res["meta"])
+                                   tuple(res["size"]), res["meta"], source=res["source"])
             progress(n, f"shards {writer.next_index}")
         written = writer.close()
+        all_shards = kept + written
+        _remove_stale(out, {s.name for s in all_shards})
+        return _write_set_manifest(out, all_shards, writer.pending, opts, lay.num_classes)
+    except OSError as e:
+        writer.abort()
+        raise os_error(out, e) from None
     except BaseException:
         writer.abort()
         raise
-    if kept:  # pairs skipped before the resume point: found again from their headers
-        skipped += _skipped_before(pairs, keys_done)
-    return write_manifest(out, kept + written, lay.num_classes, skipped=sorted(skipped, key=lambda s: s["path"]),
+
+
+def _write_set_manifest(out: Path, shards: list[ShardInfo], trailing: list[dict], opts: PackOptions,
+                        num_classes: int) -> Manifest:
+    """The manifest is a function of the shards' records (+ the trailing skipped pairs): the same after any resume."""
+    entries = [e for s in shards for e in s.provenance] + list(trailing)
+    skipped = sorted(({"path": e["path"], "reason": e["skipped"]} for e in entries if "skipped" in e),
+                     key=lambda s: s["path"])
+    unknown = [{"path": e["label_path"], "pixels": e["unknown_id_pixels"]} for e in entries
+               if e.get("unknown_id_pixels")]
+    source = {"root": str(opts.root), "pairs": len(entries), "sha256": hashlib.sha256(json_bytes(entries)).hexdigest()}
+    return write_manifest(out, shards, num_classes, skipped=skipped,
                           info={"layout": opts.layout, "split": opts.split, "root": str(opts.root),
-                                "options": opts.recorded(), "unknown_ids": unknown})
+                                "options": opts.recorded(), "unknown_ids": unknown, "source": source})
 
 
-def _skipped_before(pairs: list[SamplePair], keys_done: set[str]) -> list[dict]:
-    """Pairs inside the kept shards' range but not in them were skipped (size mismatch) earlier."""
-    from PIL import Image
-
-    last = max((i for i, p in enumerate(pairs) if p.key in keys_done), default=-1)
-    out = []
-    for p in pairs[: last + 1]:
-        if p.key not in keys_done:
-            with Image.open(p.image) as a, Image.open(p.label) as b:
-                out.append({"path": p.rel, "reason": _mismatch(p, a.size, b.size)})
-    return out
+# ---------------------------------------------------------------------------------------------
+# verify / repair
 
 
-def verify(manifest_path: Path) -> list[str]:
-    """Re-hash every shard against the manifest; returns one line per problem (empty = all good)."""
-    m = load_manifest(manifest_path)
-    problems = []
-    for s in m.shards:
-        p = m.folder / s["name"]
-        if not p.is_file():
-            problems.append(f"{p}: missing")
+def damaged_shards(m: Manifest) -> dict[int, str]:
+    """Shard index -> problem, checked against the manifest alone (no raw data needed)."""
+    by_shard: dict[int, list[dict]] = {}
+    for rec in m.samples:
+        by_shard.setdefault(int(rec["shard"]), []).append(rec)
+    bad: dict[int, str] = {}
+    for i, s in enumerate(m.shards):
+        tar = m.folder / s["name"]
+        if not tar.is_file():
+            bad[i] = f"{tar}: missing"
             continue
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        if h.hexdigest() != s["sha256"]:
-            problems.append(f"{p}: sha256 {h.hexdigest()[:16]}... != manifest {s['sha256'][:16]}...")
-        if not (m.folder / s["index"]).is_file():
-            problems.append(f"{m.folder / s['index']}: DALI index missing")
-    return problems
+        size = tar.stat().st_size
+        if size != int(s["bytes"]):
+            bad[i] = f"{tar}: {size} bytes, manifest {s['bytes']}"
+            continue
+        sha = file_sha256(tar)
+        if sha != s["sha256"]:
+            bad[i] = f"{tar}: sha256 {sha[:16]}... != manifest {s['sha256'][:16]}..."
+            continue
+        idx = m.folder / s["index"]
+        members = [(r["key"], ext, *r[part]) for r in by_shard.get(i, [])
+                   for ext, part in ((r["image_ext"], "image"), ("png", "label"), ("json", "meta"))]
+        if not idx.is_file():
+            bad[i] = f"{idx}: DALI index missing"
+        elif idx.read_text(errors="replace") != dali_index_text(members):
+            bad[i] = f"{idx}: DALI index does not match the manifest"
+        else:
+            side = sidecar_path(tar)
+            try:
+                info = ShardInfo.from_json(json.loads(side.read_text()))
+                ok = info.sha256 == s["sha256"] and info.source_sha256() == s.get("source_sha256")
+            except Exception:
+                ok = False
+            if not ok:
+                bad[i] = f"{side}: sidecar missing or does not match the manifest"
+    return bad
+
+
+def verify(manifest_path: str | Path) -> list[str]:
+    """Check every shard against the manifest; one line per problem (empty = all good)."""
+    return list(damaged_shards(load_manifest(manifest_path)).values())
+
+
+def repair(out: Path, root: Path, workers: int = 1) -> list[str]:
+    """Rebuild exactly the damaged shards of ``out`` from ``root``; returns the repaired shard names.
+
+    Each rebuilt shard must have the manifest's sha256 (the raw data is unchanged) or nothing is
+    installed. Options come from the manifest, so the bytes are those of the original build.
+    """
+    m = load_manifest(out)
+    rec = dict(m.info.get("options") or {})
+    if "image_format" not in rec or "source" not in m.info:
+        raise DataError(m.path, f"has no build record (written by an older version); {_REBUILD_HINT}")
+    opts = PackOptions(layout=rec["layout"], root=Path(root), out=Path(out), split=rec["split"],
+                       shard_size=int(rec["shard_size"]), workers=workers, jpeg_quality=rec["jpeg_quality"] or 90,
+                       image_format=rec["image_format"], skip_mismatched=bool(rec["skip_mismatched"]),
+                       unknown_ids=rec["unknown_ids"], progress=False)
+    bad = damaged_shards(m)
+    if not bad:
+        return []
+    pairs = list_pairs(opts.layout, opts.root, opts.split)
+    pos = {p.key: i for i, p in enumerate(pairs)}
+    last: list[int] = []  # per shard: position of its last sample in the input
+    for i in range(len(m.shards)):
+        keys = [r["key"] for r in m.samples if int(r["shard"]) == i]
+        if any(k not in pos for k in keys):
+            raise DataError(root, f"does not hold the inputs of {m.shards[i]['name']}; {_REBUILD_HINT}")
+        last.append(pos[keys[-1]])
+    tmp = Path(out) / f".tmp-repair-{os.getpid()}"
+    repaired = []
+    try:
+        for i in sorted(bad):
+            name = m.shards[i]["name"]
+            lo = last[i - 1] + 1 if i > 0 else 0
+            if name != f"shard-{i:06d}.tar":
+                raise DataError(Path(out) / name, "only shards written by python -m sdca_dist.shard can be repaired")
+            shutil.rmtree(tmp, ignore_errors=True)
+            writer = ShardWriter(tmp, prefix="shard", shard_size=opts.shard_size, num_classes=m.num_classes,
+                                 start_index=i, options=rec)
+            jobs = [(opts.layout, p, opts.root, opts.jpeg_quality, opts.format, opts.unknown_ids,
+                     opts.skip_mismatched) for p in pairs[lo: last[i] + 1]]
+            try:
+                for res in _ordered(jobs, workers):
+                    if "image" not in res:
+                        writer.note_source({"key": res["key"], **res["source"]})
+                    else:
+                        writer.add_encoded(res["key"], res["image"], res["ext"], res["label_png"], res["pixels"],
+                                           tuple(res["size"]), res["meta"], source=res["source"])
+                infos = writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            if len(infos) != 1 or infos[0].sha256 != m.shards[i]["sha256"]:
+                raise DataError(root, f"no longer gives the bytes of {name} (the raw data changed); {_REBUILD_HINT}")
+            final = Path(out) / name
+            for p in (index_path(final), sidecar_path(final), final):  # the tar last
+                os.replace(tmp / p.name, p)
+            repaired.append(name)
+    except OSError as e:
+        raise os_error(out, e) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return repaired

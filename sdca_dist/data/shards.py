@@ -21,7 +21,7 @@ from typing import Any, Iterable
 import numpy as np
 from PIL import Image
 
-from sdca_dist.data.errors import DataError
+from sdca_dist.data.errors import DataError, OutputError
 
 MANIFEST_FORMAT = "sdca_dist.shards/1"
 DEFAULT_SHARD_SIZE = 1 << 30
@@ -29,12 +29,38 @@ IMAGE_EXTS = ("jpg", "img.png")  # JPEG (default) or lossless PNG (another exten
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``path`` via a temp name + rename; on any failure the temp file is removed, ``path`` untouched."""
     tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def os_error(path: object, e: OSError) -> OutputError:
+    """A file-system failure as one line naming the path (the OSError's own file name if it has one)."""
+    where = e.filename if e.filename else path
+    return OutputError(where, f"cannot write ({e.strerror or type(e).__name__})")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -52,16 +78,31 @@ def encode_label(label: np.ndarray, num_classes: int) -> tuple[bytes, list[int]]
     return buf.getvalue(), [int(c) for c in counts]
 
 
-def parse_size(text: str | int) -> int:
-    """'1GB', '256MiB', '500k', '123' -> bytes."""
-    if isinstance(text, int):
-        return text
-    t = text.strip().upper().replace("IB", "B")
-    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "B": 1}
-    for u, mult in sorted(units.items(), key=lambda kv: -len(kv[0])):
-        if t.endswith(u):
-            return int(float(t[: -len(u)]) * mult)
-    return int(t)
+def parse_size(text: str | int, option: str = "--shard-size") -> int:
+    """'1GB', '256MiB', '500k', '123' -> bytes (>= 1); anything else is a ``UsageError`` naming ``option``."""
+    from sdca_dist.data.errors import UsageError
+
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        t = str(text).strip().upper().replace("IB", "B")
+        units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30,
+                 "B": 1}
+        mult = 1
+        for u, m in sorted(units.items(), key=lambda kv: -len(kv[0])):
+            if t.endswith(u):
+                t, mult = t[: -len(u)], m
+                break
+        try:
+            number = float(t)
+        except ValueError:
+            raise UsageError(option, f"{text!r} is not a size (e.g. 1GB, 256MB, 500k, 12000)") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise UsageError(option, f"{text!r} is not a size (e.g. 1GB, 256MB, 500k, 12000)")
+        value = int(number * mult)
+    if value < 1:
+        raise UsageError(option, f"must be at least 1 byte, got {text!r}")
+    return value
 
 
 @dataclass
@@ -75,15 +116,25 @@ class ShardInfo:
     class_pixels: list[int]
     samples: list[dict]  # {"key","image":[off,size],"image_ext","label":[off,size],"meta":[off,size],"size":[W,H],"classes":[...]}
     options: dict = field(default_factory=dict)
+    # source identity, in input order: one record per input pair consumed since the previous shard
+    # (packed ones and skipped ones), e.g. {"key","path","label_path","image": sha256,"label": sha256}
+    provenance: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"name": self.name, "sha256": self.sha256, "count": self.count, "bytes": self.bytes,
-                "class_pixels": self.class_pixels, "samples": self.samples, "options": self.options}
+        d = {"name": self.name, "sha256": self.sha256, "count": self.count, "bytes": self.bytes,
+             "class_pixels": self.class_pixels, "samples": self.samples, "options": self.options}
+        if self.provenance:
+            d["provenance"] = self.provenance
+        return d
 
     @staticmethod
     def from_json(d: dict) -> "ShardInfo":
         return ShardInfo(d["name"], d["sha256"], int(d["count"]), int(d["bytes"]), list(d["class_pixels"]),
-                         list(d["samples"]), dict(d.get("options", {})))
+                         list(d["samples"]), dict(d.get("options", {})), list(d.get("provenance", [])))
+
+    def source_sha256(self) -> str | None:
+        """Digest of this shard's source records (None for shards written without them, e.g. pseudo labels)."""
+        return hashlib.sha256(json_bytes(self.provenance)).hexdigest() if self.provenance else None
 
 
 def sidecar_path(tar_path: Path) -> Path:
@@ -114,12 +165,19 @@ class ShardWriter:
     Used by ``python -m sdca_dist.shard`` and by stages that write new shards (pseudo labels):
     ``add(key, image_bytes, image_ext, label, meta)`` ... ``close() -> list[ShardInfo]``, then
     ``write_manifest`` (on one rank) over the infos of every writer.
+
+    File-system failures (no space, not writable) raise ``OutputError`` naming the path, after
+    removing the incomplete shard's temp file: nothing half-written stays behind.
     """
 
     def __init__(self, out_dir: str | Path, prefix: str = "shard", shard_size: int | str = DEFAULT_SHARD_SIZE,
                  num_classes: int = 19, start_index: int = 0, options: dict | None = None):
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise os_error(self.out_dir, e) from None
+        self.pending: list[dict] = []  # source records noted since the last complete shard
         self.prefix = prefix
         self.shard_size = parse_size(shard_size)
         self.num_classes = num_classes
@@ -141,7 +199,10 @@ class ShardWriter:
 
     def _open(self) -> None:
         self._tmp = self.out_dir / f".tmp-{self._name}"
-        self._file = open(self._tmp, "wb")
+        try:
+            self._file = open(self._tmp, "wb")
+        except OSError as e:
+            raise os_error(self._tmp.parent, e) from None
         self._hash = hashlib.sha256()
         self._tar = tarfile.open(fileobj=_HashingWriter(self._file, self._hash), mode="w", format=tarfile.USTAR_FORMAT)
 
@@ -160,12 +221,29 @@ class ShardWriter:
         label_png, pixels = encode_label(label, self.num_classes)
         self.add_encoded(key, image_bytes, image_ext, label_png, pixels, (label.shape[1], label.shape[0]), meta)
 
+    def note_source(self, record: dict) -> None:
+        """Record an input consumed without a sample (e.g. a skipped pair); it goes with the next shard."""
+        self.pending.append(dict(record))
+
     def add_encoded(self, key: str, image_bytes: bytes, image_ext: str, label_png: bytes, pixels: list[int],
-                    size_wh: tuple[int, int], meta: dict) -> None:
+                    size_wh: tuple[int, int], meta: dict, source: dict | None = None) -> None:
+        """Append one encoded sample; ``source`` (its input identity) goes into the shard's provenance."""
         if "." in key or "/" in key or len(key) > 80:
             raise DataError(key, "sample key must have no '.' or '/' and at most 80 characters")
         if image_ext not in IMAGE_EXTS:
             raise DataError(key, f"image extension {image_ext!r} not one of {IMAGE_EXTS}")
+        try:
+            self._add(key, image_bytes, image_ext, label_png, pixels, size_wh, meta)
+        except OSError as e:
+            name = self._name
+            self.abort()
+            raise os_error(self.out_dir / name, e) from None
+        if source is not None:
+            self.pending.append({"key": key, **source})
+        if self._tar is not None and self._tar.offset >= self.shard_size:
+            self.finish_shard()
+
+    def _add(self, key, image_bytes, image_ext, label_png, pixels, size_wh, meta) -> None:
         if self._tar is None:
             self._open()
         classes = [int(c) for c in np.flatnonzero(np.asarray(pixels))]
@@ -176,39 +254,57 @@ class ShardWriter:
         rec["meta"] = self._member(key, "json", json_bytes(meta))
         self._samples.append(rec)
         self._pixels += np.asarray(pixels, dtype=np.int64)
-        if self._tar.offset >= self.shard_size:
-            self._finish_shard()
 
-    def _finish_shard(self) -> None:
+    def finish_shard(self) -> None:
+        """Complete the open shard: tar, then DALI index and sidecar, then the tar's final name (last)."""
+        if self._tar is None:
+            return
+        final = self.out_dir / self._name
+        try:
+            self._finish(final)
+        except OSError as e:
+            self.abort()
+            for p in (index_path(final), sidecar_path(final)):  # never a sidecar without its tar
+                _unlink_quietly(p)
+            raise os_error(final, e) from None
+
+    def _finish(self, final: Path) -> None:
         assert self._tar is not None and self._file is not None
         self._tar.close()  # writes the end-of-archive blocks through the hashing writer
         self._file.flush()
         os.fsync(self._file.fileno())
         size = self._file.tell()
         self._file.close()
-        final = self.out_dir / self._name
+        self._file = None
         info = ShardInfo(final.name, self._hash.hexdigest(), len(self._samples), size,
-                         [int(x) for x in self._pixels], self._samples, self.options)
+                         [int(x) for x in self._pixels], self._samples, self.options, list(self.pending))
         atomic_write_bytes(index_path(final), dali_index_text(self._members).encode())
         atomic_write_bytes(sidecar_path(final), json_bytes(info.to_json()))
         os.replace(self._tmp, final)  # last: the shard "appears" only now, complete
         self.infos.append(info)
-        self._tar, self._file = None, None
+        self.pending = []
+        self._tar = None
         self.next_index += 1
         self._reset_current()
 
     def close(self) -> list[ShardInfo]:
-        """Finish the open shard (if any); returns every shard this writer completed."""
+        """Finish the open shard (if any); returns every shard this writer completed.
+
+        Source records noted after the last sample stay in ``pending`` (no shard carries them).
+        """
         if self._tar is not None and self._samples:
-            self._finish_shard()
+            self.finish_shard()
         return list(self.infos)
 
     def abort(self) -> None:
-        """Drop the incomplete shard (after an error): nothing half-written stays on disk."""
-        if self._file is not None:
-            self._file.close()
-            self._tmp.unlink(missing_ok=True)
-        self._tar, self._file = None, None
+        """Drop the incomplete shard (after an error): its temp file is removed even when closing fails."""
+        f, self._file, self._tar = self._file, None, None
+        if f is not None:
+            try:
+                f.close()  # may raise again (ENOSPC while flushing): the unlink below still runs
+            except OSError:
+                pass
+            _unlink_quietly(self._tmp)
         self._reset_current()
 
 
@@ -272,11 +368,23 @@ def load_manifest(path: str | Path) -> Manifest:
                      list(d["samples"]), list(d.get("skipped", [])), dict(d.get("info", {})))
         if len(m.samples) != m.num_samples or sum(s["count"] for s in m.shards) != m.num_samples:
             raise ValueError("sample counts disagree")
+        for s in m.shards:  # names are plain file names: a manifest never reaches outside its folder
+            for k in ("name", "index"):
+                if not _plain_name(s[k]):
+                    raise ValueError(f"shard {k} {s[k]!r} is not a file name inside the manifest's folder")
+        for rec in m.samples:
+            if not 0 <= int(rec["shard"]) < len(m.shards):
+                raise ValueError(f"sample {rec.get('key')!r} names shard #{rec['shard']}, which does not exist")
     except DataError:
         raise
     except Exception as e:
         raise DataError(p, f"corrupt manifest ({type(e).__name__}: {e})") from None
     return m
+
+
+def _plain_name(name: object) -> bool:
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name and Path(name).name == name)
 
 
 def read_sidecars(out_dir: str | Path) -> list[ShardInfo]:
@@ -309,8 +417,11 @@ def write_manifest(out_dir: str | Path, shard_infos: Iterable[ShardInfo] | None,
     pixels = np.zeros(num_classes, dtype=np.int64)
     seen: set[str] = set()
     for si, s in enumerate(infos):
-        shards.append({"name": s.name, "index": index_path(Path(s.name)).name, "sha256": s.sha256,
-                       "count": s.count, "bytes": s.bytes})
+        entry = {"name": s.name, "index": index_path(Path(s.name)).name, "sha256": s.sha256,
+                 "count": s.count, "bytes": s.bytes}
+        if s.provenance:
+            entry["source_sha256"] = s.source_sha256()
+        shards.append(entry)
         pixels += np.asarray(s.class_pixels[:num_classes], dtype=np.int64)
         for rec in s.samples:
             if rec["key"] in seen:
