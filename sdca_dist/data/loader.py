@@ -334,6 +334,8 @@ class ShardLoader:
                     im.load()
             except Exception as e:
                 msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                if msg.startswith("cannot identify image file"):
+                    msg = "not a recognisable image"
                 return f"{member} ({rec['key']}.{ext}) does not decode: {msg}"
         return None
 
