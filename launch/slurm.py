@@ -38,10 +38,11 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 from omegaconf import DictConfig  # noqa: E402
 
-from sdca_dist.config import ConfigError, compose_config, config_to_yaml  # noqa: E402
-from sdca_dist.config.schema import CHAIN  # noqa: E402
-
-LAUNCHER_KEYS = ("nodes", "wait", "dry_run", "seeds", "stages", "with_oracle")
+from sdca_dist.config import ConfigError, compose_config  # noqa: E402
+from sdca_dist.config.run_config import freeze, parse_launch, resolve, split_overrides, with_values  # noqa: E402
+from sdca_dist.config.schema import LaunchConfig  # noqa: E402
+from sdca_dist.scaling import ScaleError, parse_scale, plan_row, resolve_scale  # noqa: E402
+from sdca_dist.stage_table import ordered, spec  # noqa: E402
 
 
 class LaunchError(RuntimeError):
@@ -49,72 +50,102 @@ class LaunchError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------
-# the job that runs on the cluster
-# --------------------------------------------------------------------------------------------
-class StageJob:
-    """The submitit callable of one stage (one seed). Picklable; ``checkpoint()`` requeues a fresh one."""
-
-    def __init__(self, overrides: Sequence[str]) -> None:
-        self.overrides = list(overrides)
-
-    def __call__(self) -> dict:
-        from sdca_dist.engine.preemption import Preempted
-        from sdca_dist.engine.runner import run_stage
-
-        cfg = compose_config(self.overrides)
-        try:
-            return run_stage(cfg)
-        except Preempted as exc:
-            # the checkpoint is on disk (all ranks wrote it); now let submitit requeue us
-            if exc.signum == signal.SIGUSR2:
-                exc.forward_to_previous_handler()  # rank 0: checkpoint() + requeue + exit
-            raise
-
-    def checkpoint(self, *args: Any, **kwargs: Any):
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(StageJob(self.overrides))
-
-
-# --------------------------------------------------------------------------------------------
 # planning
 # --------------------------------------------------------------------------------------------
-def stage_overrides(user: Sequence[str], stage: str, run_dir: Path, seed: int) -> list[str]:
-    keep = [o for o in user if o.split("=", 1)[0].lstrip("+~") not in ("stage", "run_dir", "seed")]
-    return keep + [f"stage={stage}", f"run_dir={run_dir}", f"seed={seed}"]
+def seed_runs(run_dir: Path, seed: int, seeds: int) -> list[tuple[int, Path]]:
+    if seeds == 1:
+        return [(seed, run_dir)]
+    return [(seed + k, run_dir / f"seed_{seed + k}") for k in range(seeds)]
 
 
-def seed_runs(cfg: DictConfig) -> list[tuple[int, Path]]:
-    root = Path(cfg.run_dir)
-    if int(cfg.seeds) == 1:
-        return [(int(cfg.seed), root)]
-    return [(int(cfg.seed) + k, root / f"seed_{int(cfg.seed) + k}") for k in range(int(cfg.seeds))]
-
-
-def planned_stages(cfg: DictConfig) -> list[str]:
-    stages = [s for s in CHAIN if s in cfg.stages] + [s for s in cfg.stages if s not in CHAIN]
-    if cfg.with_oracle and "oracle" not in stages:
-        stages = ["oracle"] + stages
+def planned_stages(launch: LaunchConfig) -> list[str]:
+    stages = ordered(launch.stages)
+    if launch.with_oracle and "oracle" not in stages:
+        stages = ordered(stages + ["oracle"])
     return stages
 
 
-def preflight(cfg: DictConfig, stages: list[str]) -> list[str]:
-    """Everything the config names must exist before anything is submitted; returns the problems."""
-    from sdca_dist.engine.data import manifest_path, shard_set
-    from sdca_dist.engine.runner import STAGE_SHARDS
+def _arg(argv: Sequence[str], key: str) -> Optional[str]:
+    values = [a.split("=", 1)[1] for a in argv if a.split("=", 1)[0] == key]
+    return values[-1] if values else None
 
-    from sdca_dist.engine.run_dir import required_inputs
+
+def _base_seed(root: Path, run_overrides: list[str], seeds: int) -> int:
+    """The first seed: the command line's, else the preset's (new run), else the run folder's."""
+    given = _arg(run_overrides, "seed")
+    if given is not None:
+        try:
+            return int(given)
+        except ValueError:
+            raise ConfigError(f"seed={given!r} must be an integer >= 0") from None
+    if any(o.split("=", 1)[0] == "conf" for o in run_overrides):
+        return int(compose_config([o for o in run_overrides if o.split("=", 1)[0] != "run_dir"]).seed)
+    if seeds > 1:
+        found = sorted(int(p.name[5:]) for p in root.glob("seed_*") if p.name[5:].isdigit())
+        return found[0] if found else 0
+    return 0
+
+
+def run_configs(run_overrides: list[str], launch: LaunchConfig,
+                stages: list[str]) -> list[tuple[int, Path, DictConfig, bool]]:
+    """(seed, run folder, configuration, is new) per seed: the frozen configuration of an
+    existing run folder (refused, naming each key, when this command line's settings differ) or
+    the composed one of a new folder, with ``train.scale=auto`` resolved. Writes nothing."""
+    run_dir = _arg(run_overrides, "run_dir")
+    if run_dir is not None and not run_dir.strip():
+        raise ConfigError("run_dir is empty; name the run folder (run_dir=runs/NAME)")
+    root = Path(run_dir or "runs/default")
+    base = _base_seed(root, run_overrides, launch.seeds)
+    out = []
+    for seed, folder in seed_runs(root, base, launch.seeds):
+        def adjust(cfg: DictConfig, seed: int = seed) -> DictConfig:
+            updates: dict = {"seed": seed}
+            if parse_scale(cfg.train.scale) == "auto":
+                ranks = launch.nodes * int(cfg.cluster.tasks_per_node)
+                updates["train__scale"] = resolve_scale(cfg, ranks, stages)
+            return with_values(cfg, **updates)
+
+        overrides = [o for o in run_overrides if o.split("=", 1)[0] not in ("seed", "run_dir")]
+        cfg, new = resolve(folder, overrides + ([f"seed={seed}"] if overrides else []), adjust=adjust)
+        out.append((seed, folder, cfg, new))
+    return out
+
+
+def stage_plan(cfg: DictConfig, launch: LaunchConfig, stages: list[str]) -> dict[str, dict]:
+    """Each stage's job shape and (training stages) scaled schedule: what the dry run prints."""
+    k = int(parse_scale(cfg.train.scale))
+    return {s: plan_row(cfg, s, launch.nodes, int(cfg.cluster.tasks_per_node), k) for s in stages}
+
+
+def check_shape(cfg: DictConfig, launch: LaunchConfig, stages: list[str]) -> None:
+    """Refuse, before anything is written or queued, a cluster shape that cannot run."""
+    c = cfg.cluster
+    if c.gpus_per_node > 0 and c.tasks_per_node > c.gpus_per_node:
+        raise LaunchError(f"cluster.tasks_per_node={c.tasks_per_node} is more than cluster.gpus_per_node="
+                          f"{c.gpus_per_node} (one rank per GPU): use cluster.tasks_per_node={c.gpus_per_node}")
+    if c.name == "local" and launch.nodes > 1:
+        raise LaunchError(f"nodes={launch.nodes} with cluster=local: this machine is one node; use "
+                          f"cluster.tasks_per_node={launch.nodes * c.tasks_per_node} for as many local ranks")
+
+
+def preflight(cfg: DictConfig, run_dir: Path, stages: list[str]) -> list[str]:
+    """Everything the plan reads and does not produce itself must exist; returns the problems."""
+    from sdca_dist.engine.data import manifest_path, shard_set
+    from sdca_dist.lineage import Lineage, stage_inputs
 
     problems = []
-    # inputs that no planned stage produces must already be in the run folder(s)
-    for seed, run_dir in seed_runs(cfg):
-        for stage in stages:
-            for rel in required_inputs(stage, str(cfg.eval.model_from)):
-                producer = rel.split("/", 1)[0]
-                if producer not in stages and not (run_dir / rel).exists():
-                    problems.append(f"stage {stage} needs {run_dir / rel} (from stage {producer}, not planned)")
+    lineage = Lineage(run_dir)
+    for stage in stages:
+        for inp in stage_inputs(cfg, stage):
+            if inp.producer in stages:
+                continue
+            if not (run_dir / inp.rel).exists():
+                problems.append(f"stage {stage} needs {run_dir / inp.rel} (from stage {inp.producer}, not planned)")
+            elif lineage.done_record(inp.producer) is None:
+                problems.append(f"stage {stage} needs {run_dir / inp.rel}, but stage {inp.producer} has not finished "
+                                f"(no DONE); plan it with stages=")
     if not cfg.data.synthetic:  # synthetic shards are generated by the launcher itself
-        names = sorted({getattr(cfg.data, k) for s in stages for k in STAGE_SHARDS[s]})
+        names = sorted({getattr(cfg.data, k) for s in stages for k in spec(s).shard_sets})
         for name in names:
             mp = manifest_path(shard_set(cfg, name))
             if not mp.is_file():
@@ -124,7 +155,23 @@ def preflight(cfg: DictConfig, stages: list[str]) -> list[str]:
     return problems
 
 
-def check_partition(cfg: DictConfig) -> None:
+def stages_to_run(cfg: DictConfig, run_dir: Path, stages: list[str]) -> list[tuple[str, str]]:
+    """(stage, why) for the planned stages that are not fresh; a stage after one that reruns
+    reruns too (its input changes)."""
+    from sdca_dist.lineage import Lineage
+
+    lineage = Lineage(run_dir)
+    todo: list[tuple[str, str]] = []
+    for stage in stages:
+        ok, why = lineage.fresh(cfg, stage, rerun=[s for s, _ in todo])
+        if ok:
+            print(f"[launch] {run_dir} {stage}: DONE with these settings and inputs, skipped", flush=True)
+        else:
+            todo.append((stage, why))
+    return todo
+
+
+def check_partition(cfg: DictConfig, launch: LaunchConfig) -> None:
     """Fail when the partition cannot give ``nodes`` nodes with ``gpus_per_node`` GPUs each."""
     part = cfg.cluster.partition
     args = ["sinfo", "-h", "-o", "%D %G %P"] + (["-p", str(part)] if part else [])
@@ -138,8 +185,8 @@ def check_partition(cfg: DictConfig) -> None:
     if not rows:
         raise LaunchError(f"partition {part!r} does not exist (sinfo lists none)")
     nodes = sum(int(r[0]) for r in rows)
-    if cfg.nodes > nodes:
-        raise LaunchError(f"nodes={cfg.nodes} but partition {part or '(default)'} has {nodes} node(s)")
+    if launch.nodes > nodes:
+        raise LaunchError(f"nodes={launch.nodes} but partition {part or '(default)'} has {nodes} node(s)")
     want = int(cfg.cluster.gpus_per_node)
     if want > 0:
         have = 0
@@ -152,18 +199,19 @@ def check_partition(cfg: DictConfig) -> None:
             raise LaunchError(f"cluster.gpus_per_node={want} but partition {part or '(default)'} offers {have} GPU(s) per node")
 
 
-def slurm_parameters(cfg: DictConfig, stage: str) -> dict[str, Any]:
+def slurm_parameters(cfg: DictConfig, stage: str, row: dict) -> dict[str, Any]:
+    """sbatch parameters of ``stage``'s job: its planned shape, one GPU per task."""
     c = cfg.cluster
     params: dict[str, Any] = {
         "job_name": f"sdca-{cfg.conf}-{stage}",
-        "nodes": int(cfg.nodes),
-        "ntasks_per_node": int(c.tasks_per_node),
+        "nodes": int(row["nodes"]),
+        "ntasks_per_node": int(row["ntasks_per_node"]),
         "cpus_per_task": int(c.cpus_per_task),
         "time": int(c.time_min),
         "signal_delay_s": int(c.signal_delay_s),
     }
     if int(c.gpus_per_node) > 0:
-        params["gpus_per_node"] = int(c.gpus_per_node)
+        params["gpus_per_node"] = int(row["ntasks_per_node"])
     for key in ("partition", "account", "qos", "constraint"):
         if c[key]:
             params[key] = str(c[key])
@@ -177,67 +225,69 @@ def slurm_parameters(cfg: DictConfig, stage: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # running
 # --------------------------------------------------------------------------------------------
-def run_local(cfg: DictConfig, user: Sequence[str], stages: list[str]) -> list[dict]:
-    """The chain on this machine: one torchrun (or plain python) process group per stage."""
-    from sdca_dist.engine.run_dir import RunDir
+Todo = list[tuple[int, Path, list[tuple[str, str]]]]  # (seed, run folder, [(stage, why)])
 
+
+def run_local(todo: Todo, plan: dict[str, dict]) -> list[dict]:
+    """The chain on this machine: one torchrun (or plain python) process group per stage, each
+    with its planned world size."""
     records = []
-    ranks = int(cfg.cluster.tasks_per_node) * int(cfg.nodes)
-    for seed, run_dir in seed_runs(cfg):
-        for stage in stages:
-            run = RunDir(run_dir)
-            if run.is_done(stage):
-                print(f"[launch] seed {seed} {stage}: DONE marker present, skipped", flush=True)
-                records.append({"seed": seed, "stage": stage, "state": "SKIPPED", "run_dir": str(run_dir)})
-                continue
-            overrides = stage_overrides(user, stage, run_dir, seed)
+    for seed, run_dir, stages in todo:
+        for stage, why in stages:
+            ranks = int(plan[stage]["world_size"])
+            args = [f"stage={stage}", f"run_dir={run_dir}"]
             if ranks > 1:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-                       "-m", "sdca_dist.train", *overrides]
+                       "-m", "sdca_dist.train", *args]
             else:
-                cmd = [sys.executable, "-m", "sdca_dist.train", *overrides]
-            print(f"[launch] seed {seed} {stage}: {' '.join(cmd[1:])}", flush=True)
+                cmd = [sys.executable, "-m", "sdca_dist.train", *args]
+            print(f"[launch] seed {seed} {stage} ({why}): {' '.join(cmd[1:])}", flush=True)
             t0 = time.time()
             rc = subprocess.call(cmd, cwd=os.getcwd())
-            state = "COMPLETED" if rc == 0 and run.is_done(stage) else f"FAILED(rc={rc})"
+            done = (run_dir / stage / "DONE").is_file()
+            state = "COMPLETED" if rc == 0 and done else f"FAILED(rc={rc})"
             records.append({"seed": seed, "stage": stage, "state": state, "run_dir": str(run_dir),
                             "seconds": round(time.time() - t0, 1)})
             if state != "COMPLETED":
+                if not spec(stage).gates_chain:
+                    print(f"[launch] seed {seed} {stage} failed (exit {rc}); it gates nothing, going on", flush=True)
+                    continue
                 raise LaunchError(f"stage {stage} (seed {seed}) failed with exit code {rc}; see its output above "
                                   f"and {run_dir / stage}")
     return records
 
 
-def submit_slurm(cfg: DictConfig, user: Sequence[str], stages: list[str]) -> list[tuple[str, list[Any]]]:
-    """One job (an array over seeds) per stage, each depending afterok on the previous one."""
+def submit_slurm(cfg: DictConfig, root: Path, todo: Todo, plan: dict[str, dict],
+                 stages: list[str]) -> list[tuple[str, list[Any]]]:
+    """One job (an array over the seeds that need it) per stage, each with its planned shape and
+    depending afterok on the previous chain stage's job."""
     import submitit
 
-    from sdca_dist.engine.run_dir import RunDir
+    from sdca_dist.jobs import StageJob
 
-    root = Path(cfg.run_dir)
-    runs = seed_runs(cfg)
     previous: Optional[str] = None
     submitted = []
     for stage in stages:
-        todo = [(seed, rd) for seed, rd in runs if not RunDir(rd).is_done(stage)]
-        if not todo:
-            print(f"[launch] {stage}: DONE for every seed, skipped", flush=True)
+        runs = [(seed, rd) for seed, rd, st in todo if stage in dict(st)]
+        if not runs:
             continue
         executor = submitit.SlurmExecutor(folder=str(root / "slurm" / stage / "%j"),
                                           max_num_timeout=int(cfg.cluster.max_requeues))
-        params = slurm_parameters(cfg, stage)
-        if previous and stage != "oracle":
+        params = slurm_parameters(cfg, stage, plan[stage])
+        if previous and spec(stage).gates_chain:
             params["dependency"] = f"afterok:{previous}"
         executor.update_parameters(**params)
         jobs = []
         with executor.batch():
-            for seed, rd in todo:
-                jobs.append(executor.submit(StageJob(stage_overrides(user, stage, rd, seed))))
+            for seed, rd in runs:
+                jobs.append(executor.submit(StageJob(str(rd), stage)))
         base = str(jobs[0].job_id).split("_")[0]
-        if stage != "oracle":
+        if spec(stage).gates_chain:
             previous = base
         submitted.append((stage, jobs))
-        print(f"[launch] {stage}: job {base} ({len(jobs)} seed(s)) logs {root / 'slurm' / stage}", flush=True)
+        shape = f"{params['nodes']}x{params['ntasks_per_node']}"
+        print(f"[launch] {stage}: job {base} ({len(jobs)} seed(s), {shape} ranks) logs {root / 'slurm' / stage}",
+              flush=True)
     return submitted
 
 
@@ -292,11 +342,9 @@ def _read_json(path: Path) -> Optional[dict]:
         return None
 
 
-def write_summary(cfg: DictConfig, stages: list[str]) -> Optional[Path]:
+def write_summary(cfg: DictConfig, root: Path, runs: list[tuple[int, Path]], stages: list[str]) -> Optional[Path]:
     """summary.json + summary.md: per stage, each seed's mIoU, mean and std, per-class IoU (mean over
     seeds) and wall time. Papers report 3-seed means; single-seed numbers are hard to reproduce."""
-    root = Path(cfg.run_dir)
-    runs = seed_runs(cfg)
     table: dict[str, dict] = {}
     for stage in stages:
         per_seed, walls, per_class = [], [], []
@@ -364,35 +412,62 @@ def main(argv: Sequence[str]) -> int:
     if "--dry-run" in argv:
         user.append("dry_run=true")
     try:
-        cfg = compose_config(user)
-        stages = planned_stages(cfg)
-        problems = preflight(cfg, stages)
+        run_overrides, launch_overrides = split_overrides(user)
+        launch = parse_launch(launch_overrides)
+        stages = planned_stages(launch)
+        runs = run_configs(run_overrides, launch, stages)
+        cfg = runs[0][2]
+        root = Path(_arg(run_overrides, "run_dir") or "runs/default") if launch.seeds > 1 else runs[0][1]
+        check_shape(cfg, launch, stages)
+        plan = stage_plan(cfg, launch, stages)
+        problems = [p for _, folder, c, _ in runs for p in preflight(c, folder, stages)]
         if problems:
-            raise LaunchError("; ".join(problems))
-        if cfg.dry_run:
-            print(config_to_yaml(cfg))
-            for stage in stages:
-                print(f"[dry-run] {stage}: " + (json.dumps(slurm_parameters(cfg, stage)) if cfg.cluster.name == "slurm"
-                                                  else f"local, {cfg.cluster.tasks_per_node * cfg.nodes} rank(s)"))
+            raise LaunchError("; ".join(dict.fromkeys(problems)))
+        from sdca_dist.config.run_config import differing_from_preset
+
+        changed = differing_from_preset(cfg)
+        print(f"[launch] conf={cfg.conf}" + (f" with {' '.join(changed)}" if changed else " as published"), flush=True)
+        for stage in stages:
+            row = dict(plan[stage])
+            if cfg.cluster.name == "slurm":
+                row["sbatch"] = slurm_parameters(cfg, stage, plan[stage])
+            prefix = "[dry-run]" if launch.dry_run else "[plan]"
+            print(f"{prefix} {stage}: {json.dumps(row)}", flush=True)
+        granted = launch.nodes * int(cfg.cluster.tasks_per_node)
+        idle = [s for s in stages if spec(s).training and plan[s]["world_size"] < granted]
+        if idle and parse_scale(cfg.train.scale) == 1:
+            uses = ", ".join(f"{s} uses {plan[s]['world_size']}" for s in idle)
+            print(f"[launch] note: {uses} of {granted} ranks (published global batches); train.scale=auto uses "
+                  "them all (README 'Scaling out')", flush=True)
+        if launch.dry_run:
             return 0
-        print(config_to_yaml(cfg), flush=True)
+        from sdca_dist.lineage import Lineage
+
+        for seed, folder, c, new in runs:
+            if new:
+                freeze(folder, c, [o for o in run_overrides if o.split("=", 1)[0] not in ("seed", "run_dir")]
+                       + [f"seed={seed}"])
+            (folder / "plan.json").write_text(json.dumps({"nodes": launch.nodes, "stages": plan}, indent=1) + "\n")
+            for stage in launch.redo:
+                Lineage(folder).invalidate(stage)
         if cfg.data.synthetic:
             from sdca_dist.engine.data import ensure_synthetic_shards
 
             ensure_synthetic_shards(cfg, log=lambda m: print(f"[launch] {m}", flush=True))
-        print(f"[launch] run folder {Path(cfg.run_dir).resolve()}; follow with: tensorboard --logdir {cfg.run_dir}",
-              flush=True)
+        todo: Todo = [(seed, folder, stages_to_run(c, folder, stages)) for seed, folder, c, _ in runs]
+        print(f"[launch] run folder {root.resolve()}; follow with: tensorboard --logdir {root}", flush=True)
+        seed_folders = [(seed, folder) for seed, folder, _, _ in runs]
         if cfg.cluster.name == "local":
-            run_local(cfg, user, stages)
-            write_summary(cfg, stages)
+            run_local(todo, plan)
+            write_summary(cfg, root, seed_folders, stages)
             return 0
-        check_partition(cfg)
-        submitted = submit_slurm(cfg, user, stages)
-        if not cfg.wait:
+        check_partition(cfg, launch)
+        submitted = submit_slurm(cfg, root, todo, plan, stages)
+        if not launch.wait:
             print("[launch] submitted; watch with: squeue --me / sacct", flush=True)
             return 0
         records = wait_slurm(submitted)
-        write_summary(cfg, stages)
+        write_summary(cfg, root, seed_folders, stages)
         failed = [r for r in records if r["state"] != "COMPLETED"]
         if failed:
             first = failed[0]
@@ -400,7 +475,7 @@ def main(argv: Sequence[str]) -> int:
             raise LaunchError(f"stage {first['stage']} job {first['job_id']} ended {first['state']}: {first['error']}"
                               + (f"; not run: {later}" if later else ""))
         return 0
-    except (ConfigError, LaunchError) as exc:
+    except (ConfigError, LaunchError, ScaleError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,17 +1,52 @@
-"""``python -m sdca_dist.train conf=NAME stage=STAGE run_dir=DIR [overrides]``: run one stage.
+"""``python -m sdca_dist.train stage=STAGE run_dir=DIR [conf=NAME key=value ...]``: run one stage.
+
+A new run folder needs ``conf=NAME`` (and any settings): they are frozen in ``DIR/config.yaml``
+at the first start. On an existing run folder ``stage=`` and ``run_dir=`` are all it takes;
+settings given again must match the frozen ones (a difference is refused, naming each key).
 
 Works alone (one process), under ``torchrun --nproc_per_node=N`` and under ``srun``: the rank
 environment is read in one place (sdca_dist.engine.distributed). Exit codes: 0 done,
-2 bad configuration or missing input, 3 stopped by a signal after writing a checkpoint
-(rerun the same command to resume), 1 anything else.
+2 bad configuration or input (one line naming the key or file), 3 stopped by a signal after
+writing a checkpoint (rerun the same command to resume), 1 anything else.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import Sequence
 
-from sdca_dist.config import ConfigError, compose_config
-from sdca_dist.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
+from sdca_dist.config import ConfigError
+
+
+def _arg(argv: Sequence[str], key: str) -> str | None:
+    values = [a.split("=", 1)[1] for a in argv if a.split("=", 1)[0] == key]
+    return values[-1] if values else None
+
+
+def prepare(argv: Sequence[str]):
+    """The frozen run configuration for this command line (frozen now if the folder is new)."""
+    from sdca_dist.config.run_config import freeze, resolve, with_values
+    from sdca_dist.scaling import parse_scale, resolve_scale
+
+    stage = _arg(argv, "stage")
+    run_dir = _arg(argv, "run_dir")
+    if not stage:
+        raise ConfigError("stage= is required (src, dist_init, sdca, pseudo_label, ssl, eval, oracle)")
+    if run_dir is None or not run_dir.strip():
+        raise ConfigError("run_dir is empty; name the run folder (run_dir=runs/NAME)")
+
+    def adjust(cfg):
+        # train.scale=auto under torchrun: the smallest K with which every stage uses these ranks
+        if parse_scale(cfg.train.scale) == "auto":
+            world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+            return with_values(cfg, train__scale=resolve_scale(cfg, world))
+        return cfg
+
+    cfg, new = resolve(run_dir, argv, stage=stage, adjust=adjust)
+    if new:
+        freeze(run_dir, cfg, argv)
+    return cfg
 
 
 def main(argv: list[str]) -> int:
@@ -19,21 +54,24 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 0
     try:
-        cfg = compose_config(argv)
+        cfg = prepare(argv)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from sdca_dist.engine.data import DataConfigError
     from sdca_dist.data.errors import DataError
-    from sdca_dist.engine.run_dir import MissingInputError, StageInputError
+    from sdca_dist.engine.data import DataConfigError
+    from sdca_dist.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
     from sdca_dist.engine.runner import run_stage
+    from sdca_dist.lineage import MissingInputError, RunFolderBusy, StageInputError
+    from sdca_dist.scaling import ScaleError
 
     try:
         run_stage(cfg)
     except Preempted as exc:
         print(f"[{cfg.stage}] {exc}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
-    except (MissingInputError, StageInputError, DataConfigError, DataError, FileNotFoundError) as exc:
+    except (MissingInputError, StageInputError, RunFolderBusy, DataConfigError, DataError, ScaleError,
+            FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

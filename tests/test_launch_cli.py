@@ -47,18 +47,31 @@ def test_a_stage_whose_producer_is_not_planned_needs_its_input(tmp_path):
     assert f"stage sdca needs {tmp_path}/src/model_final.pt (from stage src, not planned)" in _last_error(proc)
 
 
-def test_dry_run_prints_config_and_sbatch_parameters_per_stage(tmp_path):
-    shards = tmp_path / "shards"
+def _fake_shards(root):
     for name in ("gta5_train", "cityscapes_train", "cityscapes_val"):
-        (shards / name).mkdir(parents=True)
-        (shards / name / "manifest.json").write_text("{}")
-    proc = run_launcher(["conf=gta2city", "nodes=4", f"data.shards_root={shards}", "cluster.partition=gpu",
-                         "--dry-run"], timeout=120)
+        (root / name).mkdir(parents=True)
+        (root / name / "manifest.json").write_text("{}")
+    return root
+
+
+def _plan(stdout: str) -> dict:
+    return {line.split(":", 1)[0][len("[dry-run] "):]: json.loads(line.split(": ", 1)[1])
+            for line in stdout.splitlines() if line.startswith("[dry-run] ")}
+
+
+def test_dry_run_prints_each_stage_plan_and_sbatch_parameters(tmp_path):
+    shards = _fake_shards(tmp_path / "shards")
+    proc = run_launcher(["conf=gta2city", "nodes=1", f"data.shards_root={shards}", "cluster.partition=gpu",
+                         f"run_dir={tmp_path / 'run'}", "--dry-run"], timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "conf: gta2city" in proc.stdout and "tau: 100.0" in proc.stdout
-    rows = {line.split(":", 1)[0][len("[dry-run] "):]: json.loads(line.split(": ", 1)[1])
-            for line in proc.stdout.splitlines() if line.startswith("[dry-run] ")}
+    assert f"[launch] conf=gta2city with data.shards_root={shards}" in proc.stdout
+    rows = _plan(proc.stdout)
     assert list(rows) == ["src", "dist_init", "sdca", "pseudo_label", "ssl"]
-    for params in rows.values():
-        assert params["nodes"] == 4 and params["ntasks_per_node"] == 4 and params["gpus_per_node"] == 4
+    for row in rows.values():
+        assert row["nodes"] == 1 and row["ntasks_per_node"] == 4 and row["world_size"] == 4
+        params = row["sbatch"]
+        assert params["nodes"] == 1 and params["ntasks_per_node"] == 4 and params["gpus_per_node"] == 4
         assert params["partition"] == "gpu" and params["signal_delay_s"] == 120
+    assert (rows["src"]["global_batch"], rows["src"]["lr"], rows["src"]["iters"]) == (8, 5e-4, 20000)
+    assert (rows["sdca"]["global_batch"], rows["sdca"]["global_target_batch"]) == (4, 4)
+    assert not (tmp_path / "run").exists(), "a dry run wrote into the run folder"

@@ -8,7 +8,9 @@ and the valid choices.
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -19,9 +21,14 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sdca_dist.config.schema import STAGES, Config
+from sdca_dist.config.schema import STAGES, Config, LaunchConfig
 
 CONFIG_NAME = "sdca"
+#: dict-valued settings that take keys of the user's choosing (``+cluster.extra.reservation=x``);
+#: everywhere else a key must exist in the schema
+FREE_FORM = ("cluster.extra.", "data.synthetic_gap.")
+#: keys that name the job (which stage, which run folder), not how the run behaves
+JOB_KEYS = ("stage", "run_dir")
 
 
 class ConfigError(ValueError):
@@ -57,9 +64,19 @@ def _one_line(exc: BaseException) -> str:
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     """Compose ``conf/sdca.yaml`` + overrides into a validated, read-only ``DictConfig``."""
     overrides = list(overrides)
+    launch_keys = set(LaunchConfig.__dataclass_fields__)
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} is not of the form key=value")
+        key = ov.split("=", 1)[0]
+        bare = key.lstrip("+~")
+        if key != bare and not bare.startswith(FREE_FORM):
+            # Hydra would add (+) or delete (~) a key the schema does not have: a typo such as
+            # +train.itres=20 must not pass silently
+            raise ConfigError(f"{key}: adding or deleting settings is only allowed under "
+                              f"{', '.join(f + '*' for f in FREE_FORM)}; settings are fixed by the schema")
+        if bare in launch_keys:
+            raise ConfigError(f"{bare} is a setting of the launcher (launch/slurm.py), not of a run")
     # Name an unknown preset/group option up front, with the valid choices.
     for ov in overrides:
         key, _, value = ov.lstrip("+~").partition("=")
@@ -73,12 +90,43 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             cfg = compose(config_name=CONFIG_NAME, overrides=overrides)
     except (ConfigCompositionException, MissingConfigException, OmegaConfBaseException) as exc:
-        raise ConfigError(f"invalid configuration: {_one_line(exc)}") from None
+        raise ConfigError(_explain(exc)) from None
     finally:
         GlobalHydra.instance().clear()
     _validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _schema_keys() -> list[str]:
+    """Every settable key of the schema, dotted (free-form dicts as one key)."""
+    import dataclasses
+
+    def walk(cls, prefix: str) -> list[str]:
+        out = []
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            out += walk(type(default), f"{prefix}{f.name}.") if dataclasses.is_dataclass(default) else [prefix + f.name]
+        return out
+
+    return walk(Config, "")
+
+
+def _explain(exc: BaseException) -> str:
+    """Hydra's message as one line; an unknown key is named with the nearest real one (Hydra's
+    own hint, "use +key=value", would add the typo as a new setting)."""
+    text = _one_line(exc)
+    m = re.search(r"Could not override '([^']+)'", text)
+    if m and re.search(r"Key '[^']+' (is )?not in", text):
+        key = m.group(1)
+        close = difflib.get_close_matches(key, _schema_keys(), n=1)
+        return f"unknown setting {key!r}" + (f" (did you mean {close[0]}?)" if close else "")
+    return f"invalid configuration: {text}"
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
 
 
 def _validate(cfg: DictConfig) -> None:
@@ -91,13 +139,54 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(f"missing value for {', '.join(missing)} (pick a preset with conf=NAME)")
     if cfg.stage not in STAGES:
         raise ConfigError(f"unknown stage={cfg.stage!r}; valid stages: {', '.join(STAGES)}")
-    bad = [s for s in cfg.stages if s not in STAGES]
-    if bad:
-        raise ConfigError(f"unknown stage(s) {bad} in stages=; valid stages: {', '.join(STAGES)}")
-    if cfg.nodes < 1:
-        raise ConfigError(f"nodes={cfg.nodes} must be >= 1")
-    if cfg.seeds < 1:
-        raise ConfigError(f"seeds={cfg.seeds} must be >= 1")
+    _check(bool(str(cfg.run_dir).strip()), "run_dir is empty; name the run folder (run_dir=runs/NAME)")
+    _check(cfg.seed >= 0, f"seed={cfg.seed} must be >= 0")
+    for name in ("src", "sdca", "ssl", "oracle"):
+        s = cfg[name]
+        _check(s.iters >= 1, f"{name}.iters={s.iters} must be >= 1")
+        _check(s.schedule_iters >= s.iters, f"{name}.schedule_iters={s.schedule_iters} must be >= {name}.iters={s.iters} "
+               "(the poly schedule ends at its horizon)")
+        _check(s.lr > 0, f"{name}.lr={s.lr} must be > 0")
+        _check(s.batch_size >= 1, f"{name}.batch_size={s.batch_size} must be >= 1")
+        _check(s.target_batch_size >= 0, f"{name}.target_batch_size={s.target_batch_size} must be >= 0")
+    _check(cfg.sdca.target_batch_size >= 1, f"sdca.target_batch_size={cfg.sdca.target_batch_size} must be >= 1")
+    t = cfg.train
+    _check(t.iters is None or t.iters >= 1, f"train.iters={t.iters} must be >= 1")
+    for key in ("checkpoint_every", "keep_checkpoints", "log_every", "image_every", "eval_batch_size"):
+        _check(t[key] >= 1, f"train.{key}={t[key]} must be >= 1")
+    _check(t.warmup_iters >= -1, f"train.warmup_iters={t.warmup_iters} must be >= 0 (or -1 for the default rule)")
+    from sdca_dist.scaling import ScaleError, parse_scale
+
+    try:
+        parse_scale(t.scale)
+    except ScaleError as exc:
+        raise ConfigError(str(exc)) from None
+    _check(t.momentum >= 0 and t.weight_decay >= 0 and t.poly_power > 0 and t.classifier_lr_mult > 0,
+           "train.momentum, train.weight_decay must be >= 0 and train.poly_power, train.classifier_lr_mult > 0")
+    m = cfg.method
+    _check(m.tau > 0, f"method.tau={m.tau} must be > 0")
+    _check(0 < m.delta < 1, f"method.delta={m.delta} must be in (0, 1)")
+    _check(0 < m.pseudo_label_cap <= 1, f"method.pseudo_label_cap={m.pseudo_label_cap} must be in (0, 1]")
+    for key in ("lovasz_weight", "feat_weight", "out_weight"):
+        _check(m[key] >= 0, f"method.{key}={m[key]} must be >= 0")
+    _check(m.threshold_bins >= 2, f"method.threshold_bins={m.threshold_bins} must be >= 2")
+    c = cfg.cluster
+    _check(c.name in ("local", "slurm"), f"cluster.name={c.name!r}; valid: local, slurm")
+    _check(c.tasks_per_node >= 1, f"cluster.tasks_per_node={c.tasks_per_node} must be >= 1")
+    _check(c.gpus_per_node >= 0, f"cluster.gpus_per_node={c.gpus_per_node} must be >= 0")
+    _check(c.cpus_per_task >= 1, f"cluster.cpus_per_task={c.cpus_per_task} must be >= 1")
+    _check(c.time_min >= 1, f"cluster.time_min={c.time_min} must be >= 1")
+    _check(c.max_requeues >= 0, f"cluster.max_requeues={c.max_requeues} must be >= 0")
+    _check(cfg.data.num_threads >= 1, f"data.num_threads={cfg.data.num_threads} must be >= 1")
+    lo, hi = (float(x) for x in cfg.data.ssl_scale) if len(cfg.data.ssl_scale) == 2 else (0.0, -1.0)
+    _check(0 < lo <= hi, f"data.ssl_scale={list(cfg.data.ssl_scale)} must be [low, high] with 0 < low <= high")
+    _check(len(cfg.data.synthetic_counts) == 3 and min(cfg.data.synthetic_counts) >= 1,
+           f"data.synthetic_counts={list(cfg.data.synthetic_counts)} must be 3 counts >= 1 (source, target train, val)")
+    from sdca_dist.stage_table import MODEL_STAGES
+
+    mf = str(cfg.eval.model_from)
+    _check(mf in MODEL_STAGES or mf.endswith(".pt"),
+           f"eval.model_from={mf!r}: a stage with a model ({', '.join(MODEL_STAGES)}) or a .pt weights file")
     if cfg.engine.name not in ("ddp", "deepspeed"):
         raise ConfigError(f"engine.name={cfg.engine.name!r}; valid: ddp, deepspeed")
     if cfg.engine.zero_stage not in (0, 1, 2):

@@ -10,10 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-STAGES: tuple[str, ...] = ("src", "dist_init", "sdca", "pseudo_label", "ssl", "eval", "oracle")
-#: The method's chain, in order (eval runs at the end of every training stage; oracle is a reference).
-CHAIN: tuple[str, ...] = ("src", "dist_init", "sdca", "pseudo_label", "ssl")
-TRAINING_STAGES: tuple[str, ...] = ("src", "sdca", "ssl", "oracle")
+from sdca_dist.stage_table import CHAIN, STAGE_NAMES as STAGES, TRAINING_STAGES  # noqa: F401 - re-exported
 
 
 @dataclass
@@ -80,6 +77,14 @@ class TrainConfig:
     """Settings shared by the training stages; ``iters`` overrides the stage's own count."""
 
     iters: Optional[int] = None
+    #: scaled recipe for more ranks than the published batch (README "Scaling out"): global
+    #: batches and LR x K, iterations, poly horizon and cadences / K. An integer >= 1, or "auto"
+    #: (the launcher picks the smallest K with which every training stage uses every rank; the
+    #: frozen run configuration records the integer it chose)
+    scale: Any = 1
+    #: linear LR warm-up (iterations AFTER scaling) used when scale > 1; -1 = the default rule
+    #: (``sdca_dist.scaling.default_warmup``), 0 = none
+    warmup_iters: int = -1
     checkpoint_every: int = 2000
     keep_checkpoints: int = 2
     log_every: int = 50
@@ -144,7 +149,10 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    """The whole run. ``conf`` names the preset (synthetic, gta2city, synthia2city)."""
+    """The whole run. ``conf`` names the preset (synthetic, gta2city, synthia2city).
+
+    ``stage`` and ``run_dir`` say which job this is, not how the run behaves: they are never part
+    of the frozen run configuration's comparison (``sdca_dist.config.run_config``)."""
 
     conf: str = "???"
     stage: str = "src"
@@ -161,10 +169,19 @@ class Config:
     sdca: StageSchedule = field(default_factory=StageSchedule)
     ssl: StageSchedule = field(default_factory=StageSchedule)
     oracle: StageSchedule = field(default_factory=StageSchedule)
-    # --- launcher-only settings (launch/slurm.py) ---
+
+
+@dataclass
+class LaunchConfig:
+    """Settings of one launch (``launch/slurm.py``), not of the run: they never enter the frozen
+    run configuration, so relaunching with other values is always allowed."""
+
+    #: the most nodes the user grants; each stage's job takes what its plan needs (README "Scaling out")
     nodes: int = 1
     stages: list[str] = field(default_factory=lambda: list(CHAIN))
     wait: bool = False
     dry_run: bool = False
     seeds: int = 1
     with_oracle: bool = False
+    #: stages to run again although DONE; every stage after them becomes stale and reruns too
+    redo: list[str] = field(default_factory=list)

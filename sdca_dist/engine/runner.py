@@ -1,71 +1,95 @@
-"""Run one stage on this rank group: the single entry the CLI and the SLURM launcher share."""
+"""Run one stage on this rank group: the single entry the CLI and the SLURM job share.
+
+Order of business (every rank agrees on each outcome before going on, so no rank is left
+waiting in a collective): the stage lock (rank 0), the job shape against the stage's global
+batches, the synthetic shards (rank 0 generates them on first use), the lineage (inputs
+verified against their producers' records; work from other settings or inputs discarded),
+then the stage's function from the stage table, then DONE with the lineage and output hashes.
+"""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 from omegaconf import DictConfig
 
-from sdca_dist.config import config_to_yaml
 from sdca_dist.engine.data import DataConfigError, check_manifests, ensure_synthetic_shards
-from sdca_dist.engine.distributed import broadcast_object, init_distributed, shutdown_distributed
+from sdca_dist.engine.distributed import DistContext, broadcast_object, init_distributed, shutdown_distributed
 from sdca_dist.engine.observe import StageObserver
-from sdca_dist.engine.run_dir import RunDir, check_inputs
+from sdca_dist.engine.run_dir import RunDir
 from sdca_dist.engine.stage_context import StageContext
-from sdca_dist.engine.stages import registry
+from sdca_dist.lineage import Lineage, MissingInputError, RunFolderBusy, StageInputError, StageLock
+from sdca_dist.scaling import ScaleError, check_world
+from sdca_dist.stage_table import spec
 
-#: shard sets each stage reads directly (pseudo-label shards are checked as a stage input)
-STAGE_SHARDS = {
-    "src": ("source", "target_val"),
-    "oracle": ("target_train", "target_val"),
-    "dist_init": ("source",),
-    "sdca": ("source", "target_train", "target_val"),
-    "pseudo_label": ("target_train",),
-    "ssl": ("target_val",),
-    "eval": ("target_val",),
-}
+#: errors a rank-0-only step may raise that every rank must raise too (the CLI maps them to exit 2)
+_AGREED = {c.__name__: c for c in (MissingInputError, StageInputError, RunFolderBusy, DataConfigError, ScaleError,
+                                   FileNotFoundError)}
+
+
+def _on_rank0(ctx: DistContext, work: Callable[[], object]):
+    """Run ``work`` on rank 0 and hand its result, or its error, to every rank."""
+    outcome: tuple = ("ok", None)
+    if ctx.is_main:
+        try:
+            outcome = ("ok", work())
+        except tuple(_AGREED.values()) as exc:
+            outcome = (type(exc).__name__, str(exc))
+        except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+            outcome = ("RuntimeError", f"{type(exc).__name__}: {exc}")
+    outcome = broadcast_object(outcome, ctx)
+    if outcome[0] != "ok":
+        raise _AGREED.get(outcome[0], RuntimeError)(outcome[1])
+    return outcome[1]
 
 
 def run_stage(cfg: DictConfig) -> dict:
     """Run ``cfg.stage``; returns its summary. Raises ``Preempted`` after a stop-signal checkpoint."""
     stage = str(cfg.stage)
+    stage_spec = spec(stage)
     run = RunDir(Path(cfg.run_dir))
+    lineage = Lineage(run.root)
+    lock = StageLock(run.stage(stage))
     ctx = init_distributed(str(cfg.engine.backend))
     try:
-        folder = run.stage(stage)
-        if ctx.is_main:
-            folder.mkdir(parents=True, exist_ok=True)
+        _on_rank0(ctx, lock.acquire)
+        check_world(cfg, stage, ctx.world_size)
+        logs: list[str] = []
+        _on_rank0(ctx, lambda: ensure_synthetic_shards(cfg, log=logs.append))
+        check_manifests(cfg, [getattr(cfg.data, k) for k in stage_spec.shard_sets])
+
+        def begin() -> dict:
+            record = lineage.current(cfg, stage)
+            lineage.begin(stage, record, log=logs.append)
+            return record
+
+        record = _on_rank0(ctx, begin)
         ctx.barrier()
-        observer = StageObserver(stage, folder, ctx.is_main, num_classes=int(cfg.data.num_classes))
+        observer = StageObserver(stage, run.stage(stage), ctx.is_main, num_classes=int(cfg.data.num_classes))
+        for line in logs:
+            observer.log(line)
         if ctx.is_main:
-            text = config_to_yaml(cfg)
-            observer.log(f"rank 0 of {ctx.world_size} ({ctx.backend}, {ctx.device}); config:\n{text}")
-            (folder / "config.yaml").write_text(text)
-            observer.text("config", text)
-        check_inputs(run, stage, str(cfg.eval.model_from))
-        # rank 0 generates the synthetic shards (if missing) while the others wait; a failure
-        # there is told to every rank, so none is left waiting in a collective
-        problem = None
-        if ctx.is_main:
-            try:
-                ensure_synthetic_shards(cfg, log=observer.log)
-            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
-                problem = f"{type(exc).__name__}: {exc}"
-        problem = broadcast_object(problem, ctx)
-        if problem is not None:
-            raise DataConfigError(f"synthetic benchmark generation failed: {problem}")
-        check_manifests(cfg, [getattr(cfg.data, k) for k in STAGE_SHARDS[stage]])
+            from sdca_dist.config.run_config import config_path, differing_from_preset
+
+            changed = differing_from_preset(cfg)
+            observer.log(f"rank 0 of {ctx.world_size} ({ctx.backend}, {ctx.device}); conf={cfg.conf}"
+                         + (f" with {' '.join(changed)}" if changed else " as published")
+                         + f" (all settings: {config_path(run.root)})")
+            observer.text("config", config_path(run.root).read_text() if config_path(run.root).is_file() else "")
         sc = StageContext(cfg=cfg, ctx=ctx, run=run, name=stage, observer=observer)
         t0 = time.time()
-        summary = registry()[stage](sc)
+        summary = stage_spec.function()(sc)
         summary["wall_seconds"] = round(time.time() - t0, 2)
         summary["world_size"] = ctx.world_size
         ctx.barrier()
         if ctx.is_main:
-            run.mark_done(stage, summary)
-            observer.log(f"done in {summary['wall_seconds']:.1f}s -> {folder}")
+            lineage.finish(stage, record, summary)
+            observer.log(f"done in {summary['wall_seconds']:.1f}s -> {run.stage(stage)}")
         observer.close()
         return summary
     finally:
+        if ctx.is_main:
+            lock.release()
         shutdown_distributed()

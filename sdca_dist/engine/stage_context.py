@@ -15,15 +15,7 @@ from sdca_dist.engine.checkpoint import atomic_torch_save, atomic_write_text
 from sdca_dist.engine.distributed import DistContext
 from sdca_dist.engine.observe import StageObserver
 from sdca_dist.engine.run_dir import METRICS, MODEL_FINAL, RunDir, StageInputError
-
-
-@dataclass(frozen=True)
-class Schedule:
-    iters: int
-    schedule_iters: int
-    lr: float
-    batch_size: int
-    target_batch_size: int
+from sdca_dist.scaling import StageSchedule as Schedule, scaled_schedule
 
 
 @dataclass
@@ -38,12 +30,9 @@ class StageContext:
     def folder(self) -> Path:
         return self.run.stage(self.name)
 
-    def schedule(self, section: Optional[str] = None) -> Schedule:
-        """The stage's schedule; ``train.iters`` overrides its length, keeping the poly horizon ratio."""
-        s = self.cfg[section or self.name]
-        iters = int(self.cfg.train.iters) if self.cfg.train.iters is not None else int(s.iters)
-        horizon = max(iters, round(int(s.schedule_iters) * iters / max(int(s.iters), 1)))
-        return Schedule(iters, horizon, float(s.lr), int(s.batch_size), int(s.target_batch_size))
+    def schedule(self) -> Schedule:
+        """The stage's schedule after ``train.iters`` and the scaled recipe (``train.scale``)."""
+        return scaled_schedule(self.cfg, self.name)
 
     def build_model(self, init_from: Optional[Path] = None, freeze_bn: bool = True) -> torch.nn.Module:
         """The configured model, random/ImageNet init or the weights of an earlier stage."""

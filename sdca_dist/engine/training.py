@@ -89,8 +89,8 @@ def run_training(sc: StageContext, plan: TrainingPlan) -> dict:
     start = resume(sc, plan, ckpt)
     obs.total = sched.iters
     obs.restart_clock(start)
-    every = max(1, int(cfg.train.checkpoint_every))
-    log_every = max(1, int(cfg.train.log_every))
+    every = sched.checkpoint_every
+    log_every = sched.log_every
     iterators = {n: iter(l) for n, l in plan.loaders.items()}
     data_time = step_time = 0.0
     window_start = time.time()
@@ -101,7 +101,7 @@ def run_training(sc: StageContext, plan: TrainingPlan) -> dict:
             t0 = time.time()
             batches = {n: _to_device(next(iterators[n]), ctx.device) for n in plan.loaders}
             t1 = time.time()
-            lr = poly_lr(sched.lr, it, sched.schedule_iters, float(cfg.train.poly_power))
+            lr = poly_lr(sched.lr, it, sched.schedule_iters, float(cfg.train.poly_power), sched.warmup_iters)
             plan.engine.train(True)
             scalars = plan.step(plan.engine, batches, it)
             plan.engine.step(lr)

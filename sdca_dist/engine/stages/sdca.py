@@ -79,8 +79,8 @@ def run(sc: StageContext) -> dict:
     cfg, ctx = sc.cfg, sc.ctx
     m = cfg.method
     sched = sc.schedule()
-    src_batch = per_rank(sched.batch_size, ctx, "sdca.batch_size")
-    tgt_batch = per_rank(sched.target_batch_size, ctx, "sdca.target_batch_size")
+    src_batch = per_rank(sched.global_batch, ctx, "sdca.batch_size")
+    tgt_batch = per_rank(sched.global_target_batch, ctx, "sdca.target_batch_size")
     model = sc.build_model(init_from=sc.run.model_of("src"), freeze_bn=True)
     dists = DistributionPair(int(cfg.data.num_classes), model.feature_dim, ctx.device)
     dists.load(sc.run.distributions_of("dist_init"))
@@ -92,7 +92,7 @@ def run(sc: StageContext) -> dict:
                          resize=list(cfg.data.target_resize), seed_offset=2)
     step = SDCAStep(dists, tau=float(m.tau), delta=float(m.delta), feat_weight=float(m.feat_weight),
                     out_weight=float(m.out_weight), lovasz_weight=float(m.lovasz_weight), observer=sc.observer,
-                    image_every=max(1, int(cfg.train.image_every)))
+                    image_every=sched.image_every)
     plan = TrainingPlan(schedule=sched, engine=engine, loaders={"source": source, "target": target}, step=step,
                         shared_state={"distributions": dists}, extra_scalars=dists.statistics,
                         images_per_step=src_batch + tgt_batch)

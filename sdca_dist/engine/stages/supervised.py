@@ -16,7 +16,7 @@ def _run_supervised(sc: StageContext, manifest, *, init_from=None, freeze_bn: bo
                     resize, crop=None, scale=None, flip=False, photometric=False, class_balanced=False,
                     target_labels=False) -> dict:
     sched = sc.schedule()
-    batch = per_rank(sched.batch_size, sc.ctx, f"{sc.name}.batch_size")
+    batch = per_rank(sched.global_batch, sc.ctx, f"{sc.name}.batch_size")
     model = sc.build_model(init_from=init_from, freeze_bn=freeze_bn)
     if not freeze_bn and sc.ctx.world_size > 1 and sc.ctx.device.type == "cuda":
         model = model.to_sync_bn()  # SyncBN needs a GPU backend; on CPU each rank keeps its own BN stats
@@ -27,7 +27,7 @@ def _run_supervised(sc: StageContext, manifest, *, init_from=None, freeze_bn: bo
 
     from sdca_dist.method import segmentation_loss
 
-    image_every = max(1, int(sc.cfg.train.image_every))
+    image_every = sched.image_every
 
     def step(engine, batches, it):
         b = batches["train"]

@@ -1,0 +1,249 @@
+"""Stage lineage, like a build system: a stage is DONE only for the settings and inputs it ran with.
+
+Each stage records, in ``<stage>/LINEAGE.json`` when it starts and again in its ``DONE`` file
+when it ends: the hash of the run's settings and the sha256 of every file it reads (outputs of
+earlier stages, shard manifests, weights files). ``DONE`` also records the sha256 of the files
+the stage leaves for later stages. Then:
+
+* an input passed between stages is verified against the producer's record before use (a
+  corrupt or replaced file: one line naming it, exit 2);
+* a stage whose recorded inputs no longer match is stale: the launcher reruns it, and the
+  engine discards its checkpoints (they belong to other inputs) before starting again;
+* redoing a stage makes every stage after it stale (their inputs change).
+
+A per-stage lock (``<stage>/.lock``, flock) keeps two jobs out of one stage folder; the kernel
+drops it when its holder dies, so a lock left by a killed job is simply taken over.
+
+No torch here: the launcher plans with it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from sdca_dist.stage_table import StageInput, inputs_of, spec
+
+DONE = "DONE"
+LINEAGE = "LINEAGE.json"
+LOCK = ".lock"
+
+
+class MissingInputError(FileNotFoundError):
+    """A stage's input from an earlier stage is absent or unfinished; the message names the file."""
+
+
+class StageInputError(ValueError):
+    """A stage's input exists but cannot be used (corrupt, replaced); the message names the file."""
+
+
+class RunFolderBusy(RuntimeError):
+    """Another live job holds the stage's lock."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(payload, indent=1) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class External:
+    """An input that no stage of the run produces: a shard manifest, a weights file."""
+
+    key: str  # e.g. "shards:source" or "weights:model.pretrained"
+    path: Path
+
+
+def external_inputs(cfg: Any, stage: str) -> list[External]:
+    """The shard manifests and weights files ``stage`` reads (hashed into its lineage)."""
+    from sdca_dist.engine.data import manifest_path, shard_set
+
+    out = [External(f"shards:{key}", manifest_path(shard_set(cfg, getattr(cfg.data, key))))
+           for key in spec(stage).shard_sets]
+    if spec(stage).training and cfg.model.pretrained and not spec(stage).inputs:
+        out.append(External("weights:model.pretrained", Path(cfg.model.pretrained)))
+    if stage == "eval" and str(cfg.eval.model_from).endswith(".pt"):
+        out.append(External("weights:eval.model_from", Path(cfg.eval.model_from)))
+    return out
+
+
+def stage_inputs(cfg: Any, stage: str) -> tuple[StageInput, ...]:
+    model_from = str(cfg.eval.model_from)
+    if stage == "eval" and model_from.endswith(".pt"):
+        return ()
+    return inputs_of(stage, model_from)
+
+
+class Lineage:
+    """The lineage records of one run folder."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def folder(self, stage: str) -> Path:
+        return self.root / stage
+
+    def done_record(self, stage: str) -> Optional[dict]:
+        return _read_json(self.folder(stage) / DONE)
+
+    # --- what a stage reads ---------------------------------------------------------------------
+    def verified_inputs(self, cfg: Any, stage: str) -> dict[str, str]:
+        """sha256 of every input of ``stage``, each stage input checked against its producer's
+        DONE record. Raises MissingInputError / StageInputError naming the file."""
+        hashes: dict[str, str] = {}
+        for inp in stage_inputs(cfg, stage):
+            path = self.root / inp.rel
+            done = self.done_record(inp.producer)
+            if not path.exists():
+                raise MissingInputError(f"stage {stage!r} needs {path}, which does not exist (run stage "
+                                        f"{inp.producer} first)")
+            if done is None:
+                raise MissingInputError(f"stage {stage!r} needs {path}, but stage {inp.producer} has not finished "
+                                        f"(no {self.folder(inp.producer) / DONE}); run stage {inp.producer} first")
+            actual = sha256_file(path)
+            recorded = (done.get("outputs") or {}).get(inp.file)
+            if recorded is not None and recorded != actual:
+                raise StageInputError(f"{path} is not the file stage {inp.producer} wrote (sha256 differs from its "
+                                      f"DONE record): corrupt or replaced; run stage {inp.producer} again "
+                                      f"(launcher: redo=[{inp.producer}])")
+            hashes[inp.rel] = actual
+        for ext in external_inputs(cfg, stage):
+            if not ext.path.is_file():
+                raise MissingInputError(f"stage {stage!r} needs {ext.path} ({ext.key}), which does not exist")
+            hashes[ext.key] = sha256_file(ext.path)
+        return hashes
+
+    def current(self, cfg: Any, stage: str) -> dict:
+        from sdca_dist.config.run_config import settings_hash
+
+        return {"settings": settings_hash(cfg), "inputs": self.verified_inputs(cfg, stage)}
+
+    # --- a stage's own records ------------------------------------------------------------------
+    def begin(self, stage: str, lineage: dict, log=print) -> bool:
+        """Record the lineage this attempt runs with. A folder left by an attempt with another
+        lineage (other settings or inputs) is emptied first: its checkpoints must not be resumed.
+        Returns True when earlier work was discarded."""
+        folder = self.folder(stage)
+        folder.mkdir(parents=True, exist_ok=True)
+        previous = _read_json(folder / LINEAGE)
+        stale = previous != lineage and any(p.name not in (LOCK, LINEAGE) for p in folder.iterdir())
+        if stale:
+            log(f"{folder} holds work from other settings or inputs; discarding it")
+            for p in folder.iterdir():
+                if p.name == LOCK:
+                    continue
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        else:
+            (folder / DONE).unlink(missing_ok=True)  # a rerun: DONE again only when it finishes
+        write_json_atomic(folder / LINEAGE, lineage)
+        return stale
+
+    def finish(self, stage: str, lineage: dict, summary: dict) -> None:
+        """DONE, last: the summary, the lineage and the sha256 of every output for later stages."""
+        folder = self.folder(stage)
+        outputs = {name: sha256_file(folder / name) for name in spec(stage).outputs if (folder / name).is_file()}
+        payload = {"stage": stage, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **summary,
+                   "lineage": lineage, "outputs": outputs}
+        write_json_atomic(folder / DONE, payload)
+
+    def invalidate(self, stage: str) -> None:
+        """Make ``stage`` run again from scratch (``redo=[stage]``)."""
+        folder = self.folder(stage)
+        for name in (DONE, LINEAGE):
+            (folder / name).unlink(missing_ok=True)
+
+    # --- freshness (the launcher) ---------------------------------------------------------------
+    def fresh(self, cfg: Any, stage: str, rerun: Iterable[str] = ()) -> tuple[bool, str]:
+        """Whether ``stage``'s DONE still holds for these settings and inputs, and why not.
+
+        ``rerun``: stages that this launch runs again, whose outputs will therefore change."""
+        from sdca_dist.config.run_config import settings_hash
+
+        rerun = set(rerun)
+        done = self.done_record(stage)
+        if done is None:
+            return False, "not done"
+        lineage = done.get("lineage")
+        if not isinstance(lineage, dict):
+            return False, "DONE has no lineage record (made by an older version)"
+        if lineage.get("settings") != settings_hash(cfg):
+            return False, "done with other settings"
+        recorded = lineage.get("inputs") or {}
+        for inp in stage_inputs(cfg, stage):
+            if inp.producer in rerun:
+                return False, f"its input stage {inp.producer} runs again"
+            producer = self.done_record(inp.producer)
+            if producer is None:
+                return False, f"its input stage {inp.producer} is not done"
+            if (producer.get("outputs") or {}).get(inp.file) != recorded.get(inp.rel):
+                return False, f"{inp.rel} changed since it ran"
+        for ext in external_inputs(cfg, stage):
+            try:
+                if sha256_file(ext.path) != recorded.get(ext.key):
+                    return False, f"{ext.path} changed since it ran"
+            except OSError:
+                return False, f"{ext.path} is missing"
+        return True, "done"
+
+
+class StageLock:
+    """Exclusive use of one stage folder by one job (rank 0 holds it for the stage's duration)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / LOCK
+        self._f = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise RunFolderBusy(f"run folder {self.path.parent.parent} (stage {self.path.parent.name}) is in use by "
+                                f"{holder}; wait for it or use another run_dir") from None
+        job = os.environ.get("SLURM_JOB_ID")
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}" + (f" (job {job})" if job else "") + "\n")
+        f.flush()
+        self._f = f
+
+    def release(self) -> None:
+        if self._f is not None:
+            fcntl.flock(self._f, fcntl.LOCK_UN)
+            self._f.close()
+            self._f = None

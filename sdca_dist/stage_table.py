@@ -1,0 +1,109 @@
+"""The stage table: the ONE description of every stage that the launcher, the runner, the
+preflight, the lineage and the tests read.
+
+A stage is a ``StageSpec``: the function that runs it (imported lazily, so the launcher never
+imports torch), the shard sets it reads directly, the files it needs from earlier stages, the
+files it leaves for later ones, its schedule section (training stages) and whether a failure of
+it stops the chain. Adding a stage is one entry here plus one function.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+MODEL_FINAL = "model_final.pt"
+METRICS = "metrics.json"
+DISTRIBUTIONS = "distributions.pt"
+THRESHOLDS = "thresholds.json"
+PSEUDO_MANIFEST = "shards/manifest.json"
+
+
+@dataclass(frozen=True)
+class StageInput:
+    """A file that stage ``producer`` leaves in its folder and this stage reads."""
+
+    producer: str
+    file: str
+
+    @property
+    def rel(self) -> str:
+        return f"{self.producer}/{self.file}"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    #: "module:function" with the face ``run(sc: StageContext) -> dict``
+    run: str
+    #: DataConfig keys of the shard sets read directly (pseudo-label shards are an input instead)
+    shard_sets: tuple[str, ...] = ()
+    inputs: tuple[StageInput, ...] = ()
+    #: files this stage leaves for later stages (hashed into its DONE record)
+    outputs: tuple[str, ...] = ()
+    #: config section with the stage's StageSchedule; None for inference stages
+    schedule: Optional[str] = None
+    #: part of the method's chain (in table order); oracle and eval are not
+    in_chain: bool = True
+    #: a failure stops the stages after it (the oracle is a reference that gates nothing)
+    gates_chain: bool = True
+    #: global batch keys the job shape must split (training stages)
+    batch_keys: tuple[str, ...] = field(default=())
+
+    @property
+    def training(self) -> bool:
+        return self.schedule is not None
+
+    def function(self) -> Callable:
+        module, _, name = self.run.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+_STAGES = "sdca_dist.engine.stages"
+
+TABLE: tuple[StageSpec, ...] = (
+    StageSpec("oracle", f"{_STAGES}.supervised:run_oracle", shard_sets=("target_train", "target_val"),
+              outputs=(MODEL_FINAL,), schedule="oracle", in_chain=False, gates_chain=False,
+              batch_keys=("batch_size",)),
+    StageSpec("src", f"{_STAGES}.supervised:run_src", shard_sets=("source", "target_val"), outputs=(MODEL_FINAL,),
+              schedule="src", batch_keys=("batch_size",)),
+    StageSpec("dist_init", f"{_STAGES}.dist_init:run", shard_sets=("source",),
+              inputs=(StageInput("src", MODEL_FINAL),), outputs=(DISTRIBUTIONS,)),
+    StageSpec("sdca", f"{_STAGES}.sdca:run", shard_sets=("source", "target_train", "target_val"),
+              inputs=(StageInput("src", MODEL_FINAL), StageInput("dist_init", DISTRIBUTIONS)),
+              outputs=(MODEL_FINAL,), schedule="sdca", batch_keys=("batch_size", "target_batch_size")),
+    StageSpec("pseudo_label", f"{_STAGES}.pseudo_label:run", shard_sets=("target_train",),
+              inputs=(StageInput("sdca", MODEL_FINAL),), outputs=(PSEUDO_MANIFEST, THRESHOLDS)),
+    StageSpec("ssl", f"{_STAGES}.supervised:run_ssl", shard_sets=("target_val",),
+              inputs=(StageInput("sdca", MODEL_FINAL), StageInput("pseudo_label", PSEUDO_MANIFEST)),
+              outputs=(MODEL_FINAL,), schedule="ssl", batch_keys=("batch_size",)),
+    # eval's input depends on eval.model_from: see ``inputs_of``
+    StageSpec("eval", f"{_STAGES}.evaluate_stage:run", shard_sets=("target_val",), in_chain=False),
+)
+
+STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in TABLE)
+CHAIN: tuple[str, ...] = tuple(s.name for s in TABLE if s.in_chain)
+TRAINING_STAGES: tuple[str, ...] = tuple(s.name for s in TABLE if s.training)
+#: stages with a model_final.pt that ``eval.model_from`` may name
+MODEL_STAGES: tuple[str, ...] = tuple(s.name for s in TABLE if MODEL_FINAL in s.outputs)
+
+
+def spec(name: str) -> StageSpec:
+    for s in TABLE:
+        if s.name == name:
+            return s
+    raise KeyError(f"unknown stage {name!r}; valid stages: {', '.join(STAGE_NAMES)}")
+
+
+def inputs_of(name: str, eval_model_from: str = "ssl") -> tuple[StageInput, ...]:
+    """The files stage ``name`` reads from earlier stages (eval: its ``eval.model_from`` model)."""
+    if name == "eval":
+        return (StageInput(eval_model_from, MODEL_FINAL),)
+    return spec(name).inputs
+
+
+def ordered(names) -> list[str]:
+    """``names`` in table order (the order in which their inputs are produced)."""
+    wanted = set(names)
+    return [s.name for s in TABLE if s.name in wanted]
