@@ -201,8 +201,10 @@ def prepare_out(out: Path, overwrite: bool) -> None:
         raise OutputError(out, "--out is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise PermissionError(13, "Permission denied", str(out))
+        probe = out / f".tmp-probe-{os.getpid()}"  # the real errno (EROFS, EACCES, ENOSPC) before any work
+        with open(probe, "wb"):
+            pass
+        probe.unlink()
         for p in out.iterdir():
             if p.name.startswith(".tmp-"):  # leftovers of an interrupted run: never complete
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
