@@ -153,3 +153,118 @@ def test_resume_is_bitwise_exact(shard_sets, balanced):
     # a different seed really changes the stream (the check above can fail)
     other = ShardLoader(m, 3, **{**kw, "seed": 12})
     assert not torch.equal(next(iter(other))["image"], next(iter(ShardLoader(m, 3, **kw)))["image"])
+
+
+def _no_void_set(tmp_path, size_hw=(48, 80), n=6):
+    """Labels without 255 anywhere: any 255 in a batch was introduced by padding."""
+    from sdca_dist.data.shards import ShardWriter, write_manifest
+
+    rng = np.random.default_rng(0)
+    w = ShardWriter(tmp_path, prefix="nv", shard_size=1 << 20, num_classes=19)
+    for i in range(n):
+        label = np.kron(rng.integers(0, 19, (size_hw[0] // 8, size_hw[1] // 8)), np.ones((8, 8))).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(colorize(label)).save(buf, format="PNG")
+        w.add(f"nv{i}", buf.getvalue(), "img.png", label, {"path": f"{i}.png"})
+    return write_manifest(tmp_path, w.close(), 19).path
+
+
+@pytest.mark.parametrize("policy,scale", [("fit", (0.5, 1.5)), ("fit", (0.2, 0.9)), ("pad", (0.2, 0.9))])
+def test_ssl_crop_of_the_original_never_pads(tmp_path, policy, scale):
+    """The reference's ssl recipe: scale the ORIGINAL image, crop half its size, never pad
+    (crop_policy="fit" floors the scale where the image would not cover the crop)."""
+    m = _no_void_set(tmp_path)
+    loader = ShardLoader(m, 3, train=True, resize=None, crop_size=(24, 40), scale_range=scale, flip=True,
+                         photometric=True, crop_policy=policy, seed=4, device="cpu", num_threads=1)
+    it = iter(loader)
+    void = [float((next(it)["label"] == 255).float().mean()) for _ in range(4)]
+    if policy == "fit":
+        assert max(void) == 0.0, void
+    else:  # the old behaviour with scales below the crop: padded pixels
+        assert max(void) > 0.05, void
+
+
+def _photometric_once(img: np.ndarray, b: float, c: float) -> np.ndarray:
+    """ShardLoader's photometric graph on one image with saturation 1, hue 0, a negligible blur."""
+    from nvidia.dali import fn, math as dmath, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def pipe():
+        x = fn.external_source(source=lambda: [img], batch=True)
+        def const(v):  # no parameters: DALI would pass the iteration to a callback that takes one
+            return lambda: [np.float32(v)]
+
+        prm = {k: fn.external_source(source=const(v), batch=True)
+               for k, v in dict(brightness=b, contrast=c, saturation=1.0, hue=0.0, sigma=0.1).items()}
+        return ShardLoader._photometric(fn, types, dmath, x, prm, gpu=False)
+
+    p = pipe()
+    p.build()
+    return np.asarray(p.run()[0].as_tensor())[0].astype(np.float64)
+
+
+def test_contrast_pivots_on_the_image_mean_as_torchvision():
+    """torchvision/PIL ColorJitter: brightness blends with black, contrast with the mean grey level
+    (DALI's color_twist pivots on 128: up to ~10 grey levels off on a dark image)."""
+    from PIL import ImageEnhance
+
+    rng = np.random.default_rng(1)
+    img = np.asarray(Image.fromarray(rng.integers(0, 120, (6, 10, 3)).astype(np.uint8)).resize((80, 48)))
+    for b, c in ((1.3, 0.6), (0.7, 1.4), (1.0, 0.5)):
+        pil = ImageEnhance.Contrast(ImageEnhance.Brightness(Image.fromarray(img)).enhance(b)).enhance(c)
+        diff = np.abs(_photometric_once(img, b, c) - np.asarray(pil, np.float64))
+        # PIL truncates after each blend (about one grey level low); a pivot at 128 is ~20-35 levels off here
+        assert diff.mean() < 1.5 and diff.max() <= 3, (b, c, diff.mean(), diff.max())
+
+
+def test_image_resize_is_bicubic_as_the_reference(tmp_path):
+    """Eval and train resize images with a bicubic filter (PIL BICUBIC in the reference), labels nearest."""
+    rng = np.random.default_rng(2)
+    img = rng.integers(0, 256, (60, 100, 3)).astype(np.uint8)
+    w = ShardWriter(tmp_path, prefix="bc", shard_size=1 << 20, num_classes=19)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    w.add("bc0", buf.getvalue(), "img.png", np.zeros((60, 100), np.uint8), {"path": "0.png"})
+    m = write_manifest(tmp_path, w.close(), 19).path
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None] * 255
+    std = torch.tensor(IMAGENET_STD)[:, None, None] * 255
+    for size in ((24, 40), (90, 150)):
+        b = next(iter(ShardLoader(m, 1, train=False, resize=size, device="cpu", num_threads=1)))
+        got = (b["image"][0] * std + mean).permute(1, 2, 0).numpy()
+        diff = {f: np.abs(got - np.asarray(Image.fromarray(img).resize(size[::-1], f), np.float64)).mean()
+                for f in (Image.BICUBIC, Image.BILINEAR)}
+        assert diff[Image.BICUBIC] < 0.6 * diff[Image.BILINEAR], (size, diff)
+
+
+@pytest.mark.parametrize("member", ["label", "image"])
+@pytest.mark.parametrize("train", [False, True])
+def test_corrupt_sample_names_its_shard_and_key(tmp_path, member, train):
+    from sdca_dist.data.errors import DataError
+
+    m = load_manifest(write_colour_set(tmp_path / "c", n=10, size_hw=(48, 80)))
+    rec = m.samples[6]
+    shard = m.folder / m.shards[rec["shard"]]["name"]
+    off, size = rec[member]
+    with open(shard, "r+b") as f:  # damage the middle of the member's PNG data
+        f.seek(off + size // 2)
+        f.write(b"\xff" * 16)
+    loader = ShardLoader(m, 4, train=train, resize=(24, 40), device="cpu", num_threads=1, seed=1)
+    with pytest.raises(DataError) as e:
+        it = iter(loader)
+        for _ in range(2 * loader.steps_per_epoch):
+            next(it)
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and shard.name in msg and repr(rec["key"]) in msg and member in msg, msg
+
+
+def test_truncated_shard_names_the_shard(tmp_path):
+    from sdca_dist.data.errors import DataError
+
+    m = load_manifest(write_colour_set(tmp_path / "t", n=6, size_hw=(32, 48)))
+    shard = m.folder / m.shards[-1]["name"]
+    with open(shard, "r+b") as f:
+        f.truncate(600)
+    with pytest.raises(DataError, match="truncated") as e:
+        for _ in ShardLoader(m, 3, train=False, resize=(16, 24), device="cpu", num_threads=1):
+            pass
+    assert shard.name in str(e.value) and len(str(e.value).splitlines()) == 1
