@@ -1,0 +1,377 @@
+"""``python -m sdca_dist.bench scale``: data-parallel scaling of the sdca step, 1 rank vs 2 ranks.
+
+The same GLOBAL batch (default 4 source + 4 target, as ``conf=synthetic``) is trained on 1 rank
+and on 2 ranks (real gloo process groups spawned here, one torch thread per rank:
+``OMP_NUM_THREADS=1``), and the throughput in images/s of the sdca step is compared:
+
+    scaling efficiency = images/s on 2 ranks / (2 x images/s on 1 rank)
+
+Each timed step is the sdca stage's loop body (``engine.training.run_training``): the next source
+and target batches from DALI ``ShardLoader``s over synthetic shards (class-balanced, photometric
+source; uniform target), the real ``SDCAStep`` (two micro-steps on the DDP engine, gradients
+all-reduced once after the second; the estimators updated with the GLOBAL batch through ONE
+all-reduce), the SGD step with the poly LR, and the loop's stop-flag all-reduce. Warm-up steps
+(pipeline build, first allocations) are excluded. The step is split into phases per rank (data,
+forward+backward, optimiser, collectives) so a miss of the goal can be attributed; ``--profile``
+also times the DDP gradient all-reduce through a comm hook that does what DDP's built-in hook
+does (average over ranks), with a stopwatch.
+
+A second, larger global batch (``--batches 4 8``: 8 + 8) shows how efficiency grows with the
+per-rank batch, i.e. what part of the step is a fixed per-step cost.
+
+Robustness: a rank that dies makes the benchmark fail at once with one line (the survivor would
+otherwise wait in a collective forever). Last line: ``scaling efficiency: NN%`` for the FIRST
+batch of ``--batches`` (goal >= 85% on a 2-core machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import queue
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+#: per-rank phase names, in step order (seconds summed over the timed steps)
+PHASES = ("data", "step", "optimizer", "flag")
+
+
+class _Stopwatch:
+    """Callable seam with a stopwatch: the estimator's all-reduce (sum over the calls)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.calls = 0
+
+    def __call__(self, tensor: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(tensor)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+
+
+class _GradHookTimer:
+    """DDP comm hook = DDP's default (sum, then divide by the world size) plus a stopwatch from
+    the bucket's launch to its completion (the wait a rank sees at the end of backward)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.buckets = 0
+
+    def hook(self, state, bucket):  # no annotations: DDP checks them, and they are strings here
+        t0 = time.perf_counter()
+        world = dist.get_world_size()
+        buf = bucket.buffer().div_(world)
+        fut = dist.all_reduce(buf, async_op=True).get_future()
+
+        def done(f):
+            self.seconds += time.perf_counter() - t0
+            self.buckets += 1
+            return f.value()[0]
+
+        return fut.then(done)
+
+
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds per thread name of this process (Linux /proc; empty elsewhere)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    for t in tasks:
+        try:
+            stat = Path(f"/proc/self/task/{t}/stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1: stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _print_thread_cpu(rank: int, world: int, start: dict[str, float], iters: int) -> None:
+    end = _thread_cpu()
+    per = {k: 1e3 * (v - start.get(k, 0.0)) / iters for k, v in end.items()}
+    busy = ", ".join(f"{k} {v:.1f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v >= 0.5)
+    print(f"  [profile] {world} rank(s), rank {rank}: CPU ms per step by thread: {busy}", flush=True)
+
+
+def _latency_ms(model: torch.nn.Module, feature_dim: int, repeats: int = 20) -> list[float]:
+    """Pure transfer time of the step's collectives, ranks in lock step (barrier before each):
+    [gradient all-reduce (one flat buffer of every trainable parameter), estimator all-reduce
+    (counts, sums, second moments of both levels), stop flag]. What a rank waits beyond these
+    in the timed steps is imbalance: the other rank was still computing."""
+    grads = torch.zeros(sum(p.numel() for p in model.parameters() if p.requires_grad))
+    # update_distributions packs [count, sum, sum of squares] of both levels into one float64 buffer
+    estimator = torch.zeros(2 * 19 + 2 * 19 * feature_dim + 2 * 19 * 19, dtype=torch.float64)
+    flag = torch.zeros(1)
+    out = []
+    for t in (grads, estimator, flag):
+        total = 0.0
+        for _ in range(repeats):
+            dist.barrier()
+            t0 = time.perf_counter()
+            dist.all_reduce(t)
+            total += time.perf_counter() - t0
+        out.append(1e3 * total / repeats)
+    return out
+
+
+def _worker(rank: int, world: int, init_file: str, args: dict, results) -> None:
+    # one compute thread per rank; OMP_NUM_THREADS=1 is already in the environment (set by the
+    # parent before spawning, so it holds from the moment torch is imported here)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    from sdca_dist.data.loader import ShardLoader
+    from sdca_dist.engine.distributed import DistContext, all_reduce_flag
+    from sdca_dist.engine.model_engine import build_engine
+    from sdca_dist.engine.schedule import poly_lr
+    from sdca_dist.engine.stages.distributions import DistributionPair
+    from sdca_dist.engine.stages.sdca import SDCAStep
+    from sdca_dist.engine.training import _to_device
+    from sdca_dist.models import build_model
+
+    ctx = DistContext(rank, world, rank, torch.device("cpu"), "gloo")
+    torch.manual_seed(0)
+    model = build_model("small", 19, freeze_bn=True)
+    per_rank = args["batch"] // world
+    engine = build_engine("ddp", model, ctx, momentum=0.9, weight_decay=5e-4, classifier_lr_mult=10.0,
+                          micro_steps=2, micro_batch=per_rank, freeze_bn=True)
+    grad_timer = None
+    if args["profile"] and world > 1:
+        grad_timer = _GradHookTimer()
+        engine.wrapped.register_comm_hook(None, grad_timer.hook)
+    est_timer = _Stopwatch()
+    step = SDCAStep(DistributionPair(19, model.feature_dim, ctx.device, all_reduce=est_timer), tau=100.0, delta=0.9)
+    shards, size = Path(args["shards"]), tuple(args["size"])
+    common = dict(rank=rank, world_size=world, train=True, resize=size, num_threads=args["dali_threads"], device="cpu")
+    loaders = {"source": ShardLoader(shards / "gta5_train" / "manifest.json", per_rank, photometric=True,
+                                     class_balanced=True, seed=1, **common),
+               "target": ShardLoader(shards / "cityscapes_train" / "manifest.json", per_rank, seed=2, **common)}
+    iterators = {n: iter(ld) for n, ld in loaders.items()}
+    warmup, iters = args["warmup"], args["iters"]
+    spent = dict.fromkeys(PHASES, 0.0)
+    images = 0
+    fixed = None  # --data fixed: the first batches again and again (no loading in the timed steps)
+    for it in range(warmup + iters):
+        if it == warmup:
+            dist.barrier()
+            spent = dict.fromkeys(PHASES, 0.0)
+            est_timer.seconds = est_timer.calls = 0
+            if grad_timer is not None:
+                grad_timer.seconds = grad_timer.buckets = 0
+            images = 0
+            cpu_start = _thread_cpu()
+            proc_cpu = time.process_time()
+            t_start = time.perf_counter()
+        t0 = time.perf_counter()
+        if fixed is None:
+            batches = {n: _to_device(next(iterators[n]), ctx.device) for n in loaders}
+            if args["data"] == "fixed":
+                fixed = batches
+        else:
+            batches = fixed
+        t1 = time.perf_counter()
+        engine.train(True)
+        step(engine, batches, it)
+        t2 = time.perf_counter()
+        engine.step(poly_lr(0.005, it, 300))
+        t3 = time.perf_counter()
+        all_reduce_flag(False, ctx)
+        t4 = time.perf_counter()
+        for name, a, b in zip(PHASES, (t0, t1, t2, t3), (t1, t2, t3, t4)):
+            spent[name] += b - a
+        images += sum(int(b["image"].shape[0]) for b in batches.values())
+    wall = time.perf_counter() - t_start
+    proc_cpu = time.process_time() - proc_cpu
+    if args["profile"]:
+        _print_thread_cpu(rank, world, cpu_start, iters)
+    mine = [images, wall, proc_cpu, *(spent[p] for p in PHASES), est_timer.seconds,
+            grad_timer.seconds if grad_timer is not None else 0.0]
+    if args["profile"] and world > 1:
+        mine.extend(_latency_ms(engine.module, model.feature_dim))
+    rows = [None] * world
+    dist.all_gather_object(rows, mine)
+    if rank == 0:
+        results.put({"world": world, "batch": args["batch"], "iters": iters, "ranks": rows})
+    dist.destroy_process_group()
+
+
+def _cpu_seconds() -> tuple[float, float, float]:
+    """(CPU seconds the whole machine has spent busy, CPU seconds of this process and its reaped
+    children, monotonic time): the difference of two readings is the load of OTHER programs."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        busy = sum(int(fields[i]) for i in (0, 1, 2, 5, 6, 7)) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        busy = float("nan")
+    t = os.times()
+    return busy, t.user + t.system + t.children_user + t.children_system, time.monotonic()
+
+
+def _other_load(before: tuple[float, float, float]) -> float:
+    """Mean number of cores used by other programs since ``before`` (clock-tick resolution)."""
+    after = _cpu_seconds()
+    return max(0.0, ((after[0] - before[0]) - (after[1] - before[1])) / max(after[2] - before[2], 1e-9))
+
+
+def _measure(world: int, args: dict, timeout_s: float) -> dict:
+    """Run ``world`` ranks; the first rank that dies (or a hang past ``timeout_s``) ends all."""
+    before = _cpu_seconds()
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init = os.path.join(tmp, "init")
+        procs = [ctx.Process(target=_worker, args=(r, world, init, args, q), daemon=True) for r in range(world)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout_s
+        result = None
+        try:
+            while result is None:
+                try:
+                    result = q.get(timeout=1)
+                except queue.Empty:
+                    dead = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                    if dead:  # a rank crashed: the others would wait in a collective forever
+                        raise RuntimeError(f"rank {dead[0][0]} of {world} exited with code {dead[0][1]} "
+                                           f"(global batch {args['batch']}+{args['batch']})")
+                    if all(p.exitcode == 0 for p in procs):
+                        raise RuntimeError(f"{world} ranks exited without a result")
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{world} ranks still running after {timeout_s:.0f} s (--timeout)")
+            for p in procs:
+                p.join(timeout=60)
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+    result["other_load"] = _other_load(before)
+    return result
+
+
+def _synthetic_shards(root: Path, count: int) -> None:
+    """Generate and shard a small synthetic benchmark (conf=synthetic's image sizes) under ``root``.
+
+    Through the two command-line tools rather than the config: the benchmark measures the step, and
+    must not depend on how presets are composed."""
+    raw = root / "raw"
+    cmds = [[sys.executable, "-m", "sdca_dist.synth", "--out", str(raw), "--seed", "0", "--num-source", str(count),
+             "--num-target-train", str(count), "--num-target-val", "4", "--source-size", "144x72",
+             "--target-size", "128x64"]]
+    for layout, split, name in (("gta5", "train", "gta5_train"), ("cityscapes", "train", "cityscapes_train")):
+        cmds.append([sys.executable, "-m", "sdca_dist.shard", "--layout", layout, "--root", str(raw / layout),
+                     "--split", split, "--out", str(root / name), "--workers", "1"])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    for cmd in cmds:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+            raise RuntimeError(f"python -m {cmd[2]} failed: {tail[0]}")
+
+
+def _summary(r: dict) -> dict:
+    """Throughput over the slowest rank's wall time (a step ends when every rank has finished it);
+    per-step phase times are the maximum over ranks."""
+    ranks = r["ranks"]
+    images = sum(x[0] for x in ranks)
+    wall = max(x[1] for x in ranks)
+    per = [dict(zip(("images", "wall", "cpu", *PHASES, "estimator", "grad", "lat_grad", "lat_est", "lat_flag"), x))
+           for x in ranks]
+    n = r["iters"]
+    return {"world": r["world"], "batch": r["batch"], "images": images, "wall": wall, "images_per_s": images / wall,
+            "step_ms": 1e3 * wall / n, "other_load": r["other_load"],
+            "cpu_share": sum(p["cpu"] / p["wall"] for p in per) / len(per),
+            "phases_ms": {k: 1e3 * max(p[k] for p in per) / n for k in (*PHASES, "estimator", "grad")},
+            "latency_ms": {k: max(p[k] for p in per) for k in ("lat_grad", "lat_est", "lat_flag") if k in per[0]}}
+
+
+def _machine_header(a) -> list[str]:
+    import nvidia.dali
+
+    cores = os.cpu_count()
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    return [f"machine: {platform.machine()} {platform.processor() or ''}".rstrip() + f", {cores} cores "
+            f"({affinity} usable), python {platform.python_version()}, torch {torch.__version__}, "
+            f"DALI {nvidia.dali.__version__}, gloo",
+            f"threads per rank: torch 1 (OMP_NUM_THREADS=1), DALI {a.dali_threads} per loader x 2 loaders; "
+            f"{a.warmup} warm-up + {a.iters} timed steps; small model, {a.size[0]}x{a.size[1]} inputs"]
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sdca_dist.bench scale", description=__doc__.splitlines()[0])
+    ap.add_argument("--iters", type=int, default=60, help="timed steps per run")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (pipeline build, allocations)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[4, 8], metavar="B",
+                    help="GLOBAL source (= target) batches to measure; the first one gives the last line")
+    ap.add_argument("--size", type=int, nargs=2, default=[64, 128], metavar=("H", "W"))
+    ap.add_argument("--dali-threads", type=int, default=1, help="DALI worker threads per loader (conf=synthetic: 1)")
+    ap.add_argument("--repeats", type=int, default=1, help="alternate 1-rank / 2-rank runs; the best of each counts")
+    ap.add_argument("--data", choices=("dali", "fixed"), default="dali",
+                    help="fixed: reuse the first batches (isolates the step from data loading)")
+    ap.add_argument("--profile", action="store_true", help="also time the DDP gradient all-reduce (comm hook)")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds before a hung run is ended")
+    a = ap.parse_args(argv)
+    bad = [b for b in a.batches if b < 2 or b % 2]
+    if bad or a.iters < 1 or a.warmup < 1 or a.repeats < 1:
+        print(f"error: --batches must be even and >= 2 (got {bad}), --iters/--warmup/--repeats >= 1", file=sys.stderr)
+        return 2
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned ranks before they import torch
+    print("\n".join(_machine_header(a)), flush=True)
+    rows: dict[tuple[int, int], dict] = {}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            # enough samples for every rank, and several epochs' worth never needed: readers loop
+            _synthetic_shards(Path(tmp), max(32, 2 * max(a.batches)))
+            for batch in a.batches:
+                for _ in range(a.repeats):
+                    for world in (1, 2):
+                        args = {"shards": tmp, "batch": batch, "size": a.size, "warmup": a.warmup, "iters": a.iters,
+                                "dali_threads": a.dali_threads, "data": a.data, "profile": a.profile}
+                        s = _summary(_measure(world, args, a.timeout))
+                        best = rows.get((batch, world))
+                        if best is None or s["images_per_s"] > best["images_per_s"]:
+                            rows[(batch, world)] = s
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    eff = {b: rows[(b, 2)]["images_per_s"] / (2 * rows[(b, 1)]["images_per_s"]) for b in a.batches}
+    print(f"\n{'global batch':>12} {'ranks':>5} {'images':>7} {'step ms':>8} {'images/s':>9} {'efficiency':>10} "
+          f"{'rank CPU':>8} {'other load':>10}")
+    for batch in a.batches:
+        for world in (1, 2):
+            r = rows[(batch, world)]
+            e = f"{100 * eff[batch]:.0f}%" if world == 2 else "-"
+            print(f"{f'{batch}+{batch}':>12} {world:>5} {r['images']:>7} {r['step_ms']:>8.1f} {r['images_per_s']:>9.1f} "
+                  f"{e:>10} {100 * r['cpu_share']:>7.0f}% {r['other_load']:>6.2f} cpu")
+    cols = ("data", "step", "estimator", "grad", "optimizer", "flag")
+    print("\nper-step ms, maximum over ranks (step = both micro-steps, forward + backward, including the "
+          "estimator all-reduce and the gradient all-reduce" + ("" if a.profile else "; grad: --profile") + ")")
+    print(f"{'global batch':>12} {'ranks':>5} " + " ".join(f"{c:>9}" for c in cols))
+    for batch in a.batches:
+        for world in (1, 2):
+            ph = rows[(batch, world)]["phases_ms"]
+            print(f"{f'{batch}+{batch}':>12} {world:>5} " + " ".join(f"{ph[c]:>9.2f}" for c in cols))
+    for batch in a.batches:
+        lat = rows[(batch, 2)]["latency_ms"]
+        if lat:
+            print(f"{batch}+{batch}, 2 ranks in lock step, ms per all-reduce: gradients {lat['lat_grad']:.2f}, "
+                  f"estimator {lat['lat_est']:.2f}, stop flag {lat['lat_flag']:.2f} (the rest of a wait is imbalance)")
+    print("(rank CPU: CPU time of a rank process / its wall time, mean over ranks; other load: cores used by "
+          "other programs during the run, which a 2-rank run cannot escape on 2 cores)")
+    for batch in a.batches[1:]:
+        print(f"scaling efficiency at {batch}+{batch}: {100 * eff[batch]:.0f}%")
+    print(f"scaling efficiency: {100 * eff[a.batches[0]]:.0f}%")
+    return 0
