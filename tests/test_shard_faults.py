@@ -327,3 +327,15 @@ def test_a_shard_set_reads_with_webdataset_alone(clean, raw, tmp_path, capsys):
     tar.write_bytes(bytes(data))
     with pytest.raises(DataError, match=f"shard-000002.tar: .*{rec['key']}"):
         list(iter_samples(out))
+
+
+def test_a_resume_rebuilds_from_a_damaged_shard_on(raw, clean, tmp_path, capsys):
+    """A flipped tar byte or an unreadable sidecar inside the kept part: rebuilt, never trusted."""
+    out = tmp_path / "set"
+    _interrupted_copy(clean, out, 5)
+    (out / "shard-000003.tar.json").write_text("{not json")
+    data = bytearray((out / "shard-000001.tar").read_bytes())
+    data[900] ^= 1
+    (out / "shard-000001.tar").write_bytes(bytes(data))
+    assert _run([*BUILD, "--root", raw["a"], "--out", out], capsys)[0] == 0
+    assert _files(out) == clean

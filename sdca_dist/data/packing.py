@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -49,7 +50,6 @@ from sdca_dist.data.shards import (
     json_bytes,
     load_manifest,
     os_error,
-    read_sidecars,
     sidecar_path,
     write_manifest,
 )
@@ -228,9 +228,7 @@ def _remove_stale(out: Path, keep: set[str]) -> None:
 def _resume_point(out: Path, pairs: list[SamplePair], opts: PackOptions) -> tuple[list[ShardInfo], int]:
     """(complete shards to keep, number of input pairs they consumed); refuses other data/options."""
     kept: list[ShardInfo] = []
-    for i, info in enumerate(sorted(read_sidecars(out), key=lambda s: s.name)):
-        if info.name != f"shard-{i:06d}.tar":
-            break  # keep only the contiguous prefix shard-000000..
+    for info in _complete_prefix(out):
         diff = _incompatible(info.options, opts.recorded())
         if diff:
             raise DataError(out / info.name, f"was written with other options ({'; '.join(diff)}); {_REBUILD_HINT}")
@@ -258,6 +256,23 @@ def _resume_point(out: Path, pairs: list[SamplePair], opts: PackOptions) -> tupl
             kept = kept[:j]
             break
     return kept, n
+
+
+def _complete_prefix(out: Path) -> Iterator[ShardInfo]:
+    """shard-000000, -000001, ... while each has a readable sidecar and a tar of the recorded size.
+
+    The first gap, unreadable sidecar or short tar ends the prefix: from there on the run rebuilds
+    (a resume never trusts a shard it cannot account for, and never stops on one either).
+    """
+    for i in itertools.count():
+        tar = out / f"shard-{i:06d}.tar"
+        try:
+            info = ShardInfo.from_json(json.loads(sidecar_path(tar).read_text()))
+            if info.name != tar.name or tar.stat().st_size != info.bytes:
+                return
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        yield info
 
 
 def pack(opts: PackOptions) -> Manifest:
