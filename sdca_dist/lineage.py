@@ -110,6 +110,13 @@ class Lineage:
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
+        self._hashes: dict[Path, str] = {}
+
+    def _sha(self, path: Path) -> str:
+        """sha256 of ``path``, once per Lineage (the launcher checks a model for every consumer)."""
+        if path not in self._hashes:
+            self._hashes[path] = sha256_file(path)
+        return self._hashes[path]
 
     def folder(self, stage: str) -> Path:
         return self.root / stage
@@ -199,6 +206,12 @@ class Lineage:
             return False, "DONE has no lineage record (made by an older version)"
         if lineage.get("settings") != settings_hash(cfg):
             return False, "done with other settings"
+        for name, sha in (done.get("outputs") or {}).items():
+            try:
+                if self._sha(self.folder(stage) / name) != sha:
+                    return False, f"its output {name} is not the file it wrote (corrupt or replaced)"
+            except OSError:
+                return False, f"its output {name} is missing"
         recorded = lineage.get("inputs") or {}
         for inp in stage_inputs(cfg, stage):
             if inp.producer in rerun:
@@ -208,9 +221,14 @@ class Lineage:
                 return False, f"its input stage {inp.producer} is not done"
             if (producer.get("outputs") or {}).get(inp.file) != recorded.get(inp.rel):
                 return False, f"{inp.rel} changed since it ran"
+            try:
+                if self._sha(self.root / inp.rel) != recorded.get(inp.rel):
+                    return False, f"{inp.rel} is not the file it read (corrupt or replaced)"
+            except OSError:
+                return False, f"{inp.rel} is missing"
         for ext in external_inputs(cfg, stage):
             try:
-                if sha256_file(ext.path) != recorded.get(ext.key):
+                if self._sha(ext.path) != recorded.get(ext.key):
                     return False, f"{ext.path} changed since it ran"
             except OSError:
                 return False, f"{ext.path} is missing"

@@ -168,7 +168,7 @@ def _fix(cfg: Any, stage: str, world: int, k: int) -> str:
             options.append(f"use train.scale={cand}")
             break
     if fits:
-        options.append(f"run it on {fits[0]} ranks")
+        options.append(f"run it on {fits[0]} rank{'s' if fits[0] > 1 else ''}")
     return " or ".join(options) if options else "change the batch size"
 
 

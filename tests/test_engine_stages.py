@@ -70,9 +70,10 @@ def test_chain_writes_every_stage_output(chain: Path):
 
 
 def test_rerunning_the_chain_skips_done_stages(chain: Path, shards: Path):
-    proc = run_launcher(tiny(shards, "cluster=local", "wait=true", f"run_dir={chain}", "train.iters=4"))
+    proc = run_launcher(tiny(shards, "cluster=local", "cluster.tasks_per_node=2", "wait=true", f"run_dir={chain}",
+                             "train.iters=4", "train.checkpoint_every=2"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("DONE marker present, skipped") == len(STAGES)
+    assert proc.stdout.count("DONE with these settings and inputs, skipped") == len(STAGES)
 
 
 def test_missing_input_fails_at_once_naming_the_file(tmp_path: Path, shards: Path):

@@ -1,0 +1,160 @@
+"""A run folder has one configuration and a lineage (issue 13), exercised through the real CLI.
+
+Specifications (each reproduced a defect of the old main):
+* a stage stopped by a signal and resumed with another setting is refused, naming the key with
+  its old and new value; config.yaml is unchanged; resuming with no settings continues;
+* a finished run relaunched with other settings is refused (it used to skip every stage and
+  report the old numbers), nothing written;
+* ``redo=[src]`` reruns src AND every stage after it (they used to stay DONE on the old model);
+* an input file corrupted after its producer finished is refused by its consumer, naming it, and
+  the launcher reruns the producer instead of using it;
+* two runs in one stage folder: the second gets one line naming the holder; a lock left by a
+  killed run is taken over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from engine_fixtures import REPO, child_env, run_launcher, run_train, tiny, train_cmd
+
+CHAIN = ["src", "dist_init", "sdca", "pseudo_label", "ssl"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("shards")
+
+
+@pytest.fixture(scope="module")
+def finished(shards, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("lineage") / "run"
+    proc = run_launcher(tiny(shards, "cluster=local", f"run_dir={run}", "train.iters=2"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run
+
+
+def _copy(run: Path, dest: Path) -> Path:
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns(".lock"))
+    return dest
+
+
+def _error(proc) -> str:
+    lines = proc.stderr.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def _start_until(argv: list[str], pattern: str, timeout: float = 300) -> subprocess.Popen:
+    proc = subprocess.Popen(train_cmd(1, argv), cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    end = time.time() + timeout
+    for line in proc.stdout:
+        if re.search(pattern, line):
+            return proc
+        if time.time() > end:
+            break
+    proc.kill()
+    raise AssertionError(f"no {pattern!r} from {argv}")
+
+
+def test_resume_with_another_setting_is_refused_naming_the_key(shards, tmp_path):
+    run = tmp_path / "run"
+    argv = tiny(shards, "stage=src", f"run_dir={run}", "train.iters=60", "train.checkpoint_every=1000")
+    proc = _start_until(argv, r"\] it [2-9]/60")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 3, out[-2000:]
+    frozen = (run / "config.yaml").read_text()
+    assert "lr: 0.01" in frozen
+
+    changed = run_train(1, tiny(shards, "stage=src", f"run_dir={run}", "train.iters=60", "src.lr=0.05"))
+    assert changed.returncode == 2
+    assert "src.lr: 0.01 -> 0.05" in _error(changed) and "use a new run_dir" in _error(changed)
+    assert (run / "config.yaml").read_text() == frozen, "the refused command rewrote the frozen config"
+    for key, value, shown in (("seed", "3", "seed: 0 -> 3"), ("src.batch_size", "2", "src.batch_size: 4 -> 2"),
+                              ("model", "deeplabv2_vgg16", "model.name: small -> deeplabv2_vgg16")):
+        other = run_train(1, ["stage=src", f"run_dir={run}", f"{key}={value}"])
+        assert other.returncode == 2 and shown in _error(other), other.stderr[-2000:]
+
+    resumed = run_train(1, ["stage=src", f"run_dir={run}"])  # the run folder is all it takes
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert re.search(r"resumed from .* at iteration \d+", resumed.stdout)
+    assert (run / "src" / "DONE").is_file()
+
+
+def test_finished_run_relaunched_with_other_settings_is_refused(finished, tmp_path):
+    run = _copy(finished, tmp_path / "run")
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    proc = run_launcher(["conf=synthetic", "cluster=local", f"run_dir={run}", "model=deeplabv2_vgg16", "src.lr=0.5"])
+    assert proc.returncode == 2
+    err = _error(proc)
+    assert "model.name: small -> deeplabv2_vgg16" in err and "src.lr: 0.01 -> 0.5" in err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before, "something was written"
+
+
+def test_relaunch_skips_fresh_stages_and_redo_reruns_everything_after(finished, tmp_path):
+    run = _copy(finished, tmp_path / "run")
+    same = run_launcher([f"run_dir={run}", "cluster=local"])
+    assert same.returncode == 0, same.stderr[-2000:]
+    assert same.stdout.count("DONE with these settings and inputs, skipped") == len(CHAIN)
+
+    old = {s: json.loads((run / s / "DONE").read_text())["finished"] for s in CHAIN}
+    src_hash = json.loads((run / "src" / "DONE").read_text())["outputs"]["model_final.pt"]
+    redo = run_launcher([f"run_dir={run}", "redo=[sdca]"])
+    assert redo.returncode == 0, redo.stdout[-2000:] + redo.stderr[-2000:]
+    skipped = re.findall(r"\[launch\] \S+ (\w+): DONE with these settings and inputs, skipped", redo.stdout)
+    assert skipped == ["src", "dist_init"]
+    for stage in ("sdca", "pseudo_label", "ssl"):
+        assert re.search(rf"\[launch\] seed 0 {stage} \(", redo.stdout), f"{stage} did not rerun"
+        record = json.loads((run / stage / "DONE").read_text())
+        assert record["finished"] >= old[stage]
+    sdca_inputs = json.loads((run / "sdca" / "DONE").read_text())["lineage"]["inputs"]
+    assert sdca_inputs["src/model_final.pt"] == src_hash
+    ssl_inputs = json.loads((run / "ssl" / "DONE").read_text())["lineage"]["inputs"]
+    assert ssl_inputs["sdca/model_final.pt"] == json.loads((run / "sdca" / "DONE").read_text())["outputs"]["model_final.pt"]
+
+
+def test_corrupt_input_is_refused_by_its_consumer_and_redone_by_the_launcher(finished, tmp_path):
+    run = _copy(finished, tmp_path / "run")
+    model = run / "src" / "model_final.pt"
+    data = bytearray(model.read_bytes())
+    for i in range(1000, 1400):  # 400 flipped bytes inside the tensor data
+        data[i] ^= 0xFF
+    model.write_bytes(bytes(data))
+
+    proc = run_train(1, ["stage=dist_init", f"run_dir={run}"])
+    assert proc.returncode == 2
+    assert _error(proc) == (f"error: {model} is not the file stage src wrote (sha256 differs from its DONE record): "
+                            "corrupt or replaced; run stage src again (launcher: redo=[src])")
+    assert json.loads((run / "dist_init" / "DONE").read_text())["stage"] == "dist_init", "the old DONE is kept"
+
+    relaunch = run_launcher([f"run_dir={run}", "stages=[src,dist_init]"])
+    assert relaunch.returncode == 0, relaunch.stdout[-2000:] + relaunch.stderr[-2000:]
+    assert "seed 0 src (its output model_final.pt is not the file it wrote" in relaunch.stdout
+    assert "seed 0 dist_init (its input stage src runs again)" in relaunch.stdout
+
+
+def test_second_run_in_a_stage_folder_is_refused_and_a_dead_holder_is_taken_over(shards, tmp_path):
+    run = tmp_path / "run"
+    argv = tiny(shards, "stage=src", f"run_dir={run}", "train.iters=40", "train.checkpoint_every=1000")
+    first = _start_until(argv, r"\] it \d+/40")
+    try:
+        second = run_train(1, ["stage=src", f"run_dir={run}"], timeout=120)
+        assert second.returncode == 2
+        assert _error(second) == (f"error: run folder {run} (stage src) is in use by pid {first.pid} on "
+                                  f"{os.uname().nodename}; wait for it or use another run_dir")
+    finally:
+        first.kill()  # SIGKILL: no cleanup, the lock file stays behind
+        first.wait()
+    assert (run / "src" / ".lock").is_file()
+    taken = run_train(1, ["stage=src", f"run_dir={run}"], timeout=600)
+    assert taken.returncode == 0, taken.stderr[-2000:]
