@@ -339,3 +339,18 @@ def test_a_resume_rebuilds_from_a_damaged_shard_on(raw, clean, tmp_path, capsys)
     (out / "shard-000001.tar").write_bytes(bytes(data))
     assert _run([*BUILD, "--root", raw["a"], "--out", out], capsys)[0] == 0
     assert _files(out) == clean
+
+
+def test_random_access_reader_names_shard_and_key_of_a_corrupt_sample(clean, tmp_path):
+    from sdca_dist.data.shards import ShardReader
+
+    for name, data in clean.items():
+        (tmp_path / name).write_bytes(data)
+    m = load_manifest(tmp_path)
+    rec = m.samples[7]
+    tar = tmp_path / m.shards[rec["shard"]]["name"]
+    data = bytearray(tar.read_bytes())
+    data[rec["meta"][0]] = ord("}")
+    tar.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"{tar}: sample '{rec['key']}': corrupt meta json"):
+        ShardReader(m).read(7)

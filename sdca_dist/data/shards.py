@@ -464,8 +464,16 @@ class ShardReader:
         """{"key", "image" (bytes), "image_ext", "label" (PNG bytes), "meta" (dict), "index"}."""
         rec = self.manifest.samples[index]
         sh = rec["shard"]
+        try:
+            raw = self._pread(sh, rec["meta"])
+            meta = json.loads(raw)
+        except DataError:
+            raise
+        except ValueError as e:  # damaged bytes: name the shard and the sample, not a JSON traceback
+            raise DataError(self.manifest.folder / self.manifest.shards[sh]["name"],
+                            f"sample {rec['key']!r}: corrupt meta json ({type(e).__name__})") from None
         return {"index": index, "key": rec["key"], "image": self._pread(sh, rec["image"]), "image_ext": rec["image_ext"],
-                "label": self._pread(sh, rec["label"]), "meta": json.loads(self._pread(sh, rec["meta"]))}
+                "label": self._pread(sh, rec["label"]), "meta": meta}
 
     def close(self) -> None:
         for fd in self._fds.values():
