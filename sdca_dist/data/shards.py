@@ -5,6 +5,9 @@ uint8 "L" trainId label with 255 = ignore, ``key.json``), a DALI index ``.idx`` 
 ``.tar.json`` per shard (its sample records: what resuming and manifest-combining read), and
 ``manifest.json``. Files appear only complete, under their final names (temp name + rename), and
 the tar bytes depend only on the inputs (fixed header fields), so a resumed run reproduces them.
+Sidecars written by ``python -m sdca_dist.shard`` also carry the shard's source records (raw-file
+hashes, see ``packing``). Manifest shard and index names are plain file names in the manifest's
+folder (checked on load); reading outside DALI with ``webdataset``: ``shard_reader.iter_samples``.
 """
 
 from __future__ import annotations
