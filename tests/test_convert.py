@@ -248,3 +248,28 @@ def test_one_line_errors(tmp_path: Path):
         load_converted(out, "deeplabv2_vgg16", 16)
     with pytest.raises(ConvertError, match="convert them first"):
         load_converted(ckpt, "deeplabv2_vgg16", 19)
+
+
+def test_caffe_vgg16_imagenet_weights_become_torchvision_format(tmp_path: Path):
+    """The reference's ImageNet VGG16 (Caffe input) loads as our model.pretrained with its conv1_1
+    giving, on our input, what it gave on the reference's (away from the one-pixel border)."""
+    from sdca_dist.models import build_model
+
+    fe, _ = reference_vgg16(6, 19)
+    caffe = {f"features.{i + (1 if i >= 23 else 0)}.{p}": fe[f"backbone.{i}.{p}"]
+             for i in (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 23, 25, 27) for p in ("weight", "bias")}
+    caffe["classifier.0.weight"] = torch.zeros(2, 2)  # its fc layers (another naming) are dropped
+    torch.save(caffe, tmp_path / "vgg16-00b39a1b.pth")
+    out = tmp_path / "vgg16_ours.pt"
+    proc = subprocess.run([sys.executable, "-m", "sdca_dist.models.convert", "--from", "caffe_vgg16_imagenet",
+                           str(tmp_path / "vgg16-00b39a1b.pth"), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    model = build_model("deeplabv2_vgg16", 19, pretrained=out)
+    rgb = torch.rand(1, 3, 20, 24, generator=torch.Generator().manual_seed(7))
+    x = (rgb - IMAGENET_MEAN[None, :, None, None]) / IMAGENET_STD[None, :, None, None]
+    with torch.no_grad():
+        ours1 = model.backbone.features[0](x)
+    ref1 = reference_vgg16_forward(fe, {}, rgb, first_conv_only=True)
+    assert (ours1 - ref1)[..., 1:-1, 1:-1].abs().max() <= 1e-4 * ref1.abs().max()
+    assert torch.equal(model.backbone.features[26].weight, caffe["features.26.weight"])

@@ -1,7 +1,9 @@
 """Import the reference SDCA code's checkpoints (BIT-DA/SDCA) as our weights-only state_dicts.
 
 ``python -m sdca_dist.models.convert --from official CKPT --model deeplabv2_r101|deeplabv2_vgg16
---num-classes 19|16 --out OUT.pt``
+--num-classes 19|16 --out OUT.pt``; and for the reference's VGG16 ImageNet weights (Caffe input),
+``python -m sdca_dist.models.convert --from caffe_vgg16_imagenet vgg16-00b39a1b.pth --out VGG.pt``
+(then ``model.pretrained=VGG.pt``).
 
 The reference (train_src.py / train_sdca.py / train_ssl.py) saves ``{"iteration",
 "feature_extractor": state_dict, "classifier": state_dict, optimizer states...}``, the state dicts
@@ -215,6 +217,25 @@ def _check_classifier(classifier: Mapping[str, Tensor], num_classes: int, path: 
         raise ConvertError(f"checkpoint {path} has a {w.shape[0]}-class classifier; --num-classes is {num_classes}")
 
 
+def convert_caffe_vgg16_imagenet(state: Mapping[str, Tensor], path: str | Path = "<weights>") -> dict[str, Tensor]:
+    """The reference's VGG16 ImageNet weights (jcjohnson/pytorch-vgg ``vgg16-00b39a1b.pth``:
+    torchvision names, Caffe BGR 0..255 input) -> a torchvision-format state_dict for OUR input
+    (``model.pretrained``): the ``features.*`` tensors with the Caffe input folded into conv1_1.
+    Its fully connected layers are dropped (DeepLab's fc6/fc7 are new 3x3 convolutions)."""
+    state = _strip_module(state)
+    needed = [f"features.{i}.{p}" for i in (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28) for p in ("weight", "bias")]
+    missing = [k for k in needed if k not in state]
+    if missing:
+        raise ConvertError(f"weights {path} lack {missing[0]!r}: not a VGG16 in torchvision naming")
+    out = {k: state[k].detach().float() for k in needed}
+    if tuple(out["features.0.weight"].shape) != (64, 3, 3, 3):
+        raise ConvertError(f"weights {path}: features.0.weight has shape {tuple(out['features.0.weight'].shape)}, "
+                           f"a VGG16 has (64, 3, 3, 3)")
+    out["features.0.weight"], out["features.0.bias"] = _fold_caffe_input(out["features.0.weight"],
+                                                                         out["features.0.bias"])
+    return out
+
+
 # --------------------------------------------------------------------------- our side
 def load_converted(path: str | Path, model_name: str, num_classes: int, *, freeze_bn: bool = True):
     """``build_model(model_name, num_classes)`` with the weights-only state_dict at ``path``
@@ -287,13 +308,32 @@ def _unlink(path: Path) -> None:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m sdca_dist.models.convert", description=__doc__.split("\n")[0])
-    parser.add_argument("--from", dest="source_format", choices=["official"], required=True,
-                        help="checkpoint layout: official = the BIT-DA/SDCA reference code")
-    parser.add_argument("checkpoint", help="the reference's .pth (feature_extractor + classifier)")
-    parser.add_argument("--model", choices=SUPPORTED, required=True)
-    parser.add_argument("--num-classes", type=int, choices=[19, 16], required=True)
-    parser.add_argument("--out", required=True, help="our weights-only state_dict (.pt)")
+    parser.add_argument("--from", dest="source_format", choices=["official", "caffe_vgg16_imagenet"], required=True,
+                        help="official = a BIT-DA/SDCA reference checkpoint (feature_extractor + classifier); "
+                             "caffe_vgg16_imagenet = the reference's VGG16 ImageNet weights (vgg16-00b39a1b.pth), "
+                             "written as a torchvision-format file for model.pretrained")
+    parser.add_argument("checkpoint", help="the file to convert")
+    parser.add_argument("--model", choices=SUPPORTED)
+    parser.add_argument("--num-classes", type=int, choices=[19, 16])
+    parser.add_argument("--out", required=True, help="output .pt (atomic write)")
     args = parser.parse_args(argv)
+    if args.source_format == "caffe_vgg16_imagenet":
+        try:
+            from sdca_dist.models.pretrained import read_state_dict
+
+            try:
+                source = read_state_dict(args.checkpoint)
+            except (FileNotFoundError, ValueError) as exc:
+                raise ConvertError(str(exc)) from None
+            save_state_dict(convert_caffe_vgg16_imagenet(source, args.checkpoint), args.out)
+        except ConvertError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"converted {args.checkpoint} -> {args.out} (torchvision-format VGG16 features, Caffe BGR input "
+              f"folded into conv1_1; use it as model.pretrained)")
+        return 0
+    if args.model is None or args.num_classes is None:
+        parser.error("--from official needs --model and --num-classes")
     try:
         fe, cls = read_official(args.checkpoint)
         state = convert_official(fe, cls, args.model, args.num_classes, args.checkpoint)
