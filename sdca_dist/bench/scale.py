@@ -129,6 +129,19 @@ def _latency_ms(model: torch.nn.Module, feature_dim: int, repeats: int = 20) -> 
 
 
 def _worker(rank: int, world: int, init_file: str, args: dict, results) -> None:
+    """One rank. An exception is reported to the parent as one line (``("error", rank, text)``)
+    and ends the process with code 1; the parent decides which rank's failure is the cause."""
+    try:
+        _run_rank(rank, world, init_file, args, results)
+    except BaseException as e:  # noqa: BLE001 - reported, never swallowed: the process exits 1
+        text = str(e).strip().splitlines()
+        results.put(("error", rank, f"{type(e).__name__}: {text[0] if text else ''}"))
+        results.close()
+        results.join_thread()  # the queue's feeder thread must deliver it before the hard exit
+        os._exit(1)  # no interpreter teardown: DALI / gloo threads may still be blocked
+
+
+def _run_rank(rank: int, world: int, init_file: str, args: dict, results) -> None:
     # one compute thread per rank; OMP_NUM_THREADS=1 is already in the environment (set by the
     # parent before spawning, so it holds from the moment torch is imported here)
     torch.set_num_threads(1)
@@ -175,6 +188,8 @@ def _worker(rank: int, world: int, init_file: str, args: dict, results) -> None:
             cpu_start = _thread_cpu()
             proc_cpu = time.process_time()
             t_start = time.perf_counter()
+        if it == warmup and rank == args["kill_rank"]:
+            os._exit(3)  # fault injection (--kill-rank): the others are about to wait in a collective
         t0 = time.perf_counter()
         if fixed is None:
             batches = {n: _to_device(next(iterators[n]), ctx.device) for n in loaders}
@@ -238,19 +253,39 @@ def _measure(world: int, args: dict, timeout_s: float) -> dict:
             p.start()
         deadline = time.monotonic() + timeout_s
         result = None
+        errors: dict[int, str] = {}
         try:
             while result is None:
                 try:
-                    result = q.get(timeout=1)
+                    item = q.get(timeout=0.5)
                 except queue.Empty:
-                    dead = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
-                    if dead:  # a rank crashed: the others would wait in a collective forever
-                        raise RuntimeError(f"rank {dead[0][0]} of {world} exited with code {dead[0][1]} "
-                                           f"(global batch {args['batch']}+{args['batch']})")
-                    if all(p.exitcode == 0 for p in procs):
-                        raise RuntimeError(f"{world} ranks exited without a result")
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"{world} ranks still running after {timeout_s:.0f} s (--timeout)")
+                    item = None
+                if isinstance(item, tuple):  # ("error", rank, one line)
+                    errors[item[1]] = item[2]
+                    continue
+                result = item
+                if result is not None:
+                    break
+                dead = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if dead:  # a rank died: the others would wait in a collective forever
+                    time.sleep(0.5)  # let a reported exception arrive
+                    while not q.empty():
+                        item = q.get()
+                        if isinstance(item, tuple):
+                            errors[item[1]] = item[2]
+                    # the cause: a rank that died without a Python exception (killed, os._exit,
+                    # crash), else the first exception (the others then fail in a collective)
+                    hard = [(i, c) for i, c in dead if i not in errors]
+                    if hard:
+                        msg = f"rank {hard[0][0]} of {world} exited with code {hard[0][1]}"
+                    else:
+                        first = next(iter(errors))  # in order of arrival
+                        msg = f"rank {first} of {world} failed: {errors[first]}"
+                    raise RuntimeError(f"{msg} (global batch {args['batch']}+{args['batch']})")
+                if all(p.exitcode == 0 for p in procs):
+                    raise RuntimeError(f"{world} ranks exited without a result")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{world} ranks still running after {timeout_s:.0f} s (--timeout)")
             for p in procs:
                 p.join(timeout=60)
         finally:
@@ -323,6 +358,7 @@ def main(argv: list[str]) -> int:
                     help="fixed: reuse the first batches (isolates the step from data loading)")
     ap.add_argument("--profile", action="store_true", help="also time the DDP gradient all-reduce (comm hook)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds before a hung run is ended")
+    ap.add_argument("--kill-rank", type=int, default=-1, help=argparse.SUPPRESS)  # fault injection for the tests
     a = ap.parse_args(argv)
     bad = [b for b in a.batches if b < 2 or b % 2]
     if bad or a.iters < 1 or a.warmup < 1 or a.repeats < 1:
@@ -337,9 +373,10 @@ def main(argv: list[str]) -> int:
             _synthetic_shards(Path(tmp), max(32, 2 * max(a.batches)))
             for batch in a.batches:
                 for _ in range(a.repeats):
-                    for world in (1, 2):
+                    for world in (2, 1):  # 2 first: a failing rank is reported before a long 1-rank run
                         args = {"shards": tmp, "batch": batch, "size": a.size, "warmup": a.warmup, "iters": a.iters,
-                                "dali_threads": a.dali_threads, "data": a.data, "profile": a.profile}
+                                "dali_threads": a.dali_threads, "data": a.data, "profile": a.profile,
+                                "kill_rank": a.kill_rank if world == 2 else -1}
                         s = _summary(_measure(world, args, a.timeout))
                         best = rows.get((batch, world))
                         if best is None or s["images_per_s"] > best["images_per_s"]:
