@@ -228,14 +228,14 @@ def slurm_parameters(cfg: DictConfig, stage: str, row: dict) -> dict[str, Any]:
 Todo = list[tuple[int, Path, list[tuple[str, str]]]]  # (seed, run folder, [(stage, why)])
 
 
-def run_local(todo: Todo, plan: dict[str, dict]) -> list[dict]:
+def run_local(todo: Todo, plan: dict[str, dict], model_from: str) -> list[dict]:
     """The chain on this machine: one torchrun (or plain python) process group per stage, each
     with its planned world size."""
     records = []
     for seed, run_dir, stages in todo:
         for stage, why in stages:
             ranks = int(plan[stage]["world_size"])
-            args = [f"stage={stage}", f"run_dir={run_dir}"]
+            args = [f"stage={stage}", f"run_dir={run_dir}"] + ([f"eval.model_from={model_from}"] if stage == "eval" else [])
             if ranks > 1:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
                        "-m", "sdca_dist.train", *args]
@@ -280,7 +280,7 @@ def submit_slurm(cfg: DictConfig, root: Path, todo: Todo, plan: dict[str, dict],
         jobs = []
         with executor.batch():
             for seed, rd in runs:
-                jobs.append(executor.submit(StageJob(str(rd), stage)))
+                jobs.append(executor.submit(StageJob(str(rd), stage, str(cfg.eval.model_from))))
         base = str(jobs[0].job_id).split("_")[0]
         if spec(stage).gates_chain:
             previous = base
@@ -458,7 +458,7 @@ def main(argv: Sequence[str]) -> int:
         print(f"[launch] run folder {root.resolve()}; follow with: tensorboard --logdir {root}", flush=True)
         seed_folders = [(seed, folder) for seed, folder, _, _ in runs]
         if cfg.cluster.name == "local":
-            run_local(todo, plan)
+            run_local(todo, plan, str(cfg.eval.model_from))
             write_summary(cfg, root, seed_folders, stages)
             return 0
         check_partition(cfg, launch)

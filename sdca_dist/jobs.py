@@ -14,16 +14,17 @@ from typing import Any
 
 
 class StageJob:
-    def __init__(self, run_dir: str, stage: str) -> None:
+    def __init__(self, run_dir: str, stage: str, model_from: str = "ssl") -> None:
         self.run_dir = str(run_dir)
         self.stage = stage
+        self.model_from = model_from  # eval only: which model it scores (a job key, not a setting)
 
     def __call__(self) -> dict:
-        from sdca_dist.config.run_config import load_frozen
+        from sdca_dist.config.run_config import load_frozen, with_values
         from sdca_dist.engine.preemption import Preempted
         from sdca_dist.engine.runner import run_stage
 
-        cfg = load_frozen(self.run_dir, self.stage)
+        cfg = with_values(load_frozen(self.run_dir, self.stage), eval__model_from=self.model_from)
         try:
             return run_stage(cfg)
         except Preempted as exc:
@@ -35,4 +36,4 @@ class StageJob:
     def checkpoint(self, *args: Any, **kwargs: Any):
         import submitit
 
-        return submitit.helpers.DelayedSubmission(StageJob(self.run_dir, self.stage))
+        return submitit.helpers.DelayedSubmission(StageJob(self.run_dir, self.stage, self.model_from))

@@ -27,8 +27,9 @@ CONFIG_NAME = "sdca"
 #: dict-valued settings that take keys of the user's choosing (``+cluster.extra.reservation=x``);
 #: everywhere else a key must exist in the schema
 FREE_FORM = ("cluster.extra.", "data.synthetic_gap.")
-#: keys that name the job (which stage, which run folder), not how the run behaves
-JOB_KEYS = ("stage", "run_dir")
+#: keys that name the job (which stage, which run folder, which model the eval stage scores), not
+#: how the run behaves: given per job, never frozen
+JOB_KEYS = ("stage", "run_dir", "eval.model_from")
 
 
 class ConfigError(ValueError):

@@ -73,7 +73,11 @@ def settings_of(cfg: DictConfig) -> dict[str, Any]:
     data = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(data, dict)
     for key in (*JOB_KEYS, *VOLATILE):
-        data.pop(key, None)
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
     return data
 
 
@@ -152,6 +156,11 @@ def without_job_keys(overrides: Sequence[str]) -> list[str]:
     return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in JOB_KEYS]
 
 
+def job_values(cfg: DictConfig) -> dict[str, str]:
+    """The job keys other than stage/run_dir, as a job must carry them (``eval.model_from``)."""
+    return {"eval.model_from": str(cfg.eval.model_from)}
+
+
 def resolve(run_dir: Path | str, overrides: Sequence[str], stage: str | None = None,
             adjust=None) -> tuple[DictConfig, bool]:
     """The run configuration of ``run_dir`` for a command line's ``overrides``.
@@ -163,8 +172,12 @@ def resolve(run_dir: Path | str, overrides: Sequence[str], stage: str | None = N
     before the comparison."""
     run_dir = Path(run_dir)
     settings = without_job_keys(overrides)
+    job = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "eval.model_from"}
     if config_path(run_dir).is_file():
         frozen = load_frozen(run_dir, stage)
+        if job:
+            frozen = with_values(frozen, eval__model_from=job["eval.model_from"])
+            compose_config([f"conf={frozen.conf}", f"eval.model_from={frozen.eval.model_from}"])  # validates it
         if not settings:
             return frozen, False
         # the first command line, then this one (later values of a key win), on the frozen preset
@@ -180,7 +193,8 @@ def resolve(run_dir: Path | str, overrides: Sequence[str], stage: str | None = N
     if not any(o.split("=", 1)[0] == "conf" for o in settings):
         raise ConfigError(f"{config_path(run_dir)} does not exist: start a new run with conf=NAME "
                           "(synthetic, gta2city, synthia2city)")
-    cfg = compose_config(list(settings) + [f"run_dir={run_dir}"] + ([f"stage={stage}"] if stage else []))
+    cfg = compose_config(list(settings) + [f"{k}={v}" for k, v in job.items()] + [f"run_dir={run_dir}"]
+                         + ([f"stage={stage}"] if stage else []))
     if adjust is not None:
         cfg = adjust(cfg)
     return cfg, True

@@ -212,7 +212,7 @@ KillWait=10
 MinJobAge=300
 InactiveLimit=0
 MessageTimeout=10
-NodeName=n[1-2] NodeHostname=$host NodeAddr=127.0.0.1 Port=$SLURMD_PORT1-$SLURMD_PORT2 CPUs=2 State=UNKNOWN
+NodeName=n[1-2] NodeHostname=$host NodeAddr=127.0.0.1 Port=$SLURMD_PORT1-$SLURMD_PORT2 CPUs=4 State=UNKNOWN
 PartitionName=low Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=30
 PartitionName=high Nodes=n[1-2] MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 EOF

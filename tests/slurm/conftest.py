@@ -64,7 +64,7 @@ class SlurmCluster:
 
     def sacct(self, job_id: str, duplicates: bool = False) -> list[dict[str, str]]:
         """Allocation-level accounting records of a job (with -D: also each requeued run)."""
-        fields = "JobID,State,ExitCode,NodeList,Partition,Start,End"
+        fields = "JobID,State,ExitCode,NodeList,Partition,Start,End,NNodes,NTasks,AllocCPUS"
         args = ["sacct", "-j", str(job_id), "-X", "-n", "-P", "-o", fields]
         if duplicates:
             args.append("-D")

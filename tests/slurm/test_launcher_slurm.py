@@ -37,9 +37,21 @@ def _cluster(slurm, *extra: str) -> list[str]:
     return ["nodes=2", f"cluster.partition={slurm.low_partition}", "cluster.time_min=30", *extra]
 
 
-def test_whole_chain_on_two_nodes(slurm, tmp_path):
+def test_whole_chain_on_two_nodes_of_four_tasks_takes_each_stage_its_planned_shape(slurm, tmp_path):
+    """Issue 10: 2 nodes x 4 CPU ranks granted; with train.scale=2 the tiny chain's src and ssl
+    (global batch 8) and the inference stages use all 8 ranks on both nodes, sdca (4 + 4) one
+    node of 4. sacct's NNodes / NTasks of every job equal the dry run's plan."""
     run = tmp_path / "run"
-    proc = run_launcher(tiny(tmp_path / "shards", *_cluster(slurm, "wait=true", f"run_dir={run}", "train.iters=3")))
+    args = tiny(tmp_path / "shards", *_cluster(slurm, f"run_dir={run}", "cluster.tasks_per_node=4",
+                                               "train.scale=2", "train.iters=4"))
+    dry = run_launcher(args + ["dry_run=true"])
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    plan = {ln.split(":", 1)[0][len("[dry-run] "):]: json.loads(ln.split(": ", 1)[1])
+            for ln in dry.stdout.splitlines() if ln.startswith("[dry-run] ")}
+    assert {s: (p["nodes"], p["ntasks_per_node"]) for s, p in plan.items()} == {
+        "src": (2, 4), "dist_init": (2, 4), "sdca": (1, 4), "pseudo_label": (2, 4), "ssl": (2, 4)}
+
+    proc = run_launcher(args + ["wait=true"])
     jobs = _job_ids(proc.stdout)
     for j in jobs.values():
         slurm.track(j)
@@ -47,9 +59,12 @@ def test_whole_chain_on_two_nodes(slurm, tmp_path):
     assert list(jobs) == CHAIN, jobs
     for stage, job in jobs.items():
         assert slurm.wait_sacct_state(job, {"COMPLETED"}, 30, stage) == "COMPLETED"
-        assert (run / stage / "DONE").is_file()
-        # the stage really ran with 2 ranks on the 2 nodes
-        assert '"world_size": 2' in (run / stage / "DONE").read_text()
+        record = slurm.sacct(job)[-1]
+        want = plan[stage]
+        assert (int(record["NNodes"]), int(record["NTasks"] or 0) or None) in {
+            (want["nodes"], want["nodes"] * want["ntasks_per_node"]), (want["nodes"], None)}, (stage, record)
+        done = json.loads((run / stage / "DONE").read_text())
+        assert done["world_size"] == want["world_size"], (stage, done["world_size"])
     assert (run / "ssl" / "metrics.json").is_file()
     dependency = slurm.run("scontrol", "show", "job", jobs["ssl"], check=False).stdout
     assert "afterok" in dependency.lower() or "Dependency=(null)" in dependency  # satisfied deps are cleared
@@ -110,6 +125,11 @@ def test_failing_stage_stops_the_chain_and_is_reported(slurm, tmp_path):
     run = tmp_path / "run"
     (run / "src").mkdir(parents=True)
     (run / "src" / "model_final.pt").write_bytes(b"not a checkpoint")
+    # a src that says it finished: the job, not the preflight, finds the file unloadable
+    from sdca_dist.lineage import sha256_file
+
+    (run / "src" / "DONE").write_text(json.dumps({"stage": "src", "outputs": {
+        "model_final.pt": sha256_file(run / "src" / "model_final.pt")}}))
     proc = run_launcher(tiny(tmp_path / "shards", *_cluster(slurm, "stages=[dist_init,sdca]", "wait=true",
                                                             f"run_dir={run}")))
     jobs = _job_ids(proc.stdout)
@@ -145,11 +165,11 @@ def test_seeds_run_as_one_job_array_and_are_summarised(slurm, tmp_path):
     for j in jobs.values():
         slurm.track(j)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "src: job" in proc.stdout and "(2 seed(s))" in proc.stdout
+    assert "src: job" in proc.stdout and "(2 seed(s), 1x1 ranks)" in proc.stdout
     records = slurm.sacct(jobs["src"])
     assert sorted(r["JobID"] for r in records) == [f"{jobs['src']}_0", f"{jobs['src']}_1"], records
     assert all(r["State"].startswith("COMPLETED") for r in records)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["seeds"] == [0, 1] and len(summary["stages"]["src"]["mIoU"]) == 2
     for seed in (0, 1):
-        assert f"seed: {seed}" in (run / f"seed_{seed}" / "src" / "config.yaml").read_text()
+        assert f"seed: {seed}" in (run / f"seed_{seed}" / "config.yaml").read_text()
