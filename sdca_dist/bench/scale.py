@@ -81,6 +81,17 @@ class _GradHookTimer:
         return fut.then(done)
 
 
+def _main_thread_sched() -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) of the calling thread, from
+    /proc/thread-self/schedstat (zeros where unavailable). Wall time minus both is time the thread
+    was blocked: in a collective, waiting for data, or sleeping."""
+    try:
+        on_cpu, waiting, _ = Path("/proc/thread-self/schedstat").read_text().split()
+        return int(on_cpu) / 1e9, int(waiting) / 1e9
+    except (OSError, ValueError):
+        return 0.0, 0.0
+
+
 def _thread_cpu() -> dict[str, float]:
     """CPU seconds per thread name of this process (Linux /proc; empty elsewhere)."""
     out: dict[str, float] = {}
@@ -187,6 +198,7 @@ def _run_rank(rank: int, world: int, init_file: str, args: dict, results) -> Non
             images = 0
             cpu_start = _thread_cpu()
             proc_cpu = time.process_time()
+            sched = _main_thread_sched()
             t_start = time.perf_counter()
         if it == warmup and rank == args["kill_rank"]:
             os._exit(3)  # fault injection (--kill-rank): the others are about to wait in a collective
@@ -210,9 +222,10 @@ def _run_rank(rank: int, world: int, init_file: str, args: dict, results) -> Non
         images += sum(int(b["image"].shape[0]) for b in batches.values())
     wall = time.perf_counter() - t_start
     proc_cpu = time.process_time() - proc_cpu
+    sched = [b - a for a, b in zip(sched, _main_thread_sched())]
     if args["profile"]:
         _print_thread_cpu(rank, world, cpu_start, iters)
-    mine = [images, wall, proc_cpu, *(spent[p] for p in PHASES), est_timer.seconds,
+    mine = [images, wall, proc_cpu, *sched, *(spent[p] for p in PHASES), est_timer.seconds,
             grad_timer.seconds if grad_timer is not None else 0.0]
     if args["profile"] and world > 1:
         mine.extend(_latency_ms(engine.module, model.feature_dim))
@@ -323,12 +336,15 @@ def _summary(r: dict) -> dict:
     ranks = r["ranks"]
     images = sum(x[0] for x in ranks)
     wall = max(x[1] for x in ranks)
-    per = [dict(zip(("images", "wall", "cpu", *PHASES, "estimator", "grad", "lat_grad", "lat_est", "lat_flag"), x))
+    per = [dict(zip(("images", "wall", "cpu", "main_cpu", "main_runq", *PHASES, "estimator", "grad", "lat_grad", "lat_est", "lat_flag"), x))
            for x in ranks]
     n = r["iters"]
     return {"world": r["world"], "batch": r["batch"], "images": images, "wall": wall, "images_per_s": images / wall,
             "step_ms": 1e3 * wall / n, "other_load": r["other_load"],
             "cpu_share": sum(p["cpu"] / p["wall"] for p in per) / len(per),
+            # main thread, per step, mean over ranks: computing, runnable but not running, blocked
+            "main_ms": {k: 1e3 * sum(v[k] for v in per) / len(per) / n for k in ("main_cpu", "main_runq")}
+            | {"blocked": 1e3 * sum(v["wall"] - v["main_cpu"] - v["main_runq"] for v in per) / len(per) / n},
             "phases_ms": {k: 1e3 * max(p[k] for p in per) / n for k in (*PHASES, "estimator", "grad")},
             "latency_ms": {k: max(p[k] for p in per) for k in ("lat_grad", "lat_est", "lat_flag") if k in per[0]}}
 
@@ -393,6 +409,12 @@ def main(argv: list[str]) -> int:
             e = f"{100 * eff[batch]:.0f}%" if world == 2 else "-"
             print(f"{f'{batch}+{batch}':>12} {world:>5} {r['images']:>7} {r['step_ms']:>8.1f} {r['images_per_s']:>9.1f} "
                   f"{e:>10} {100 * r['cpu_share']:>7.0f}% {r['other_load']:>6.2f} cpu")
+    print("\nmain thread of a rank, ms per step (mean over ranks): on a CPU / runnable but waiting for a CPU "
+          "(other programs, the rank's own DALI and gloo threads) / blocked (collectives, data)")
+    for batch in a.batches:
+        for world in (1, 2):
+            m = rows[(batch, world)]["main_ms"]
+            print(f"{f'{batch}+{batch}':>12} {world:>5} {m['main_cpu']:>9.1f} {m['main_runq']:>9.1f} {m['blocked']:>9.1f}")
     cols = ("data", "step", "estimator", "grad", "optimizer", "flag")
     print("\nper-step ms, maximum over ranks (step = both micro-steps, forward + backward, including the "
           "estimator all-reduce and the gradient all-reduce" + ("" if a.profile else "; grad: --profile") + ")")
