@@ -16,6 +16,11 @@ forward+backward, optimiser, collectives) so a miss of the goal can be attribute
 also times the DDP gradient all-reduce through a comm hook that does what DDP's built-in hook
 does (average over ranks), with a stopwatch.
 
+Attribution: per rank, the main thread's wall time per step is split (Linux schedstat) into time
+on a CPU, time runnable but waiting for a CPU, and time blocked (collectives, data); the CPU used
+by OTHER programs during each run is reported, because on a 2-core machine a 2-rank run has no
+spare core to absorb it while a 1-rank run has one: such load lowers the efficiency shown.
+
 A second, larger global batch (``--batches 4 8``: 8 + 8) shows how efficiency grows with the
 per-rank batch, i.e. what part of the step is a fixed per-step cost.
 
@@ -430,6 +435,9 @@ def main(argv: list[str]) -> int:
                   f"estimator {lat['lat_est']:.2f}, stop flag {lat['lat_flag']:.2f} (the rest of a wait is imbalance)")
     print("(rank CPU: CPU time of a rank process / its wall time, mean over ranks; other load: cores used by "
           "other programs during the run, which a 2-rank run cannot escape on 2 cores)")
+    busy = max(rows[(b, 2)]["other_load"] for b in a.batches)
+    if busy > 0.1:
+        print(f"warning: other programs used {busy:.2f} cores during a 2-rank run: efficiency understated here")
     for batch in a.batches[1:]:
         print(f"scaling efficiency at {batch}+{batch}: {100 * eff[batch]:.0f}%")
     print(f"scaling efficiency: {100 * eff[a.batches[0]]:.0f}%")
