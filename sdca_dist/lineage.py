@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from sdca_dist.stage_table import StageInput, inputs_of, spec
+from sdca_dist.stage_table import StageInput, inputs_of, spec, weights_read
 
 DONE = "DONE"
 LINEAGE = "LINEAGE.json"
@@ -91,18 +91,12 @@ def external_inputs(cfg: Any, stage: str) -> list[External]:
 
     out = [External(f"shards:{key}", manifest_path(shard_set(cfg, getattr(cfg.data, key))))
            for key in spec(stage).shard_sets]
-    if spec(stage).training and cfg.model.pretrained and not spec(stage).inputs:
-        out.append(External("weights:model.pretrained", Path(cfg.model.pretrained)))
-    if stage == "eval" and str(cfg.eval.model_from).endswith(".pt"):
-        out.append(External("weights:eval.model_from", Path(cfg.eval.model_from)))
+    out += [External(f"weights:{key}", Path(path)) for key, path in weights_read(stage, cfg)]
     return out
 
 
 def stage_inputs(cfg: Any, stage: str) -> tuple[StageInput, ...]:
-    model_from = str(cfg.eval.model_from)
-    if stage == "eval" and model_from.endswith(".pt"):
-        return ()
-    return inputs_of(stage, model_from)
+    return inputs_of(stage, cfg)
 
 
 class Lineage:

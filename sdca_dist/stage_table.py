@@ -96,11 +96,30 @@ def spec(name: str) -> StageSpec:
     raise KeyError(f"unknown stage {name!r}; valid stages: {', '.join(STAGE_NAMES)}")
 
 
-def inputs_of(name: str, eval_model_from: str = "ssl") -> tuple[StageInput, ...]:
-    """The files stage ``name`` reads from earlier stages (eval: its ``eval.model_from`` model)."""
+def inputs_of(name: str, cfg=None) -> tuple[StageInput, ...]:
+    """The files stage ``name`` reads from earlier stages under the settings ``cfg``: eval reads
+    the model ``eval.model_from`` names (none when it names a weights file); ssl started from
+    ImageNet (``ssl.init=imagenet``) reads no sdca model."""
     if name == "eval":
-        return (StageInput(eval_model_from, MODEL_FINAL),)
+        model_from = str(cfg.eval.model_from) if cfg is not None else "ssl"
+        return () if model_from.endswith(".pt") else (StageInput(model_from, MODEL_FINAL),)
+    if name == "ssl" and cfg is not None and cfg.ssl.init == "imagenet":
+        return tuple(i for i in spec(name).inputs if i.producer != "sdca")
     return spec(name).inputs
+
+
+def weights_read(name: str, cfg) -> list[tuple[str, str]]:
+    """(setting, path) of the weights files ``name`` reads besides earlier stages' outputs."""
+    out = []
+    init_src = cfg.init.src if name == "src" else None
+    if init_src:
+        out.append(("init.src", str(init_src)))
+    elif name in ("src", "oracle") or (name == "ssl" and cfg.ssl.init == "imagenet"):
+        if cfg.model.pretrained:
+            out.append(("model.pretrained", str(cfg.model.pretrained)))
+    if name == "eval" and str(cfg.eval.model_from).endswith(".pt"):
+        out.append(("eval.model_from", str(cfg.eval.model_from)))
+    return out
 
 
 def ordered(names) -> list[str]:

@@ -60,8 +60,9 @@ def _worker(rank: int, world: int, init_file: str, mode: str, args: dict, result
     torch.manual_seed(0)
     name = "small" if mode == "synthetic" else "deeplabv2_r101"
     model = build_model(name, 19, freeze_bn=True)
-    engine = build_engine("ddp", model, ctx, momentum=0.9, weight_decay=5e-4, classifier_lr_mult=10.0,
-                          micro_steps=2, micro_batch=1)
+    from sdca_dist.config.schema import EngineConfig, TrainConfig
+
+    engine = build_engine(model, ctx, EngineConfig(name="ddp"), TrainConfig(), micro_steps=2, micro_batch=1)
     timer = TimedAllReduce()
     dists = DistributionPair(19, model.feature_dim, ctx.device, all_reduce=timer)
     step = SDCAStep(dists)

@@ -183,6 +183,9 @@ def _validate(cfg: DictConfig) -> None:
     _check(0 < lo <= hi, f"data.ssl_scale={list(cfg.data.ssl_scale)} must be [low, high] with 0 < low <= high")
     _check(len(cfg.data.synthetic_counts) == 3 and min(cfg.data.synthetic_counts) >= 1,
            f"data.synthetic_counts={list(cfg.data.synthetic_counts)} must be 3 counts >= 1 (source, target train, val)")
+    _check(cfg.ssl.init in ("imagenet", "sdca"), f"ssl.init={cfg.ssl.init!r}; valid: imagenet, sdca")
+    _check(cfg.init.src is None or str(cfg.init.src).endswith(".pt"),
+           f"init.src={cfg.init.src!r} must be a .pt weights file (python -m sdca_dist.models.convert makes one)")
     from sdca_dist.stage_table import MODEL_STAGES
 
     mf = str(cfg.eval.model_from)

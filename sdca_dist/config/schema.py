@@ -73,6 +73,24 @@ class StageSchedule:
 
 
 @dataclass
+class SSLSchedule(StageSchedule):
+    """The ssl stage's schedule plus where it starts from."""
+
+    #: imagenet: the published recipe (train_with_ssl.sh passes no resume: ssl trains ImageNet
+    #: weights, ``model.pretrained``, on the pseudo labels); sdca: fine-tune the sdca model
+    init: str = "imagenet"
+
+
+@dataclass
+class InitConfig:
+    """Start a chain from weights made elsewhere."""
+
+    #: a weights file (e.g. an official SDCA checkpoint converted with ``python -m
+    #: sdca_dist.models.convert``) that the src stage imports as its model instead of training
+    src: Optional[str] = None
+
+
+@dataclass
 class TrainConfig:
     """Settings shared by the training stages; ``iters`` overrides the stage's own count."""
 
@@ -165,9 +183,10 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     src: StageSchedule = field(default_factory=StageSchedule)
     sdca: StageSchedule = field(default_factory=StageSchedule)
-    ssl: StageSchedule = field(default_factory=StageSchedule)
+    ssl: SSLSchedule = field(default_factory=SSLSchedule)
     oracle: StageSchedule = field(default_factory=StageSchedule)
 
 

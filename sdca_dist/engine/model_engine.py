@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
+from sdca_dist.config.schema import EngineConfig, TrainConfig
 from sdca_dist.engine.distributed import DistContext, broadcast_tensors
 from sdca_dist.engine.schedule import apply_lr
 
@@ -202,12 +203,12 @@ def _plain_entries(state: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in state.items() if _is_plain(v)}
 
 
-def build_engine(name: str, model: nn.Module, ctx: DistContext, *, momentum: float, weight_decay: float,
-                 classifier_lr_mult: float, micro_steps: int, micro_batch: int, zero_stage: int = 0,
-                 bf16: bool = False, freeze_bn: bool = True) -> ModelEngine:
-    optimizer = build_optimizer(model, momentum, weight_decay, classifier_lr_mult)
-    if name == "ddp":
+def build_engine(model: nn.Module, ctx: DistContext, engine: EngineConfig, train: TrainConfig, *,
+                 micro_steps: int, micro_batch: int, freeze_bn: bool = True) -> ModelEngine:
+    """The model wrapped for this rank group as ``engine`` says, with the SGD settings of ``train``."""
+    optimizer = build_optimizer(model, train.momentum, train.weight_decay, train.classifier_lr_mult)
+    if engine.name == "ddp":
         return DDPEngine(model, ctx, optimizer, micro_steps, freeze_bn)
-    if name == "deepspeed":
-        return DeepSpeedEngine(model, ctx, optimizer, micro_steps, micro_batch, zero_stage, bf16, freeze_bn)
-    raise ValueError(f"engine.name={name!r}; valid: ddp, deepspeed")
+    if engine.name == "deepspeed":
+        return DeepSpeedEngine(model, ctx, optimizer, micro_steps, micro_batch, engine.zero_stage, engine.bf16, freeze_bn)
+    raise ValueError(f"engine.name={engine.name!r}; valid: ddp, deepspeed")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from sdca_dist.config.schema import Config
 
 from sdca_dist.engine.checkpoint import atomic_torch_save, atomic_write_text
 from sdca_dist.engine.distributed import DistContext
@@ -25,6 +27,15 @@ class StageContext:
     run: RunDir
     name: str
     observer: StageObserver
+    _settings: Optional[Config] = field(default=None, repr=False)
+
+    @property
+    def settings(self) -> Config:
+        """The run configuration as typed dataclasses (``OmegaConf.to_object`` once per stage):
+        components take their section (MethodConfig, TrainConfig, EngineConfig), not casts."""
+        if self._settings is None:
+            self._settings = OmegaConf.to_object(self.cfg)  # type: ignore[assignment]
+        return self._settings  # type: ignore[return-value]
 
     @property
     def folder(self) -> Path:

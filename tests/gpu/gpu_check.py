@@ -100,8 +100,11 @@ def _sdca_step(engine_name: str, precision: str, smoke: bool, zero: int = 0, ste
     ctx = init_distributed("auto")  # one process group for every item (DeepSpeed caches it)
     (sh, sw), (th, tw) = ((96, 160), (64, 128)) if smoke else ((720, 1280), (512, 1024))
     model = build_model("small" if smoke else "deeplabv2_r101", 19, freeze_bn=True)
-    engine = build_engine(engine_name, model, ctx, momentum=0.9, weight_decay=5e-4, classifier_lr_mult=10.0,
-                          micro_steps=2, micro_batch=1, zero_stage=zero, bf16=(precision == "bf16" and engine_name == "deepspeed"))
+    from sdca_dist.config.schema import EngineConfig, TrainConfig
+
+    engine = build_engine(model, ctx, EngineConfig(name=engine_name, zero_stage=zero,
+                                                   bf16=(precision == "bf16" and engine_name == "deepspeed")),
+                          TrainConfig(), micro_steps=2, micro_batch=1)
     timing = {"allreduce": 0.0}
 
     def timed_all_reduce(t):

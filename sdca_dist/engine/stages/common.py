@@ -11,12 +11,8 @@ from sdca_dist.engine.stage_context import StageContext
 
 def make_engine(sc: StageContext, model: torch.nn.Module, micro_steps: int, micro_batch: int,
                 freeze_bn: bool) -> ModelEngine:
-    cfg = sc.cfg
-    return build_engine(cfg.engine.name, model, sc.ctx, momentum=float(cfg.train.momentum),
-                        weight_decay=float(cfg.train.weight_decay),
-                        classifier_lr_mult=float(cfg.train.classifier_lr_mult), micro_steps=micro_steps,
-                        micro_batch=micro_batch, zero_stage=int(cfg.engine.zero_stage), bf16=bool(cfg.engine.bf16),
-                        freeze_bn=freeze_bn)
+    return build_engine(model, sc.ctx, sc.settings.engine, sc.settings.train, micro_steps=micro_steps,
+                        micro_batch=micro_batch, freeze_bn=freeze_bn)
 
 
 def finish_training(sc: StageContext, engine: ModelEngine, stats: dict, iters: int) -> dict:

@@ -13,7 +13,7 @@ import torch
 from sdca_dist.engine.data import make_loader, manifest_path, shard_set
 from sdca_dist.engine.run_dir import DISTRIBUTIONS
 from sdca_dist.engine.stage_context import StageContext
-from sdca_dist.engine.stages.distributions import DistributionPair
+from sdca_dist.engine.stages.distributions import DistributionPair, save_distributions
 from sdca_dist.method import flatten_pixels
 
 
@@ -40,7 +40,7 @@ def run(sc: StageContext) -> dict:
             obs.progress(step, {})
     path = sc.folder / DISTRIBUTIONS
     if ctx.is_main:
-        dists.save(path)
+        save_distributions(dists, path)
     ctx.barrier()
     stats = dists.statistics()
     obs.scalars(0, stats)

@@ -1,6 +1,10 @@
-"""eval: mIoU on target val of an earlier stage's model_final.pt (``eval.model_from``)."""
+"""eval: mIoU on target val of an earlier stage's model_final.pt, or of a weights file
+(``eval.model_from=src|sdca|ssl|oracle`` or ``eval.model_from=PATH.pt``, e.g. a converted
+official checkpoint)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from sdca_dist.engine.evaluation import evaluate
 from sdca_dist.engine.stage_context import StageContext
@@ -8,8 +12,10 @@ from sdca_dist.engine.stage_context import StageContext
 
 def run(sc: StageContext) -> dict:
     source = str(sc.cfg.eval.model_from)
-    model = sc.build_model(init_from=sc.run.model_of(source), freeze_bn=True)
-    report = evaluate(sc, model, tag=f"eval_{source}")
+    weights = Path(source) if source.endswith(".pt") else sc.run.model_of(source)
+    model = sc.build_model(init_from=weights, freeze_bn=True)
+    tag = f"eval_{Path(source).stem if source.endswith('.pt') else source}"
+    report = evaluate(sc, model, tag=tag)
     sc.write_metrics(report, {"stage": "eval", "model_from": source})
     sc.observer.log("per-class IoU:\n" + report["table"])
     return {"mIoU": report["mIoU"], "model_from": source}

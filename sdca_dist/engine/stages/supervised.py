@@ -6,6 +6,8 @@ They differ only in the shard set, the augmentation, the loss (ssl: CE only) and
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sdca_dist.engine.data import make_loader, manifest_path, per_rank, shard_set
 from sdca_dist.engine.stage_context import StageContext
 from sdca_dist.engine.stages.common import finish_training, make_engine
@@ -14,7 +16,7 @@ from sdca_dist.engine.training import TrainingPlan, run_training
 
 def _run_supervised(sc: StageContext, manifest, *, init_from=None, freeze_bn: bool, lovasz_weight: float,
                     resize, crop=None, scale=None, flip=False, photometric=False, class_balanced=False,
-                    target_labels=False) -> dict:
+                    target_labels=False, crop_policy: str = "pad") -> dict:
     sched = sc.schedule()
     batch = per_rank(sched.global_batch, sc.ctx, f"{sc.name}.batch_size")
     model = sc.build_model(init_from=init_from, freeze_bn=freeze_bn)
@@ -23,7 +25,7 @@ def _run_supervised(sc: StageContext, manifest, *, init_from=None, freeze_bn: bo
     engine = make_engine(sc, model, micro_steps=1, micro_batch=batch, freeze_bn=freeze_bn)
     loader = make_loader(sc.cfg, sc.ctx, manifest, batch, train=True, resize=resize, crop=crop, scale=scale,
                          flip=flip, photometric=photometric, class_balanced=class_balanced,
-                         target_labels=target_labels)
+                         target_labels=target_labels, crop_policy=crop_policy)
 
     from sdca_dist.method import segmentation_loss
 
@@ -57,6 +59,8 @@ def _freeze_bn_from_scratch(cfg) -> bool:
 
 def run_src(sc: StageContext) -> dict:
     cfg = sc.cfg
+    if cfg.init.src:
+        return _import_src(sc, Path(cfg.init.src))
     return _run_supervised(sc, manifest_path(shard_set(cfg, cfg.data.source)), freeze_bn=_freeze_bn_from_scratch(cfg),
                            lovasz_weight=float(cfg.method.lovasz_weight), resize=list(cfg.data.source_resize),
                            class_balanced=bool(cfg.data.class_balanced))
@@ -71,7 +75,25 @@ def run_oracle(sc: StageContext) -> dict:
 
 
 def run_ssl(sc: StageContext) -> dict:
+    """The published ssl recipe: ImageNet weights (``ssl.init=imagenet``) trained on the pseudo
+    labels with a random scale of the ORIGINAL target image and a crop that never pads."""
     cfg = sc.cfg
-    return _run_supervised(sc, sc.run.pseudo_manifest(), init_from=sc.run.model_of("sdca"), freeze_bn=False,
-                           lovasz_weight=0.0, resize=list(cfg.data.target_resize), crop=list(cfg.data.ssl_crop),
-                           scale=list(cfg.data.ssl_scale), flip=True, photometric=True)
+    init_from = sc.run.model_of("sdca") if cfg.ssl.init == "sdca" else None
+    return _run_supervised(sc, sc.run.pseudo_manifest(), init_from=init_from, freeze_bn=False,
+                           lovasz_weight=0.0, resize=None, crop=list(cfg.data.ssl_crop),
+                           scale=list(cfg.data.ssl_scale), flip=True, photometric=True, crop_policy="fit")
+
+
+def _import_src(sc: StageContext, weights: Path) -> dict:
+    """``init.src=PATH``: the chain starts from weights made elsewhere (an official checkpoint
+    converted by ``python -m sdca_dist.models.convert``); src scores them instead of training."""
+    from sdca_dist.engine.evaluation import evaluate
+
+    model = sc.build_model(init_from=weights, freeze_bn=True)
+    path = sc.save_model_final(model.state_dict())
+    summary = {"model_final": str(path), "imported_from": str(weights)}
+    if sc.cfg.train.eval_at_end:
+        report = evaluate(sc, model, tag="src", iteration=0)
+        sc.write_metrics(report, {"stage": "src", "iters": 0, "imported_from": str(weights)})
+        summary["mIoU"] = report["mIoU"]
+    return summary
