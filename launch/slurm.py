@@ -62,6 +62,8 @@ def planned_stages(launch: LaunchConfig) -> list[str]:
     stages = ordered(launch.stages)
     if launch.with_oracle and "oracle" not in stages:
         stages = ordered(stages + ["oracle"])
+    if launch.with_ablation and "sdca_no_align" not in stages:
+        stages = ordered(stages + ["sdca_no_align"])
     return stages
 
 
@@ -358,6 +360,9 @@ def write_summary(cfg: DictConfig, root: Path, runs: list[tuple[int, Path]], sta
                 row = {"seed": seed, "mIoU": float(metrics["mIoU"])}
                 if "mIoU13" in metrics:
                     row["mIoU13"] = float(metrics["mIoU13"])
+                selected = _selected_on_val(rd, stage, metrics)  # train.select=best_val (issue 11)
+                if selected is not None:
+                    row["selected_iteration"] = selected.get("iteration")
                 per_seed.append(row)
                 per_class.append(metrics["per_class"])
         if not walls:
@@ -370,6 +375,7 @@ def write_summary(cfg: DictConfig, root: Path, runs: list[tuple[int, Path]], sta
             names = list(per_class[0])
             entry.update({"per_seed": per_seed, "mIoU": ious, "mean": mean, "std": std,
                           "per_class_mean": {n: _mean([pc.get(n) for pc in per_class]) for n in names}})
+            entry["selected_on_val"] = any("selected_iteration" in r for r in per_seed)
         table[stage] = entry
     if not table:
         return None
@@ -378,9 +384,18 @@ def write_summary(cfg: DictConfig, root: Path, runs: list[tuple[int, Path]], sta
     for stage, row in table.items():
         if "mean" in row:
             per = ", ".join(f"{v['seed']}: {v['mIoU']:.2f}" for v in row["per_seed"])
-            lines.append(f"| {stage} | {row['mean']:.2f} ± {row['std']:.2f} | {per} | {row['wall_seconds_mean']:.0f} |")
+            mark = " †" if row.get("selected_on_val") else ""
+            lines.append(f"| {stage}{mark} | {row['mean']:.2f} ± {row['std']:.2f} | {per} | {row['wall_seconds_mean']:.0f} |")
         else:
             lines.append(f"| {stage} | - | - | {row['wall_seconds_mean']:.0f} |")
+    if any(row.get("selected_on_val") for row in table.values()):
+        lines += ["", "† selected on the evaluation set (train.select=best_val: the weights with the best target-val "
+                      "mIoU among those evaluated every train.select_every iterations, as the reference code does); "
+                      "optimistic, not comparable with final-iteration numbers"]
+    ablation = alignment_effect(table)
+    if ablation is not None:
+        lines += ["", f"Alignment effect (sdca - sdca_no_align, paired by seed): {ablation['mean']:+.2f} ± "
+                      f"{ablation['std']:.2f} mIoU ({', '.join(f'{k}: {v:+.2f}' for k, v in ablation['per_seed'].items())})"]
     scored = [s for s in table if "per_class_mean" in table[s]]
     if scored:
         lines += ["", "Per-class IoU (mean over seeds):", "",
@@ -393,10 +408,38 @@ def write_summary(cfg: DictConfig, root: Path, runs: list[tuple[int, Path]], sta
     payload = {"conf": cfg.conf, "seeds": [s for s, _ in runs], "stages": table}
     if "oracle" in table:
         payload["oracle"] = table["oracle"]
+    if ablation is not None:
+        payload["alignment_effect"] = ablation
     (root / "summary.json").write_text(json.dumps(payload, indent=1) + "\n")
     (root / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     return root / "summary.md"
+
+
+def _selected_on_val(rd: Path, stage: str, metrics: dict) -> Optional[dict]:
+    """The ``selected`` record (train.select=best_val) behind a stage's number, or None: a training
+    stage's own, or for eval that of the stage whose model it scored."""
+    selected = metrics.get("selected")
+    model_from = str(metrics.get("model_from") or "")
+    if selected is None and stage == "eval" and model_from and not model_from.endswith(".pt"):
+        selected = (_read_json(rd / model_from / "metrics.json") or {}).get("selected")
+    return selected if isinstance(selected, dict) and selected.get("rule") == "best_val" else None
+
+
+def alignment_effect(table: dict[str, dict]) -> Optional[dict]:
+    """sdca minus sdca_no_align per seed (same src model, distributions and seed: a paired
+    difference), with mean and sample std; None without the ablation."""
+    a, b = table.get("sdca", {}), table.get("sdca_no_align", {})
+    if "per_seed" not in a or "per_seed" not in b:
+        return None
+    off = {r["seed"]: r["mIoU"] for r in b["per_seed"]}
+    diffs = {r["seed"]: r["mIoU"] - off[r["seed"]] for r in a["per_seed"] if r["seed"] in off}
+    if not diffs:
+        return None
+    vals = list(diffs.values())
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((x - mean) ** 2 for x in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return {"per_seed": diffs, "mean": mean, "std": std}
 
 
 def _mean(values: list[Optional[float]]) -> Optional[float]:

@@ -73,6 +73,12 @@ TABLE: tuple[StageSpec, ...] = (
     StageSpec("sdca", f"{_STAGES}.sdca:run", shard_sets=("source", "target_train", "target_val"),
               inputs=(StageInput("src", MODEL_FINAL), StageInput("dist_init", DISTRIBUTIONS)),
               outputs=(MODEL_FINAL,), schedule="sdca", batch_keys=("batch_size", "target_batch_size")),
+    # the one-command ablation (launcher with_ablation=true): sdca with the four contrastive terms
+    # off, from the same src model, distributions and seed; a reference, gates nothing
+    StageSpec("sdca_no_align", f"{_STAGES}.sdca:run_no_align", shard_sets=("source", "target_train", "target_val"),
+              inputs=(StageInput("src", MODEL_FINAL), StageInput("dist_init", DISTRIBUTIONS)),
+              outputs=(MODEL_FINAL,), schedule="sdca", in_chain=False, gates_chain=False,
+              batch_keys=("batch_size", "target_batch_size")),
     StageSpec("pseudo_label", f"{_STAGES}.pseudo_label:run", shard_sets=("target_train",),
               inputs=(StageInput("sdca", MODEL_FINAL),), outputs=(PSEUDO_MANIFEST, THRESHOLDS)),
     StageSpec("ssl", f"{_STAGES}.supervised:run_ssl", shard_sets=("target_val",),

@@ -38,9 +38,24 @@ def shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def finished(shards, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("lineage") / "run"
-    proc = run_launcher(tiny(shards, "cluster=local", f"run_dir={run}", "train.iters=2"))
+    proc = run_launcher(tiny(shards, "cluster=local", f"run_dir={run}", "train.iters=2", "with_ablation=true"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run
+
+
+def test_with_ablation_trains_sdca_without_alignment_from_the_same_inputs(finished):
+    """Issue 11: the one-command ablation is a stage of the table, reported beside sdca."""
+    sdca = json.loads((finished / "sdca" / "DONE").read_text())
+    off = json.loads((finished / "sdca_no_align" / "DONE").read_text())
+    assert off["lineage"]["inputs"] == sdca["lineage"]["inputs"]  # same src model, distributions, shards
+    assert off["final_scalars"]["feat_src"] > 0 and off["final_scalars"]["loss"] == pytest.approx(
+        off["final_scalars"]["seg"], rel=1e-6)  # the terms are computed but weigh nothing
+    summary = json.loads((finished / "summary.json").read_text())
+    assert "sdca_no_align" in summary["stages"]
+    effect = summary["alignment_effect"]
+    assert effect["per_seed"]["0"] == pytest.approx(summary["stages"]["sdca"]["mIoU"][0]
+                                                    - summary["stages"]["sdca_no_align"]["mIoU"][0])
+    assert "Alignment effect (sdca - sdca_no_align, paired by seed)" in (finished / "summary.md").read_text()
 
 
 def _copy(run: Path, dest: Path) -> Path:
@@ -105,14 +120,14 @@ def test_relaunch_skips_fresh_stages_and_redo_reruns_everything_after(finished, 
     run = _copy(finished, tmp_path / "run")
     same = run_launcher([f"run_dir={run}", "cluster=local"])
     assert same.returncode == 0, same.stderr[-2000:]
-    assert same.stdout.count("DONE with these settings and inputs, skipped") == len(CHAIN)
+    assert same.stdout.count("DONE with these settings and inputs, skipped") == len(CHAIN)  # ablation not planned
 
     old = {s: json.loads((run / s / "DONE").read_text())["finished"] for s in CHAIN}
     src_hash = json.loads((run / "src" / "DONE").read_text())["outputs"]["model_final.pt"]
     redo = run_launcher([f"run_dir={run}", "redo=[sdca]"])
     assert redo.returncode == 0, redo.stdout[-2000:] + redo.stderr[-2000:]
     skipped = re.findall(r"\[launch\] \S+ (\w+): DONE with these settings and inputs, skipped", redo.stdout)
-    assert skipped == ["src", "dist_init"]
+    assert skipped == ["src", "dist_init"]  # sdca_no_align is not planned without with_ablation
     for stage in ("sdca", "pseudo_label", "ssl"):
         assert re.search(rf"\[launch\] seed 0 {stage} \(", redo.stdout), f"{stage} did not rerun"
         record = json.loads((run / stage / "DONE").read_text())

@@ -115,6 +115,15 @@ class TrainConfig:
     eval_at_end: bool = True
     #: per-rank eval batch size (does not change the result)
     eval_batch_size: int = 1
+    #: which weights a training stage keeps as model_final.pt (chained into the next stage and
+    #: reported): final = the last iteration's; best_val = the reference code's protocol (its
+    #: model_best.pth): evaluate on target val every ``select_every`` iterations and at the end,
+    #: keep the best. best_val selects ON THE EVALUATION SET, so its numbers are optimistic; they
+    #: are labelled "selected" in metrics.json, DONE and the launcher's summary
+    select: str = "final"
+    #: best_val: evaluation interval in iterations of the published schedule (divided by train.scale
+    #: like the other cadences); the reference evaluates every 1,000
+    select_every: int = 1000
 
 
 @dataclass
@@ -202,5 +211,7 @@ class LaunchConfig:
     dry_run: bool = False
     seeds: int = 1
     with_oracle: bool = False
+    #: also train sdca with the contrastive terms off (stage sdca_no_align) and report the difference
+    with_ablation: bool = False
     #: stages to run again although DONE; every stage after them becomes stale and reruns too
     redo: list[str] = field(default_factory=list)

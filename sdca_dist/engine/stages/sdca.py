@@ -8,6 +8,7 @@ once, after the second; plus logging and TensorBoard images.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -54,6 +55,15 @@ class SDCAStep:
 
 
 def run(sc: StageContext) -> dict:
+    return _run(sc, sc.settings.method)
+
+
+def run_no_align(sc: StageContext) -> dict:
+    """The ablation: the same stage with the feature- and output-level contrastive terms off."""
+    return _run(sc, dataclasses.replace(sc.settings.method, feat_weight=0.0, out_weight=0.0))
+
+
+def _run(sc: StageContext, method: MethodConfig) -> dict:
     cfg, ctx = sc.cfg, sc.ctx
     sched = sc.schedule()
     src_batch = per_rank(sched.global_batch, ctx, "sdca.batch_size")
@@ -67,7 +77,7 @@ def run(sc: StageContext) -> dict:
                          class_balanced=bool(cfg.data.class_balanced), seed_offset=1)
     target = make_loader(cfg, ctx, manifest_path(shard_set(cfg, cfg.data.target_train)), tgt_batch, train=True,
                          resize=list(cfg.data.target_resize), seed_offset=2)
-    step = SDCAStep(dists, sc.settings.method, observer=sc.observer, image_every=sched.image_every)
+    step = SDCAStep(dists, method, observer=sc.observer, image_every=sched.image_every)
     plan = TrainingPlan(schedule=sched, engine=engine, loaders={"source": source, "target": target}, step=step,
                         shared_state={"distributions": dists}, extra_scalars=dists.statistics,
                         images_per_step=src_batch + tgt_batch)
