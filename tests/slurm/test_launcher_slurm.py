@@ -59,10 +59,13 @@ def test_whole_chain_on_two_nodes_of_four_tasks_takes_each_stage_its_planned_sha
     assert list(jobs) == CHAIN, jobs
     for stage, job in jobs.items():
         assert slurm.wait_sacct_state(job, {"COMPLETED"}, 30, stage) == "COMPLETED"
-        record = slurm.sacct(job)[-1]
         want = plan[stage]
-        assert (int(record["NNodes"]), int(record["NTasks"] or 0) or None) in {
-            (want["nodes"], want["nodes"] * want["ntasks_per_node"]), (want["nodes"], None)}, (stage, record)
+        assert int(slurm.sacct(job)[-1]["NNodes"]) == want["nodes"], stage
+        # the srun step that ran the ranks (JobID.0): its node and task counts are the plan's
+        steps = [ln.split("|") for ln in slurm.run("sacct", "-j", job, "-n", "-P", "-o", "JobID,NNodes,NTasks")
+                 .stdout.splitlines()]
+        srun = [st for st in steps if st[0] == f"{job}.0"]
+        assert srun and (int(srun[-1][1]), int(srun[-1][2])) == (want["nodes"], want["world_size"]), (stage, steps)
         done = json.loads((run / stage / "DONE").read_text())
         assert done["world_size"] == want["world_size"], (stage, done["world_size"])
     assert (run / "ssl" / "metrics.json").is_file()
@@ -165,7 +168,7 @@ def test_seeds_run_as_one_job_array_and_are_summarised(slurm, tmp_path):
     for j in jobs.values():
         slurm.track(j)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "src: job" in proc.stdout and "(2 seed(s), 1x1 ranks)" in proc.stdout
+    assert "src: job" in proc.stdout and "(2 seed(s), 2x1 ranks)" in proc.stdout
     records = slurm.sacct(jobs["src"])
     assert sorted(r["JobID"] for r in records) == [f"{jobs['src']}_0", f"{jobs['src']}_1"], records
     assert all(r["State"].startswith("COMPLETED") for r in records)
