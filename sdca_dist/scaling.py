@@ -62,6 +62,8 @@ class StageSchedule:
     log_every: int
     image_every: int
     scale: int
+    #: train.select=best_val: evaluate on target val every this many (scaled) iterations
+    select_every: int = 1000
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -89,7 +91,7 @@ def scaled_schedule(cfg: Any, stage: str) -> StageSchedule:
         global_batch=int(s.batch_size) * k, global_target_batch=int(s.target_batch_size) * k,
         warmup_iters=default_warmup(k, iters) if warm < 0 else min(warm, iters),
         checkpoint_every=_div(int(t.checkpoint_every), k), log_every=_div(int(t.log_every), k),
-        image_every=_div(int(t.image_every), k), scale=k)
+        image_every=_div(int(t.image_every), k), scale=k, select_every=_div(int(t.select_every), k))
 
 
 def _batches(cfg: Any, stage: str, k: int) -> list[tuple[str, int]]:
@@ -180,7 +182,7 @@ def plan_row(cfg: Any, stage: str, nodes: int, tasks_per_node: int, k: int) -> d
     if spec(stage).training:
         s = scaled_schedule(cfg, stage)
         row.update({"global_batch": s.global_batch, "per_rank_batch": s.global_batch // shape.world_size})
-        if stage == "sdca":
+        if "target_batch_size" in spec(stage).batch_keys:
             row["global_target_batch"] = s.global_target_batch
         row.update({"lr": s.lr, "iters": s.iters, "schedule_iters": s.schedule_iters, "warmup_iters": s.warmup_iters,
                     "scale": s.scale})
