@@ -39,6 +39,18 @@ def test_eval_labels_byte_exact_and_each_sample_once(shard_sets):
     assert sorted(seen) == list(range(len(want)))
 
 
+def test_padding_samples_carry_no_label(shard_sets):
+    """Issue 13: the loader masks the samples that pad the last batch; consumers (dist_init's
+    estimator, evaluation) used to mask them by hand, and one that forgot would count them."""
+    m = shard_sets["gta5"]  # 14 samples, batch 4 over 1 rank: the last batch has 2 padding samples
+    batches = list(ShardLoader(m, 4, train=False, resize=(16, 32), device="cpu", num_threads=1))
+    padded = [(b, j) for b in batches for j in range(4) if not b["valid"][j]]
+    assert padded, "the set no longer needs padding: pick a batch size that does not divide it"
+    for b, j in padded:
+        assert bool((b["label"][j] == 255).all())
+    assert all(bool((b["label"][j] != 255).any()) for b in batches for j in range(4) if b["valid"][j])
+
+
 def test_label_map_is_applied(shard_sets):
     m = shard_sets["cityscapes_val"]
     lut = target_label_map(16)

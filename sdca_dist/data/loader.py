@@ -304,7 +304,10 @@ class ShardLoader:
         want, valid = self.batch_indices(g)
         got = np.asarray(index.as_tensor()).reshape(n)
         assert np.array_equal(got, want), f"loader order out of step at batch {g}"
-        return {"image": img, "label": lbl, "valid": torch.as_tensor(valid),
+        valid = torch.as_tensor(valid)
+        if not bool(valid.all()):  # padding samples carry no label: no consumer can count them by mistake
+            lbl[~valid.to(lbl.device)] = 255
+        return {"image": img, "label": lbl, "valid": valid,
                 "index": torch.as_tensor(got, dtype=torch.int64)}
 
     def _explain(self, g: int, err: Exception) -> Exception:

@@ -146,6 +146,21 @@ def broadcast_tensors(tensors: list[torch.Tensor], ctx: DistContext, src: int = 
             t.copy_(v)
 
 
+def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> None:
+    """SUM ``tensor`` over all ranks, in place (identity on one process)."""
+    if ctx.distributed and ctx.world_size > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+def all_gather_object(obj, ctx: DistContext) -> list:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not ctx.distributed:
+        return [obj]
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj, ctx: DistContext, src: int = 0):
     if not ctx.distributed:
         return obj

@@ -30,8 +30,7 @@ def run(sc: StageContext) -> dict:
     t0 = time.time()
     for step, batch in enumerate(loader, 1):
         image = batch["image"].to(ctx.device)
-        label = batch["label"].to(ctx.device)
-        label = torch.where(batch["valid"].to(ctx.device)[:, None, None], label, torch.full_like(label, 255))
+        label = batch["label"].to(ctx.device)  # padding samples arrive as 255 (the loader masks them)
         feats, logits = model(image)
         f, y = flatten_pixels(feats, label)
         o, _ = flatten_pixels(logits, label)

@@ -13,8 +13,8 @@ import shutil
 import time
 
 import torch
-import torch.distributed as dist
 
+from sdca_dist.engine.distributed import all_gather_object, all_reduce_sum
 from sdca_dist.engine.data import make_loader, manifest_path, shard_set
 from sdca_dist.engine.run_dir import PSEUDO_SHARDS, THRESHOLDS
 from sdca_dist.engine.stage_context import StageContext
@@ -98,12 +98,9 @@ def run(sc: StageContext) -> dict:
         if step % max(1, int(cfg.train.log_every)) == 0:
             obs.progress(step, {})
     infos = writer.close()
-    gathered = [None] * ctx.world_size if ctx.distributed else [infos]
-    if ctx.distributed:
-        dist.all_gather_object(gathered, infos)
+    gathered = all_gather_object(infos, ctx)
     counts = torch.tensor([kept, total], dtype=torch.float64, device=ctx.device)
-    if ctx.distributed:
-        dist.all_reduce(counts)
+    all_reduce_sum(counts, ctx)
     quality.all_reduce()
     if ctx.is_main:
         all_infos = [info for part in gathered for info in part]
