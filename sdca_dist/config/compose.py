@@ -153,8 +153,12 @@ def _validate(cfg: DictConfig) -> None:
     _check(cfg.sdca.target_batch_size >= 1, f"sdca.target_batch_size={cfg.sdca.target_batch_size} must be >= 1")
     t = cfg.train
     _check(t.iters is None or t.iters >= 1, f"train.iters={t.iters} must be >= 1")
-    for key in ("checkpoint_every", "keep_checkpoints", "log_every", "image_every", "eval_batch_size"):
+    for key in ("checkpoint_every", "keep_checkpoints", "log_every", "image_every", "eval_batch_size", "select_every"):
         _check(t[key] >= 1, f"train.{key}={t[key]} must be >= 1")
+    # checkpoint selection (issue 11 item 4): best_val evaluates during training, so it needs the evaluation
+    _check(t.select in ("final", "best_val"), f"train.select={t.select!r}; valid: final, best_val")
+    _check(t.select != "best_val" or t.eval_at_end,
+           "train.select=best_val selects by evaluating on target val; it needs train.eval_at_end=true")
     _check(t.warmup_iters >= -1, f"train.warmup_iters={t.warmup_iters} must be >= 0 (or -1 for the default rule)")
     from sdca_dist.scaling import ScaleError, parse_scale
 

@@ -2,7 +2,9 @@
 
 The loop is short on purpose: the stage supplies a ``step`` (its losses and micro-steps); the
 loop owns resume, the poly LR, periodic all-rank checkpoints, stop signals, progress/TensorBoard
-and the end-of-stage outputs (model_final.pt, eval metrics.json, DONE).
+and the end-of-stage outputs (model_final.pt, eval metrics.json, DONE). With
+``train.select=best_val`` it also evaluates on target val every ``select_every`` iterations and
+keeps the best weights (``sdca_dist.engine.selection``); the default ``final`` adds nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from sdca_dist.engine.distributed import all_reduce_flag
 from sdca_dist.engine.model_engine import ModelEngine
 from sdca_dist.engine.observe import memory_high_water_mb
 from sdca_dist.engine.preemption import StopSignal
+from sdca_dist.engine.selection import BestValSelection, selection_for
 from sdca_dist.engine.schedule import poly_lr
 from sdca_dist.engine.stage_context import Schedule, StageContext
 
@@ -48,7 +51,13 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def resume(sc: StageContext, plan: TrainingPlan, ckpt: Checkpointer) -> int:
+#: key of ``run_training``'s statistics that hands the selection to ``finish_training`` (never
+#: written anywhere: ``finish_training`` removes it)
+SELECTION_KEY = "_selection"
+
+
+def resume(sc: StageContext, plan: TrainingPlan, ckpt: Checkpointer,
+           selection: BestValSelection | None = None) -> int:
     """Restore the newest whole checkpoint (if any); returns the iteration to start from."""
     path = ckpt.latest_valid()
     if path is None:
@@ -59,12 +68,15 @@ def resume(sc: StageContext, plan: TrainingPlan, ckpt: Checkpointer) -> int:
         loader.load_state_dict(mine["loaders"][name])
     for name, obj in plan.shared_state.items():
         obj.load_state_dict(common["shared"][name])
+    if selection is not None:
+        selection.load_state_dict(common["selection"])
     set_rng_state(mine["rng"])
     sc.observer.log(f"resumed from {path} at iteration {common['iteration']}")
     return int(common["iteration"])
 
 
-def save_checkpoint(sc: StageContext, plan: TrainingPlan, ckpt: Checkpointer, iteration: int) -> None:
+def save_checkpoint(sc: StageContext, plan: TrainingPlan, ckpt: Checkpointer, iteration: int,
+                    selection: BestValSelection | None = None) -> None:
     common_opt, rank_opt = plan.engine.optimizer_state()
     common = {
         "iteration": iteration,
@@ -72,6 +84,8 @@ def save_checkpoint(sc: StageContext, plan: TrainingPlan, ckpt: Checkpointer, it
         "optimizer": common_opt,
         "shared": {n: o.state_dict() for n, o in plan.shared_state.items()},
     }
+    if selection is not None:  # absent with train.select=final: checkpoints as before
+        common["selection"] = selection.state_dict()
     mine = {
         "optimizer": rank_opt,
         "loaders": {n: l.state_dict() for n, l in plan.loaders.items()},
@@ -86,7 +100,8 @@ def run_training(sc: StageContext, plan: TrainingPlan) -> dict:
     cfg, ctx, obs = sc.cfg, sc.ctx, sc.observer
     sched = plan.schedule
     ckpt = Checkpointer(sc.folder / "checkpoints", ctx, keep=int(cfg.train.keep_checkpoints), log=obs.log)
-    start = resume(sc, plan, ckpt)
+    selection = selection_for(sc, sched)
+    start = resume(sc, plan, ckpt, selection)
     obs.total = sched.iters
     obs.restart_clock(start)
     every = sched.checkpoint_every
@@ -123,11 +138,16 @@ def run_training(sc: StageContext, plan: TrainingPlan) -> dict:
                 last_scalars = scalars
                 data_time = step_time = 0.0
                 window_start, window_steps = time.time(), 0
+            if selection is not None and selection.due(done):  # before the checkpoint, which records it
+                selection.evaluate(plan.engine, done)
             if done % every == 0 or done == sched.iters or stop_now:
-                save_checkpoint(sc, plan, ckpt, done)
+                save_checkpoint(sc, plan, ckpt, done, selection)
             if stop_now:
                 obs.log("stop signal: checkpoint written, exiting for requeue")
                 stop.raise_preempted(done)
     obs.log(f"training done; memory high-water {memory_high_water_mb():.0f} MiB")
-    return {"final_scalars": {k: float(v) for k, v in last_scalars.items()},
-            "memory_high_water_mb": round(memory_high_water_mb(), 1)}
+    stats = {"final_scalars": {k: float(v) for k, v in last_scalars.items()},
+             "memory_high_water_mb": round(memory_high_water_mb(), 1)}
+    if selection is not None:
+        stats[SELECTION_KEY] = selection
+    return stats
