@@ -67,6 +67,11 @@ def test_chain_writes_every_stage_output(chain: Path):
     assert f"[ssl] initialised from {chain}/sdca/model_final.pt" in log
     summary = (chain / "summary.md").read_text()
     assert "| src |" in summary and "| ssl |" in summary
+    # quiet output (issue 13): each stage names the settings that differ from the preset once, and
+    # the whole configuration is in the run folder, not printed (it used to be ~100 lines, twice)
+    assert "tau: 100.0" not in log and "tau: 100.0" in (chain / "config.yaml").read_text()
+    for stage in STAGES:
+        assert log.count(f"[{stage}] rank 0 of 2 (gloo, cpu); conf=synthetic with ") == 1, stage
 
 
 def test_rerunning_the_chain_skips_done_stages(chain: Path, shards: Path):
