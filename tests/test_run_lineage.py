@@ -173,3 +173,19 @@ def test_second_run_in_a_stage_folder_is_refused_and_a_dead_holder_is_taken_over
     assert (run / "src" / ".lock").is_file()
     taken = run_train(1, ["stage=src", f"run_dir={run}"], timeout=600)
     assert taken.returncode == 0, taken.stderr[-2000:]
+
+
+def test_ssl_from_imagenet_reads_no_sdca_model(finished, tmp_path):
+    """Issue 11: the published ssl starts from ImageNet weights (model.pretrained), not from the sdca
+    model; its lineage then holds only the pseudo labels (and the shard sets)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(finished / "pseudo_label", run / "pseudo_label", ignore=shutil.ignore_patterns(".lock"))
+    shards = json.loads((finished / "config.origin.json").read_text())["overrides"]
+    root = [o for o in shards if o.startswith("data.shards_root=")]
+    proc = run_train(1, tiny(root[0].split("=", 1)[1], "stage=ssl", f"run_dir={run}", "train.iters=2",
+                             "ssl.init=imagenet"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "initialised from" not in proc.stdout
+    inputs = json.loads((run / "ssl" / "DONE").read_text())["lineage"]["inputs"]
+    assert "pseudo_label/shards/manifest.json" in inputs and "sdca/model_final.pt" not in inputs
