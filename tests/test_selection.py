@@ -163,3 +163,13 @@ def test_summary_labels_rows_selected_on_the_evaluation_set(best_run: Path, fina
         assert ("selected_iteration" in row["per_seed"][0]) is selected
         assert ("| src † |" in md and "† selected on the evaluation set" in md) is selected
         assert bool(re.search(r"^\| src \|", md, re.M)) is not selected
+
+
+def test_select_every_is_a_cadence_of_the_scaled_schedule():
+    from sdca_dist.config import compose_config
+    from sdca_dist.scaling import scaled_schedule
+
+    for scale, every in ((1, 1000), (4, 250), (3, 334)):
+        cfg = compose_config(["conf=gta2city", f"train.scale={scale}"])
+        assert cfg.train.select == "final" and scaled_schedule(cfg, "sdca").select_every == every
+    assert compose_config(["conf=synthetic"]).train.select_every == 100
