@@ -9,6 +9,7 @@ then the stage's function from the stage table, then DONE with the lineage and o
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -21,7 +22,7 @@ from sdca_dist.engine.observe import StageObserver
 from sdca_dist.engine.run_dir import RunDir
 from sdca_dist.engine.stage_context import StageContext
 from sdca_dist.lineage import Lineage, MissingInputError, RunFolderBusy, StageInputError, StageLock
-from sdca_dist.scaling import ScaleError, check_world
+from sdca_dist.scaling import ScaleError, check_world, scaled_schedule
 from sdca_dist.stage_table import spec
 
 #: errors a rank-0-only step may raise that every rank must raise too (the CLI maps them to exit 2)
@@ -77,6 +78,8 @@ def run_stage(cfg: DictConfig) -> dict:
             observer.log(f"rank 0 of {ctx.world_size} ({ctx.backend}, {ctx.device}); conf={cfg.conf}"
                          + (f" with {' '.join(changed)}" if changed else " as published")
                          + f" (all settings: {config_path(run.root)})")
+            if stage_spec.training:
+                observer.log(f"schedule: {json.dumps(scaled_schedule(cfg, stage).as_dict())}")
             observer.text("config", config_path(run.root).read_text() if config_path(run.root).is_file() else "")
         sc = StageContext(cfg=cfg, ctx=ctx, run=run, name=stage, observer=observer)
         t0 = time.time()
