@@ -20,7 +20,6 @@ No torch here: the launcher plans with it.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from sdca_dist.files import atomic_write_text, sha256_file
 from sdca_dist.stage_table import StageInput, inputs_of, spec, weights_read
 
 DONE = "DONE"
@@ -49,14 +49,6 @@ class RunFolderBusy(RuntimeError):
     """Another live job holds the stage's lock."""
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_json(path: Path) -> Optional[dict]:
     try:
         data = json.loads(path.read_text())
@@ -66,15 +58,7 @@ def _read_json(path: Path) -> Optional[dict]:
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(payload, indent=1) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, json.dumps(payload, indent=1) + "\n")
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,6 @@ from sdca_dist.classes import (
     CITYSCAPES_ID_PALETTE,
     CITYSCAPES_TRAINID_TO_ID,
     CITYSCAPES_UNLABELED_ID,
-    IGNORE_INDEX,
     SYNTHIA_ID_OF_CS19,
     SYNTHIA_VOID_ID,
     lookup_table,

@@ -60,3 +60,19 @@ def worker_pids(parent: int) -> list[int]:
         if int(fields[1]) == parent:
             pids.append(int(stat.parent.name))
     return sorted(pids)
+
+
+def fake_shard_sets(root: Path) -> Path:
+    """Manifests (empty) for the real presets' shard sets: enough for the launcher's preflight."""
+    for name in ("gta5_train", "cityscapes_train", "cityscapes_val"):
+        (root / name).mkdir(parents=True)
+        (root / name / "manifest.json").write_text("{}")
+    return root
+
+
+def dry_run_plan(stdout: str) -> dict:
+    """The launcher's ``[dry-run] <stage>: {json}`` lines as {stage: plan}."""
+    import json
+
+    return {line.split(":", 1)[0][len("[dry-run] "):]: json.loads(line.split(": ", 1)[1])
+            for line in stdout.splitlines() if line.startswith("[dry-run] ")}

@@ -5,9 +5,8 @@ These never reach a cluster: every one must fail (or print) before sbatch would 
 
 from __future__ import annotations
 
-import json
 
-from engine_fixtures import run_launcher
+from engine_fixtures import dry_run_plan, fake_shard_sets, run_launcher
 
 
 def _last_error(proc) -> str:
@@ -47,25 +46,13 @@ def test_a_stage_whose_producer_is_not_planned_needs_its_input(tmp_path):
     assert f"stage sdca needs {tmp_path}/src/model_final.pt (from stage src, not planned)" in _last_error(proc)
 
 
-def _fake_shards(root):
-    for name in ("gta5_train", "cityscapes_train", "cityscapes_val"):
-        (root / name).mkdir(parents=True)
-        (root / name / "manifest.json").write_text("{}")
-    return root
-
-
-def _plan(stdout: str) -> dict:
-    return {line.split(":", 1)[0][len("[dry-run] "):]: json.loads(line.split(": ", 1)[1])
-            for line in stdout.splitlines() if line.startswith("[dry-run] ")}
-
-
 def test_dry_run_prints_each_stage_plan_and_sbatch_parameters(tmp_path):
-    shards = _fake_shards(tmp_path / "shards")
+    shards = fake_shard_sets(tmp_path / "shards")
     proc = run_launcher(["conf=gta2city", "nodes=1", f"data.shards_root={shards}", "cluster.partition=gpu",
                          f"run_dir={tmp_path / 'run'}", "--dry-run"], timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert f"[launch] conf=gta2city with data.shards_root={shards}" in proc.stdout
-    rows = _plan(proc.stdout)
+    rows = dry_run_plan(proc.stdout)
     assert list(rows) == ["src", "dist_init", "sdca", "pseudo_label", "ssl"]
     for row in rows.values():
         assert row["nodes"] == 1 and row["ntasks_per_node"] == 4 and row["world_size"] == 4

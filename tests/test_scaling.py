@@ -8,11 +8,10 @@ that cannot run is refused before anything is written or queued, naming the fix.
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
-from engine_fixtures import run_launcher, run_train, tiny
+from engine_fixtures import dry_run_plan, fake_shard_sets, run_launcher, run_train, tiny
 from sdca_dist.config import compose_config
 from sdca_dist.config.run_config import with_values
 from sdca_dist.engine.schedule import poly_lr
@@ -73,24 +72,12 @@ def test_engine_check_names_the_fix():
     check_world(_gta(), "dist_init", 16)  # inference stages take any world size
 
 
-def _fake_shards(root):
-    for name in ("gta5_train", "cityscapes_train", "cityscapes_val"):
-        (root / name).mkdir(parents=True)
-        (root / name / "manifest.json").write_text("{}")
-    return root
-
-
-def _plan(stdout: str) -> dict:
-    return {line.split(":", 1)[0][len("[dry-run] "):]: json.loads(line.split(": ", 1)[1])
-            for line in stdout.splitlines() if line.startswith("[dry-run] ")}
-
-
 def test_design_card_command_plans_a_runnable_job_per_stage(tmp_path):
-    shards = _fake_shards(tmp_path / "shards")
+    shards = fake_shard_sets(tmp_path / "shards")
     base = ["conf=gta2city", "nodes=4", f"data.shards_root={shards}", f"run_dir={tmp_path / 'run'}", "dry_run=true"]
     proc = run_launcher(base, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    rows = _plan(proc.stdout)
+    rows = dry_run_plan(proc.stdout)
     assert {s: (r["nodes"], r["ntasks_per_node"], r["world_size"]) for s, r in rows.items()} == {
         "src": (2, 4, 8), "dist_init": (4, 4, 16), "sdca": (1, 4, 4), "pseudo_label": (4, 4, 16), "ssl": (2, 4, 8)}
     assert rows["sdca"]["global_batch"] == 4 and rows["sdca"]["global_target_batch"] == 4
@@ -98,7 +85,7 @@ def test_design_card_command_plans_a_runnable_job_per_stage(tmp_path):
 
     scaled = run_launcher(base + ["train.scale=auto"], timeout=120)
     assert scaled.returncode == 0, scaled.stderr
-    rows = _plan(scaled.stdout)
+    rows = dry_run_plan(scaled.stdout)
     assert all(r["world_size"] == 16 for r in rows.values())
     assert (rows["src"]["global_batch"], rows["src"]["lr"], rows["src"]["iters"]) == (32, 0.002, 5000)
     assert (rows["sdca"]["global_batch"], rows["sdca"]["global_target_batch"], rows["sdca"]["iters"]) == (16, 16, 10000)
@@ -115,7 +102,7 @@ def test_design_card_command_plans_a_runnable_job_per_stage(tmp_path):
     (["src.batch_size=0"], "src.batch_size=0 must be >= 1"),
 ])
 def test_plans_that_cannot_run_are_refused_before_anything_is_written(tmp_path, extra, message):
-    shards = _fake_shards(tmp_path / "shards")
+    shards = fake_shard_sets(tmp_path / "shards")
     proc = run_launcher(["conf=gta2city", "nodes=2", f"data.shards_root={shards}", f"run_dir={tmp_path / 'run'}",
                          *extra], timeout=120)
     assert proc.returncode == 2

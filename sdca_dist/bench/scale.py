@@ -45,23 +45,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from sdca_dist.bench.step import TimedAllReduce
+
 #: per-rank phase names, in step order (seconds summed over the timed steps)
 PHASES = ("data", "step", "optimizer", "flag")
 
-
-class _Stopwatch:
-    """Callable seam with a stopwatch: the estimator's all-reduce (sum over the calls)."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self.calls = 0
-
-    def __call__(self, tensor: torch.Tensor) -> None:
-        t0 = time.perf_counter()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(tensor)
-        self.seconds += time.perf_counter() - t0
-        self.calls += 1
 
 
 class _GradHookTimer:
@@ -199,7 +187,7 @@ def _run_rank(rank: int, world: int, init_file: str, args: dict, results) -> Non
     if args["profile"] and world > 1:
         grad_timer = _GradHookTimer()
         engine.wrapped.register_comm_hook(None, grad_timer.hook)
-    est_timer = _Stopwatch()
+    est_timer = TimedAllReduce()
     # the method's defaults (tau 100, delta 0.9, ...) are conf=synthetic's settings
     step = SDCAStep(DistributionPair(19, model.feature_dim, ctx.device, all_reduce=est_timer))
     shards, size = Path(args["shards"]), tuple(args["size"])

@@ -16,7 +16,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sdca_dist.config.compose import JOB_KEYS, ConfigError, compose_config
 from sdca_dist.config.schema import Config, LaunchConfig
+from sdca_dist.files import atomic_write_text
 
 CONFIG_FILE = "config.yaml"
 #: how the frozen configuration was made (the overrides, for comparing later command lines)
@@ -140,15 +140,9 @@ def _origin(run_dir: Path) -> list[str]:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 

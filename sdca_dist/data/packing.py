@@ -38,6 +38,7 @@ from typing import Iterator
 
 from sdca_dist.data.errors import DataError, OutputError, UsageError
 from sdca_dist.data.layouts import LAYOUTS, SamplePair, get_layout, list_pairs, read_image, read_label
+from sdca_dist.files import sha256_file
 from sdca_dist.data.shards import (
     DEFAULT_SHARD_SIZE,
     Manifest,
@@ -45,7 +46,6 @@ from sdca_dist.data.shards import (
     ShardWriter,
     dali_index_text,
     encode_label,
-    file_sha256,
     index_path,
     json_bytes,
     load_manifest,
@@ -130,7 +130,7 @@ def _mismatch(pair: SamplePair, image_wh: tuple[int, int], label_wh: tuple[int, 
 def _source(pair: SamplePair, root: Path) -> dict:
     """Identity of one input pair: relative paths + content hashes."""
     return {"path": pair.rel, "label_path": pair.label.relative_to(root).as_posix(),
-            "image": file_sha256(pair.image), "label": file_sha256(pair.label)}
+            "image": sha256_file(pair.image), "label": sha256_file(pair.label)}
 
 
 def encode_sample(job: tuple) -> dict:
@@ -251,7 +251,7 @@ def _resume_point(out: Path, pairs: list[SamplePair], opts: PackOptions) -> tupl
                                  f"{info.name}); {_REBUILD_HINT}")
     # a kept tar must still be the recorded one (a damaged tar is rebuilt, together with those after it)
     for j, info in enumerate(kept):
-        if file_sha256(out / info.name) != info.sha256:
+        if sha256_file(out / info.name) != info.sha256:
             n = sum(len(k.provenance) for k in kept[:j])
             kept = kept[:j]
             break
@@ -343,7 +343,7 @@ def damaged_shards(m: Manifest) -> dict[int, str]:
         if size != int(s["bytes"]):
             bad[i] = f"{tar}: {size} bytes, manifest {s['bytes']}"
             continue
-        sha = file_sha256(tar)
+        sha = sha256_file(tar)
         if sha != s["sha256"]:
             bad[i] = f"{tar}: sha256 {sha[:16]}... != manifest {s['sha256'][:16]}..."
             continue

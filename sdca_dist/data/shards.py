@@ -25,24 +25,11 @@ import numpy as np
 from PIL import Image
 
 from sdca_dist.data.errors import DataError, OutputError
+from sdca_dist.files import atomic_write_bytes
 
 MANIFEST_FORMAT = "sdca_dist.shards/1"
 DEFAULT_SHARD_SIZE = 1 << 30
 IMAGE_EXTS = ("jpg", "img.png")  # JPEG (default) or lossless PNG (another extension than the label's)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``path`` via a temp name + rename; on any failure the temp file is removed, ``path`` untouched."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -56,14 +43,6 @@ def os_error(path: object, e: OSError) -> OutputError:
     """A file-system failure as one line naming the path (the OSError's own file name if it has one)."""
     where = e.filename if e.filename else path
     return OutputError(where, f"cannot write ({e.strerror or type(e).__name__})")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def json_bytes(obj: Any) -> bytes:

@@ -15,7 +15,6 @@ only channel: the engine assumes ``run_dir`` is visible from every node (as on a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -27,37 +26,14 @@ import numpy as np
 import torch
 
 from sdca_dist.engine.distributed import DistContext, broadcast_object
+from sdca_dist.files import atomic_write, atomic_write_text, sha256_file  # noqa: F401 - atomic_write_text re-exported
 
 COMPLETE = "COMPLETE.json"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """Save to ``path`` via a temporary name + fsync + rename: never a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def rng_state() -> dict[str, Any]:
@@ -119,7 +95,7 @@ class Checkpointer:
             atomic_torch_save(common, tmp / "common.pt")
         self.ctx.barrier()
         if self.ctx.is_main:
-            files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+            files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                      for p in sorted(tmp.iterdir()) if p.suffix == ".pt"}
             meta = {"iteration": iteration, "world_size": self.ctx.world_size, "files": files}
             atomic_write_text(tmp / COMPLETE, json.dumps(meta, indent=1))
@@ -146,7 +122,7 @@ class Checkpointer:
                 return f"{f}: missing"
             if f.stat().st_size != info["bytes"]:
                 return f"{f}: truncated ({f.stat().st_size} of {info['bytes']} bytes)"
-            if _sha256(f) != info["sha256"]:
+            if sha256_file(f) != info["sha256"]:
                 return f"{f}: sha256 mismatch (corrupt)"
         return None
 
