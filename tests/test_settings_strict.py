@@ -40,6 +40,7 @@ from sdca_dist.config.run_config import parse_launch
     ("cluster.tasks_per_node=0", "cluster.tasks_per_node=0 must be >= 1"),
     ("data.ssl_scale=[1.5,0.5]", "data.ssl_scale=[1.5, 0.5] must be [low, high]"),
     ("eval.model_from=dist_init", "eval.model_from='dist_init': a stage with a model"),
+    ("run_dir=/tmp/x/engine=ddp_y", "invalid configuration: "),
 ])
 def test_bad_setting_is_one_line_naming_the_key(override, message):
     with pytest.raises(ConfigError) as info:

@@ -17,7 +17,7 @@ from typing import Sequence
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
-from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -90,7 +90,7 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             cfg = compose(config_name=CONFIG_NAME, overrides=overrides)
-    except (ConfigCompositionException, MissingConfigException, OmegaConfBaseException) as exc:
+    except (ConfigCompositionException, MissingConfigException, OverrideParseException, OmegaConfBaseException) as exc:
         raise ConfigError(_explain(exc)) from None
     finally:
         GlobalHydra.instance().clear()

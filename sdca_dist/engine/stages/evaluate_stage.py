@@ -4,6 +4,7 @@ official checkpoint)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from sdca_dist.engine.evaluation import evaluate
@@ -16,6 +17,12 @@ def run(sc: StageContext) -> dict:
     model = sc.build_model(init_from=weights, freeze_bn=True)
     tag = f"eval_{Path(source).stem if source.endswith('.pt') else source}"
     report = evaluate(sc, model, tag=tag)
-    sc.write_metrics(report, {"stage": "eval", "model_from": source})
+    extra = {"stage": "eval", "model_from": source}
+    if not source.endswith(".pt"):  # a model chosen on the evaluation set stays labelled as such
+        scored = sc.run.stage(source) / "metrics.json"
+        selected = json.loads(scored.read_text()).get("selected") if scored.is_file() else None
+        if selected:
+            extra["selected"] = selected
+    sc.write_metrics(report, extra)
     sc.observer.log("per-class IoU:\n" + report["table"])
     return {"mIoU": report["mIoU"], "model_from": source}
