@@ -236,9 +236,8 @@ def check_decodable(source: str, data: bytes) -> None:
 class EvalPreprocessor:
     """Encoded images -> normalised [B, 3, h, w] float batches, one per scale of ``eval_resize``.
 
-    The same DALI operators, parameters and decode device as the evaluation's loader
-    (sdca_dist.data.loader.ShardLoader with train=False, resize=eval_resize): decoders.image RGB
-    ("mixed" on GPU), resize bicubic + antialias, crop_mirror_normalize with the ImageNet mean/std.
+    The evaluation's own preprocessing (``sdca_dist.data.loader.eval_image``) after the same
+    decode (decoders.image RGB, "mixed" on GPU) as the evaluation's loader.
     """
 
     def __init__(self, resize: Sequence[int], scales: Sequence[float], max_batch: int, num_threads: int = 2):
@@ -253,7 +252,7 @@ class EvalPreprocessor:
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
 
-        from sdca_dist.data.loader import IMAGENET_MEAN, IMAGENET_STD
+        from sdca_dist.data.loader import eval_image
 
         gpu, sizes = self.gpu, self.sizes
 
@@ -262,13 +261,7 @@ class EvalPreprocessor:
         def pipeline():
             encoded = fn.external_source(name="encoded", device="cpu", dtype=types.UINT8, ndim=1)
             image = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
-            outs = []
-            for size in sizes:
-                resized = fn.resize(image, size=list(size), interp_type=types.INTERP_CUBIC, antialias=True)
-                outs.append(fn.crop_mirror_normalize(resized, mirror=0, dtype=types.FLOAT, output_layout="CHW",
-                                                     mean=[255 * v for v in IMAGENET_MEAN],
-                                                     std=[255 * v for v in IMAGENET_STD]))
-            return tuple(outs)
+            return tuple(eval_image(fn, types, image, size) for size in sizes)
 
         pipe = pipeline()
         pipe.build()
@@ -468,15 +461,12 @@ def main(argv: list[str]) -> int:
 
 
 def _sum_over_ranks(values: list[int], ctx) -> list[int]:
-    if not ctx.distributed or ctx.world_size == 1:
-        return values
     import torch
-    import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.int64)  # gloo or nccl: a CPU tensor is moved as needed
-    if ctx.backend == "nccl":
-        t = t.to(ctx.device)
-    dist.all_reduce(t)
+    from sdca_dist.engine.distributed import all_reduce_sum
+
+    t = torch.tensor(values, dtype=torch.int64, device=ctx.device)
+    all_reduce_sum(t, ctx)
     return [int(v) for v in t.tolist()]
 
 

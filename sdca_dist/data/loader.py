@@ -61,6 +61,20 @@ def cuda_available() -> bool:
         return False
 
 
+def normalize(fn, types, image, mirror=0):
+    """RGB uint8 HWC -> ImageNet-normalised float CHW (optionally mirrored)."""
+    return fn.crop_mirror_normalize(image, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
+                                    mean=[255 * v for v in IMAGENET_MEAN], std=[255 * v for v in IMAGENET_STD])
+
+
+def eval_image(fn, types, image, size):
+    """The evaluation's image preprocessing, in ONE place for the loader's eval mode and
+    ``sdca_dist.predict``: bicubic antialiased resize to ``size`` [H, W] (the reference's PIL
+    bicubic), then ImageNet normalisation."""
+    resized = fn.resize(image, size=list(size), interp_type=types.INTERP_CUBIC, antialias=True)
+    return normalize(fn, types, resized)
+
+
 class ShardLoader:
     """Batches ``{"image": float [B,3,H,W], "label": int64 [B,H,W], "valid": bool [B], "index": int64 [B]}``.
 
@@ -227,15 +241,12 @@ class ShardLoader:
             label = fn.flip(label, horizontal=prm["flip"])
             mirror = prm["flip"]
         else:
-            if self.resize is not None:
-                image = fn.resize(image, size=list(self.resize), interp_type=types.INTERP_CUBIC, antialias=True)
-            else:
-                image = fn.pad(image, fill_value=0)
             label = fn.pad(label, fill_value=255)  # original resolution; sizes may differ inside a batch
+            if self.resize is not None:
+                return eval_image(fn, types, image, self.resize), label
+            image = fn.pad(image, fill_value=0)
             mirror = 0
-        image = fn.crop_mirror_normalize(image, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
-                                         mean=[255 * v for v in IMAGENET_MEAN], std=[255 * v for v in IMAGENET_STD])
-        return image, label
+        return normalize(fn, types, image, mirror), label
 
     @staticmethod
     def _photometric(fn, types, dmath, image, prm, gpu: bool):
