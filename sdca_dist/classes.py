@@ -34,8 +34,22 @@ CITYSCAPES_ID_TO_TRAINID: dict[int, int] = {
 
 #: SYNTHIA-RAND-CITYSCAPES class id (channel 0 of GT/LABELS) -> 16-class trainId.
 SYNTHIA_ID_TO_TRAINID16: dict[int, int] = {
-    3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 9,
-    10: 10, 17: 11, 8: 12, 19: 13, 12: 14, 11: 15,
+    3: 0,
+    4: 1,
+    2: 2,
+    21: 3,
+    5: 4,
+    7: 5,
+    15: 6,
+    9: 7,
+    6: 8,
+    1: 9,
+    10: 10,
+    17: 11,
+    8: 12,
+    19: 13,
+    12: 14,
+    11: 15,
 }
 #: SYNTHIA's ids that exist in its table but are not evaluated (void, lanemarking, ...).
 SYNTHIA_KNOWN_IDS: frozenset[int] = frozenset(range(0, 23))
@@ -44,9 +58,7 @@ SYNTHIA_KNOWN_IDS: frozenset[int] = frozenset(range(0, 23))
 SYNTHIA16_TO_CS19: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
 SYNTHIA_CLASSES: tuple[str, ...] = tuple(CITYSCAPES_CLASSES[i] for i in SYNTHIA16_TO_CS19)
 #: 13-class subset used by papers: the 16 without wall, fence, pole (indices in the 16-class space).
-SYNTHIA13_IN_16: tuple[int, ...] = tuple(
-    i for i, n in enumerate(SYNTHIA_CLASSES) if n not in ("wall", "fence", "pole")
-)
+SYNTHIA13_IN_16: tuple[int, ...] = tuple(i for i, n in enumerate(SYNTHIA_CLASSES) if n not in ("wall", "fence", "pole"))
 assert len(SYNTHIA13_IN_16) == 13
 
 
@@ -118,7 +130,9 @@ for _l in _CS_LABELS:
 #: SYNTHIA's id table but are not among its 16 evaluated classes, so they map back to ignore.
 SYNTHIA_ID_OF_CS19: dict[int, int] = {
     **{cs: sid for sid, t16 in SYNTHIA_ID_TO_TRAINID16.items() for cs in [SYNTHIA16_TO_CS19[t16]]},
-    9: 16, 14: 18, 16: 20,
+    9: 16,
+    14: 18,
+    16: 20,
 }
 SYNTHIA_VOID_ID = 0
 assert len(SYNTHIA_ID_OF_CS19) == 19

@@ -73,8 +73,10 @@ def external_inputs(cfg: Any, stage: str) -> list[External]:
     """The shard manifests and weights files ``stage`` reads (hashed into its lineage)."""
     from sdca_dist.engine.data import manifest_path, shard_set
 
-    out = [External(f"shards:{key}", manifest_path(shard_set(cfg, getattr(cfg.data, key))))
-           for key in spec(stage).shard_sets]
+    out = [
+        External(f"shards:{key}", manifest_path(shard_set(cfg, getattr(cfg.data, key))))
+        for key in spec(stage).shard_sets
+    ]
     out += [External(f"weights:{key}", Path(path)) for key, path in weights_read(stage, cfg)]
     return out
 
@@ -111,17 +113,22 @@ class Lineage:
             path = self.root / inp.rel
             done = self.done_record(inp.producer)
             if not path.exists():
-                raise MissingInputError(f"stage {stage!r} needs {path}, which does not exist (run stage "
-                                        f"{inp.producer} first)")
+                raise MissingInputError(
+                    f"stage {stage!r} needs {path}, which does not exist (run stage {inp.producer} first)"
+                )
             if done is None:
-                raise MissingInputError(f"stage {stage!r} needs {path}, but stage {inp.producer} has not finished "
-                                        f"(no {self.folder(inp.producer) / DONE}); run stage {inp.producer} first")
+                raise MissingInputError(
+                    f"stage {stage!r} needs {path}, but stage {inp.producer} has not finished "
+                    f"(no {self.folder(inp.producer) / DONE}); run stage {inp.producer} first"
+                )
             actual = sha256_file(path)
             recorded = (done.get("outputs") or {}).get(inp.file)
             if recorded is not None and recorded != actual:
-                raise StageInputError(f"{path} is not the file stage {inp.producer} wrote (sha256 differs from its "
-                                      f"DONE record): corrupt or replaced; run stage {inp.producer} again "
-                                      f"(launcher: redo=[{inp.producer}])")
+                raise StageInputError(
+                    f"{path} is not the file stage {inp.producer} wrote (sha256 differs from its "
+                    f"DONE record): corrupt or replaced; run stage {inp.producer} again "
+                    f"(launcher: redo=[{inp.producer}])"
+                )
             hashes[inp.rel] = actual
         for ext in external_inputs(cfg, stage):
             if not ext.path.is_file():
@@ -158,8 +165,13 @@ class Lineage:
         """DONE, last: the summary, the lineage and the sha256 of every output for later stages."""
         folder = self.folder(stage)
         outputs = {name: sha256_file(folder / name) for name in spec(stage).outputs if (folder / name).is_file()}
-        payload = {"stage": stage, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **summary,
-                   "lineage": lineage, "outputs": outputs}
+        payload = {
+            "stage": stage,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **summary,
+            "lineage": lineage,
+            "outputs": outputs,
+        }
         write_json_atomic(folder / DONE, payload)
 
     def invalidate(self, stage: str) -> None:
@@ -229,8 +241,10 @@ class StageLock:
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
-            raise RunFolderBusy(f"run folder {self.path.parent.parent} (stage {self.path.parent.name}) is in use by "
-                                f"{holder}; wait for it or use another run_dir") from None
+            raise RunFolderBusy(
+                f"run folder {self.path.parent.parent} (stage {self.path.parent.name}) is in use by "
+                f"{holder}; wait for it or use another run_dir"
+            ) from None
         job = os.environ.get("SLURM_JOB_ID")
         f.seek(0)
         f.truncate()

@@ -102,8 +102,10 @@ def parse_args(argv: Sequence[str]) -> PredictArgs:
             overrides.append(arg)
     for key, value in (("model", weights), ("input", own.get("input")), ("out", own.get("out"))):
         if not value:
-            raise PredictError(f"missing {key}=... (usage: python -m sdca_dist.predict conf=NAME model=WEIGHTS.pt "
-                               f"input=DIR|SHARD_SET out=DIR)")
+            raise PredictError(
+                f"missing {key}=... (usage: python -m sdca_dist.predict conf=NAME model=WEIGHTS.pt "
+                f"input=DIR|SHARD_SET out=DIR)"
+            )
     batch = None
     if "batch" in own:
         try:
@@ -112,10 +114,15 @@ def parse_args(argv: Sequence[str]) -> PredictArgs:
             batch = 0
         if batch < 1:
             raise PredictError(f"batch={own['batch']!r} must be an integer >= 1")
-    return PredictArgs(weights=Path(weights), input=Path(own["input"]), out=Path(own["out"]),
-                       flip=_parse_bool("flip", own.get("flip", "false")),
-                       scales=_parse_scales(own["scales"]) if "scales" in own else (1.0,),
-                       batch=batch, overrides=overrides)
+    return PredictArgs(
+        weights=Path(weights),
+        input=Path(own["input"]),
+        out=Path(own["out"]),
+        flip=_parse_bool("flip", own.get("flip", "false")),
+        scales=_parse_scales(own["scales"]) if "scales" in own else (1.0,),
+        batch=batch,
+        overrides=overrides,
+    )
 
 
 # --------------------------------------------------------------------------- inputs
@@ -145,6 +152,7 @@ def _read_file(path: Path) -> Callable[[], bytes]:
             return path.read_bytes()
         except OSError as exc:
             raise PredictError(f"cannot read image {path}: {exc.strerror or exc}") from None
+
     return read
 
 
@@ -166,8 +174,9 @@ def list_inputs(input_path: Path, rank: int = 0, world_size: int = 1) -> tuple[i
         def shard_items() -> Iterator[InputImage]:
             for sample in iter_samples(manifest, rank, world_size):
                 data = sample.image
-                yield InputImage(f"{input_path / sample.shard}:{sample.key}", stems[sample.index], "",
-                                 lambda data=data: data)
+                yield InputImage(
+                    f"{input_path / sample.shard}:{sample.key}", stems[sample.index], "", lambda data=data: data
+                )
 
         return manifest.num_samples, shard_items()
     if not input_path.is_dir():
@@ -177,8 +186,11 @@ def list_inputs(input_path: Path, rank: int = 0, world_size: int = 1) -> tuple[i
         raise PredictError(f"input={input_path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     names = [(p.parent.relative_to(input_path).as_posix().strip("."), stem_of(p.name)) for p in files]
     _refuse_duplicates(names, [str(p) for p in files])
-    mine = [InputImage(str(p), stem, sub, _read_file(p))
-            for i, (p, (sub, stem)) in enumerate(zip(files, names)) if i % world_size == rank]
+    mine = [
+        InputImage(str(p), stem, sub, _read_file(p))
+        for i, (p, (sub, stem)) in enumerate(zip(files, names))
+        if i % world_size == rank
+    ]
     return len(files), iter(mine)
 
 
@@ -256,8 +268,14 @@ class EvalPreprocessor:
 
         gpu, sizes = self.gpu, self.sizes
 
-        @pipeline_def(batch_size=self.max_batch, num_threads=self.num_threads, device_id=0 if gpu else None,
-                      prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
+        @pipeline_def(
+            batch_size=self.max_batch,
+            num_threads=self.num_threads,
+            device_id=0 if gpu else None,
+            prefetch_queue_depth=1,
+            exec_async=False,
+            exec_pipelined=False,
+        )
         def pipeline():
             encoded = fn.external_source(name="encoded", device="cpu", dtype=types.UINT8, ndim=1)
             image = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
@@ -305,8 +323,7 @@ class _native_stderr:
 # --------------------------------------------------------------------------- outputs
 def label_id_table(num_classes: int) -> np.ndarray:
     """256-entry LUT: the setting's class index -> Cityscapes label id (ignore -> 0, unlabeled)."""
-    from sdca_dist.classes import (CITYSCAPES_TRAINID_TO_ID, CITYSCAPES_UNLABELED_ID, SYNTHIA16_TO_CS19,
-                                   lookup_table)
+    from sdca_dist.classes import CITYSCAPES_TRAINID_TO_ID, CITYSCAPES_UNLABELED_ID, SYNTHIA16_TO_CS19, lookup_table
 
     if num_classes == 19:
         mapping = dict(CITYSCAPES_TRAINID_TO_ID)
@@ -373,7 +390,7 @@ class Predictor:
             for i, (h, w) in enumerate(sizes):
                 total = None
                 for logits, flipped in logits_per_view:
-                    one = logits[i: i + 1]
+                    one = logits[i : i + 1]
                     if flipped:
                         one = one.flip(-1)
                     up = F.interpolate(one, size=(h, w), mode="bilinear", align_corners=True)
@@ -400,8 +417,10 @@ def run(args: PredictArgs, cfg, ctx, log=print) -> int:
     predictor = Predictor(model, ctx.device, args.flip)
     if ctx.is_main:
         tta = f", flip={args.flip}, scales={list(args.scales)}" if args.flip or args.scales != (1.0,) else ""
-        log(f"predict: {total} images from {args.input} on {ctx.world_size} rank(s) -> {args.out} "
-            f"(model {cfg.model.name}, {num_classes} classes, eval_resize {list(cfg.data.eval_resize)}{tta})")
+        log(
+            f"predict: {total} images from {args.input} on {ctx.world_size} rank(s) -> {args.out} "
+            f"(model {cfg.model.name}, {num_classes} classes, eval_resize {list(cfg.data.eval_resize)}{tta})"
+        )
     t0 = last_report = time.time()
     done = 0
     for batch in batches(items, batch_size):
@@ -421,8 +440,11 @@ def run(args: PredictArgs, cfg, ctx, log=print) -> int:
         now = time.time()
         if ctx.is_main and (now - last_report >= 10 or done == mine):
             rate = done / max(now - t0, 1e-9)
-            log(f"predict: {done}/{mine} images on rank 0 ({rate:.2f} img/s, "
-                f"ETA {format_duration((mine - done) / max(rate, 1e-9))})", flush=True)
+            log(
+                f"predict: {done}/{mine} images on rank 0 ({rate:.2f} img/s, "
+                f"ETA {format_duration((mine - done) / max(rate, 1e-9))})",
+                flush=True,
+            )
             last_report = now
     return done
 
@@ -454,8 +476,7 @@ def main(argv: list[str]) -> int:
         failed = True
     total, failures = _sum_over_ranks([written, int(failed)], ctx)
     if ctx.is_main and not failures:
-        print(f"predict: wrote {total} predictions under {args.out} (labelIds/, color/) in "
-              f"{time.time() - t0:.1f} s")
+        print(f"predict: wrote {total} predictions under {args.out} (labelIds/, color/) in {time.time() - t0:.1f} s")
     shutdown_distributed()
     return 2 if failures else 0
 

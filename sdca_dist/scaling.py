@@ -29,8 +29,11 @@ def parse_scale(value: Any) -> int | str:
     """``train.scale``: an integer >= 1 or "auto"."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
-    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())
-                                       or (isinstance(value, float) and value.is_integer())):
+    if isinstance(value, bool) or not (
+        isinstance(value, int)
+        or (isinstance(value, str) and value.strip().isdigit())
+        or (isinstance(value, float) and value.is_integer())
+    ):
         raise ScaleError(f"train.scale={value!r} must be an integer >= 1 or auto")
     k = int(value)
     if k < 1:
@@ -78,8 +81,10 @@ def scaled_schedule(cfg: Any, stage: str) -> StageSchedule:
     ``train.iters`` overrides the stage's own count (keeping its horizon ratio) before scaling."""
     k = parse_scale(cfg.train.scale)
     if k == "auto":
-        raise ScaleError("train.scale=auto must be resolved to an integer before the stage runs "
-                         "(the launcher does it; under torchrun it is resolved from WORLD_SIZE)")
+        raise ScaleError(
+            "train.scale=auto must be resolved to an integer before the stage runs "
+            "(the launcher does it; under torchrun it is resolved from WORLD_SIZE)"
+        )
     s = cfg[spec(stage).schedule]
     base_iters = int(cfg.train.iters) if cfg.train.iters is not None else int(s.iters)
     horizon = max(base_iters, round(int(s.schedule_iters) * base_iters / max(int(s.iters), 1)))
@@ -87,11 +92,18 @@ def scaled_schedule(cfg: Any, stage: str) -> StageSchedule:
     t = cfg.train
     warm = int(t.warmup_iters)
     return StageSchedule(
-        iters=iters, schedule_iters=max(iters, _div(horizon, k)), lr=float(s.lr) * k,
-        global_batch=int(s.batch_size) * k, global_target_batch=int(s.target_batch_size) * k,
+        iters=iters,
+        schedule_iters=max(iters, _div(horizon, k)),
+        lr=float(s.lr) * k,
+        global_batch=int(s.batch_size) * k,
+        global_target_batch=int(s.target_batch_size) * k,
         warmup_iters=default_warmup(k, iters) if warm < 0 else min(warm, iters),
-        checkpoint_every=_div(int(t.checkpoint_every), k), log_every=_div(int(t.log_every), k),
-        image_every=_div(int(t.image_every), k), scale=k, select_every=_div(int(t.select_every), k))
+        checkpoint_every=_div(int(t.checkpoint_every), k),
+        log_every=_div(int(t.log_every), k),
+        image_every=_div(int(t.image_every), k),
+        scale=k,
+        select_every=_div(int(t.select_every), k),
+    )
 
 
 def _batches(cfg: Any, stage: str, k: int) -> list[tuple[str, int]]:
@@ -158,8 +170,10 @@ def check_world(cfg: Any, stage: str, world: int) -> None:
     for key, batch in _batches(cfg, stage, k):
         if batch < world or batch % world:
             fix = _fix(cfg, stage, world, k)
-            raise ScaleError(f"{key}={batch // k}{f' x train.scale={k}' if k > 1 else ''} = global batch {batch} "
-                             f"does not split evenly over {world} ranks; {fix}")
+            raise ScaleError(
+                f"{key}={batch // k}{f' x train.scale={k}' if k > 1 else ''} = global batch {batch} "
+                f"does not split evenly over {world} ranks; {fix}"
+            )
 
 
 def _fix(cfg: Any, stage: str, world: int, k: int) -> str:
@@ -177,13 +191,23 @@ def _fix(cfg: Any, stage: str, world: int, k: int) -> str:
 def plan_row(cfg: Any, stage: str, nodes: int, tasks_per_node: int, k: int) -> dict:
     """One stage's plan as printed by the dry run and saved in ``<run_dir>/plan.json``."""
     shape = job_shape(cfg, stage, nodes, tasks_per_node, k)
-    row: dict[str, Any] = {"nodes": shape.nodes, "ntasks_per_node": shape.ntasks_per_node,
-                           "world_size": shape.world_size}
+    row: dict[str, Any] = {
+        "nodes": shape.nodes,
+        "ntasks_per_node": shape.ntasks_per_node,
+        "world_size": shape.world_size,
+    }
     if spec(stage).training:
         s = scaled_schedule(cfg, stage)
         row.update({"global_batch": s.global_batch, "per_rank_batch": s.global_batch // shape.world_size})
         if "target_batch_size" in spec(stage).batch_keys:
             row["global_target_batch"] = s.global_target_batch
-        row.update({"lr": s.lr, "iters": s.iters, "schedule_iters": s.schedule_iters, "warmup_iters": s.warmup_iters,
-                    "scale": s.scale})
+        row.update(
+            {
+                "lr": s.lr,
+                "iters": s.iters,
+                "schedule_iters": s.schedule_iters,
+                "warmup_iters": s.warmup_iters,
+                "scale": s.scale,
+            }
+        )
     return row

@@ -38,27 +38,44 @@ def _int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="python -m sdca_dist.shard", description=__doc__.splitlines()[0],
-                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[2:]))
+    ap = _Parser(
+        prog="python -m sdca_dist.shard",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[2:]),
+    )
     ap.add_argument("--layout", choices=sorted(LAYOUTS))
     ap.add_argument("--root", type=Path, help="dataset root folder")
     ap.add_argument("--split", default="train", choices=["train", "val"])
     ap.add_argument("--out", type=Path, help="folder that receives the tars + manifest.json")
     ap.add_argument("--shard-size", default="1GB", help="target shard size, e.g. 1GB, 256MB, 500k")
     ap.add_argument("--workers", type=_int, default=os.cpu_count() or 1)
-    ap.add_argument("--image-format", choices=["jpeg", "png"], default=None,
-                    help="how images are stored: jpeg (GPU decode; default for gta5, synthia) or png (lossless, "
-                         "pixel-exact; default for cityscapes)")
+    ap.add_argument(
+        "--image-format",
+        choices=["jpeg", "png"],
+        default=None,
+        help="how images are stored: jpeg (GPU decode; default for gta5, synthia) or png (lossless, "
+        "pixel-exact; default for cityscapes)",
+    )
     ap.add_argument("--jpeg-quality", type=_int, default=90, help="1-100, for --image-format jpeg")
     ap.add_argument("--lossless", action="store_true", help="same as --image-format png")
-    ap.add_argument("--skip-mismatched", action="store_true",
-                    help="skip image/label size mismatches (listed in the manifest)")
-    ap.add_argument("--unknown-ids", choices=["error", "ignore"], default="error",
-                    help="label ids outside the dataset table: fail (default) or map to 255 and count")
-    ap.add_argument("--overwrite", action="store_true",
-                    help="rebuild --out even if it holds shards of other data or options")
-    ap.add_argument("--verify", action="store_true",
-                    help="check every shard against the manifest (after building; alone: without the raw data)")
+    ap.add_argument(
+        "--skip-mismatched", action="store_true", help="skip image/label size mismatches (listed in the manifest)"
+    )
+    ap.add_argument(
+        "--unknown-ids",
+        choices=["error", "ignore"],
+        default="error",
+        help="label ids outside the dataset table: fail (default) or map to 255 and count",
+    )
+    ap.add_argument(
+        "--overwrite", action="store_true", help="rebuild --out even if it holds shards of other data or options"
+    )
+    ap.add_argument(
+        "--verify",
+        action="store_true",
+        help="check every shard against the manifest (after building; alone: without the raw data)",
+    )
     ap.add_argument("--repair", action="store_true", help="rebuild exactly the damaged shards of --out from --root")
     ap.add_argument("--inspect", type=Path, metavar="SET", help="print a shard set's summary and first samples")
     ap.add_argument("--limit", type=_int, default=5, help="samples shown by --inspect")
@@ -92,16 +109,31 @@ def _build(a, ap) -> int:
         ap.error("--layout and --root are required to build (--verify alone checks an existing --out)")
     if a.lossless and a.image_format == "jpeg":
         ap.error("--lossless contradicts --image-format jpeg")
-    opts = PackOptions(layout=a.layout, root=a.root, out=a.out, split=a.split, shard_size=parse_size(a.shard_size),
-                       workers=a.workers, jpeg_quality=a.jpeg_quality,
-                       image_format="png" if a.lossless else a.image_format, skip_mismatched=a.skip_mismatched,
-                       unknown_ids=a.unknown_ids, progress=not a.quiet, overwrite=a.overwrite)
+    opts = PackOptions(
+        layout=a.layout,
+        root=a.root,
+        out=a.out,
+        split=a.split,
+        shard_size=parse_size(a.shard_size),
+        workers=a.workers,
+        jpeg_quality=a.jpeg_quality,
+        image_format="png" if a.lossless else a.image_format,
+        skip_mismatched=a.skip_mismatched,
+        unknown_ids=a.unknown_ids,
+        progress=not a.quiet,
+        overwrite=a.overwrite,
+    )
     m = pack(opts)
     unknown = sum(u["pixels"] for u in m.info.get("unknown_ids", []))
-    print(f"{m.path}: {m.num_samples} samples in {len(m.shards)} shards ({opts.format})"
-          + (f", {len(m.skipped)} skipped: " + "; ".join(s["path"] for s in m.skipped) if m.skipped else "")
-          + (f", {unknown} pixels with unknown ids mapped to 255 in {len(m.info['unknown_ids'])} labels"
-             if unknown else ""))
+    print(
+        f"{m.path}: {m.num_samples} samples in {len(m.shards)} shards ({opts.format})"
+        + (f", {len(m.skipped)} skipped: " + "; ".join(s["path"] for s in m.skipped) if m.skipped else "")
+        + (
+            f", {unknown} pixels with unknown ids mapped to 255 in {len(m.info['unknown_ids'])} labels"
+            if unknown
+            else ""
+        )
+    )
     return _verify(a.out) if a.verify else 0
 
 
@@ -114,8 +146,11 @@ def _verify(out: Path) -> int:
     for p in problems:
         print(f"verify: {p}", file=sys.stderr)
     if problems:
-        print(f"verify: {len(problems)} of {len(m.shards)} shards damaged; rebuild them with "
-              f"python -m sdca_dist.shard --repair --root <dataset root> --out {out}", file=sys.stderr)
+        print(
+            f"verify: {len(problems)} of {len(m.shards)} shards damaged; rebuild them with "
+            f"python -m sdca_dist.shard --repair --root <dataset root> --out {out}",
+            file=sys.stderr,
+        )
         return 1
     print(f"verify: {len(m.shards)}/{len(m.shards)} shards ok")
     return 0
@@ -128,8 +163,11 @@ def _repair(a, ap) -> int:
         ap.error("--repair needs --root (the raw dataset the shards were built from)")
     repaired = repair(a.out, a.root, workers=a.workers)
     left = verify(a.out)
-    print(f"repair: {len(repaired)} shard(s) rebuilt" + (": " + ", ".join(repaired) if repaired else "")
-          + ("" if not left else f"; still damaged: {'; '.join(left)}"))
+    print(
+        f"repair: {len(repaired)} shard(s) rebuilt"
+        + (": " + ", ".join(repaired) if repaired else "")
+        + ("" if not left else f"; still damaged: {'; '.join(left)}")
+    )
     return 1 if left else 0
 
 
@@ -143,9 +181,11 @@ def inspect(path: Path, limit: int = 5) -> int:
 
     m = load_manifest(path)
     info = m.info
-    print(f"{m.path}: {m.num_samples} samples, {len(m.shards)} shards, {m.num_classes} classes, "
-          f"{sum(int(s['bytes']) for s in m.shards)} bytes; layout {info.get('layout', '?')}/{info.get('split', '?')}, "
-          f"options {info.get('options', {})}, source {info.get('source', {}).get('root', info.get('root', '?'))}")
+    print(
+        f"{m.path}: {m.num_samples} samples, {len(m.shards)} shards, {m.num_classes} classes, "
+        f"{sum(int(s['bytes']) for s in m.shards)} bytes; layout {info.get('layout', '?')}/{info.get('split', '?')}, "
+        f"options {info.get('options', {})}, source {info.get('source', {}).get('root', info.get('root', '?'))}"
+    )
     if m.skipped:
         print(f"skipped: {len(m.skipped)} ({m.skipped[0]['path']}: {m.skipped[0]['reason']}, ...)")
     for n, s in enumerate(iter_samples(m)):
@@ -153,8 +193,10 @@ def inspect(path: Path, limit: int = 5) -> int:
             break
         with Image.open(io.BytesIO(s.image)) as im, Image.open(io.BytesIO(s.label)) as lb:
             classes = sorted(int(c) for c in np.unique(np.asarray(lb)) if c != 255)
-            print(f"  {s.key}  {s.shard}  image {s.image_ext} {im.size[0]}x{im.size[1]} {im.mode} "
-                  f"({len(s.image)} B)  label {lb.size[0]}x{lb.size[1]} classes {classes}  path {s.meta.get('path')}")
+            print(
+                f"  {s.key}  {s.shard}  image {s.image_ext} {im.size[0]}x{im.size[1]} {im.mode} "
+                f"({len(s.image)} B)  label {lb.size[0]}x{lb.size[1]} classes {classes}  path {s.meta.get('path')}"
+            )
     return 0
 
 

@@ -66,8 +66,9 @@ BASE_HSV: tuple[tuple[float, float, float], ...] = (
     (0.70, 0.60, 0.85),  # bicycle
 )
 #: Per-class texture gain (buildings and vegetation are textured, sky and road smooth).
-TEXTURE_GAIN = np.array([0.4, 0.6, 1.0, 0.8, 0.8, 0.3, 0.2, 0.2, 1.2, 1.0, 0.3,
-                         0.5, 0.5, 0.4, 0.5, 0.5, 0.5, 0.5, 0.5], dtype=np.float32)
+TEXTURE_GAIN = np.array(
+    [0.4, 0.6, 1.0, 0.8, 0.8, 0.3, 0.2, 0.2, 1.2, 1.0, 0.3, 0.5, 0.5, 0.4, 0.5, 0.5, 0.5, 0.5, 0.5], dtype=np.float32
+)
 
 
 @dataclass
@@ -140,8 +141,14 @@ class SynthConfig:
     def synthia_style(self) -> DomainStyle:
         """A second synthetic look: close to GTA5's, slightly shifted (SYNTHIA is its own domain)."""
         s = self.source_style
-        return DomainStyle(**{**asdict(s), "hue_shift": s.hue_shift - 0.25 * self.gap * self.palette_shift,
-                              "texture": s.texture + 0.05, "window_period": s.window_period - 1})
+        return DomainStyle(
+            **{
+                **asdict(s),
+                "hue_shift": s.hue_shift - 0.25 * self.gap * self.palette_shift,
+                "texture": s.texture + 0.05,
+                "window_period": s.window_period - 1,
+            }
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +204,7 @@ def scene_layout(rng: np.random.Generator, h: int, w: int, ego: bool = False) ->
     bottom_half = w * rng.uniform(0.45, 0.7)
     t = np.clip((yy - hz) / max(h - hz, 1.0), 0, 1)
     cxr = vx + (w / 2 + rng.uniform(-0.1, 0.1) * w - vx) * t
-    half = (0.01 * w + bottom_half * t)
+    half = 0.01 * w + bottom_half * t
     dist = np.abs(xx - cxr)
     walk = rng.uniform(1.25, 1.5)
     lbl[(dist < half * walk) & ground] = SIDEWALK
@@ -205,8 +212,14 @@ def scene_layout(rng: np.random.Generator, h: int, w: int, ego: bool = False) ->
     # wall / fence segments in front of buildings
     for _ in range(rng.integers(0, 3)):
         x0 = rng.uniform(0, w * 0.9)
-        _rect(lbl, hz - h * rng.uniform(0.03, 0.09), hz + 1, x0, x0 + w * rng.uniform(0.05, 0.2),
-              WALL if rng.random() < 0.5 else FENCE)
+        _rect(
+            lbl,
+            hz - h * rng.uniform(0.03, 0.09),
+            hz + 1,
+            x0,
+            x0 + w * rng.uniform(0.05, 0.2),
+            WALL if rng.random() < 0.5 else FENCE,
+        )
     # lane markings (void) and clutter
     for k in range(rng.integers(2, 6)):
         yb = hz + (h - hz) * rng.uniform(0.1, 0.95)
@@ -395,7 +408,9 @@ def _one(job: tuple[str, int, SynthConfig, Path]) -> None:
         city = cities[i % len(cities)]
         stem = f"{city}_{i // len(cities):06d}_{19:06d}"
         _save_png(out / "cityscapes" / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", Image.fromarray(img))
-        _save_png(out / "cityscapes" / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", Image.fromarray(_CS_LUT[lbl]))
+        _save_png(
+            out / "cityscapes" / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", Image.fromarray(_CS_LUT[lbl])
+        )
 
 
 def generate(out_dir: str | Path, cfg: SynthConfig, progress: bool = False) -> None:
@@ -409,10 +424,12 @@ def generate(out_dir: str | Path, cfg: SynthConfig, progress: bool = False) -> N
         for c in cities:
             (out / "cityscapes" / "leftImg8bit" / split / c).mkdir(parents=True, exist_ok=True)
             (out / "cityscapes" / "gtFine" / split / c).mkdir(parents=True, exist_ok=True)
-    jobs = ([("gta5", i, cfg, out) for i in range(cfg.num_source)]
-            + [("synthia", i, cfg, out) for i in range(cfg.num_source)]
-            + [("cityscapes_train", i, cfg, out) for i in range(cfg.num_target_train)]
-            + [("cityscapes_val", i, cfg, out) for i in range(cfg.num_target_val)])
+    jobs = (
+        [("gta5", i, cfg, out) for i in range(cfg.num_source)]
+        + [("synthia", i, cfg, out) for i in range(cfg.num_source)]
+        + [("cityscapes_train", i, cfg, out) for i in range(cfg.num_target_train)]
+        + [("cityscapes_val", i, cfg, out) for i in range(cfg.num_target_val)]
+    )
     t0 = time.time()
     if cfg.workers > 1:
         with ProcessPoolExecutor(cfg.workers) as pool:
@@ -453,7 +470,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--synthia-size", type=_size, default=None, help="WxH (default: --source-size)")
     ap.add_argument("--target-size", type=_size, default=d.target_size, help="WxH")
     ap.add_argument("--gap", type=float, default=d.gap, help="scales every target deviation (0 = no gap)")
-    for name in ("palette_shift", "palette_jitter", "desaturate", "darken", "texture", "noise", "blur", "lighting", "cast", "class_tone"):
+    for name in (
+        "palette_shift",
+        "palette_jitter",
+        "desaturate",
+        "darken",
+        "texture",
+        "noise",
+        "blur",
+        "lighting",
+        "cast",
+        "class_tone",
+    ):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     ap.add_argument("--workers", type=int, default=1)
     a = ap.parse_args(argv)

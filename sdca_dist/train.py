@@ -70,8 +70,15 @@ def main(argv: list[str]) -> int:
     except Preempted as exc:
         print(f"[{cfg.stage}] {exc}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
-    except (MissingInputError, StageInputError, RunFolderBusy, DataConfigError, DataError, ScaleError,
-            FileNotFoundError) as exc:
+    except (
+        MissingInputError,
+        StageInputError,
+        RunFolderBusy,
+        DataConfigError,
+        DataError,
+        ScaleError,
+        FileNotFoundError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

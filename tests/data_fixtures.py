@@ -14,8 +14,9 @@ from sdca_dist.data.packing import PackOptions, pack
 from sdca_dist.data.shards import ShardWriter, write_manifest
 from sdca_dist.synth import SynthConfig, generate
 
-TINY = SynthConfig(seed=3, num_source=14, num_target_train=6, num_target_val=11,
-                   source_size=(48, 30), target_size=(48, 24))
+TINY = SynthConfig(
+    seed=3, num_source=14, num_target_train=6, num_target_val=11, source_size=(48, 30), target_size=(48, 24)
+)
 
 
 @pytest.fixture(scope="session")
@@ -29,18 +30,31 @@ def synth_root(tmp_path_factory) -> Path:
 def shard_sets(synth_root, tmp_path_factory) -> dict[str, Path]:
     """manifest paths: gta5 (several shards), synthia, cityscapes val."""
     out = tmp_path_factory.mktemp("shards")
-    sets = {"gta5": ("gta5", "train", 12_000), "synthia": ("synthia", "train", 1 << 30),
-            "cityscapes_val": ("cityscapes", "val", 8_000)}
+    sets = {
+        "gta5": ("gta5", "train", 12_000),
+        "synthia": ("synthia", "train", 1 << 30),
+        "cityscapes_val": ("cityscapes", "val", 8_000),
+    }
     res = {}
     for name, (layout, split, size) in sets.items():
-        m = pack(PackOptions(layout=layout, root=synth_root / layout, out=out / name, split=split,
-                             shard_size=size, workers=1, progress=False))
+        m = pack(
+            PackOptions(
+                layout=layout,
+                root=synth_root / layout,
+                out=out / name,
+                split=split,
+                shard_size=size,
+                workers=1,
+                progress=False,
+            )
+        )
         res[name] = m.path
     return res
 
 
-def write_colour_set(out: Path, n: int, size_hw: tuple[int, int], seed: int = 0, shard_size: int = 20_000,
-                     cell: int = 16) -> Path:
+def write_colour_set(
+    out: Path, n: int, size_hw: tuple[int, int], seed: int = 0, shard_size: int = 20_000, cell: int = 16
+) -> Path:
     """Lossless shards whose image is the label coloured with the class palette (alignment checks)."""
     rng = np.random.default_rng(seed)
     h, w = size_hw

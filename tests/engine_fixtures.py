@@ -11,11 +11,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: a tiny synthetic benchmark (generated once per test session under its own shards root)
 TINY = [
-    "conf=synthetic", "train.log_every=1", "train.image_every=2", "train.eval_batch_size=4",
-    "data.synthetic_counts=[24,24,12]", "data.synthetic_source_size=[72,144]", "data.synthetic_target_size=[64,128]",
-    "data.source_resize=[64,128]", "data.target_resize=[64,128]", "data.eval_resize=[64,128]",
-    "data.ssl_crop=[48,96]", "src.batch_size=4", "sdca.batch_size=2", "sdca.target_batch_size=2",
-    "ssl.batch_size=4", "oracle.batch_size=4",
+    "conf=synthetic",
+    "train.log_every=1",
+    "train.image_every=2",
+    "train.eval_batch_size=4",
+    "data.synthetic_counts=[24,24,12]",
+    "data.synthetic_source_size=[72,144]",
+    "data.synthetic_target_size=[64,128]",
+    "data.source_resize=[64,128]",
+    "data.target_resize=[64,128]",
+    "data.eval_resize=[64,128]",
+    "data.ssl_crop=[48,96]",
+    "src.batch_size=4",
+    "sdca.batch_size=2",
+    "sdca.target_batch_size=2",
+    "ssl.batch_size=4",
+    "oracle.batch_size=4",
 ]
 
 
@@ -30,8 +41,16 @@ def child_env() -> dict[str, str]:
 
 def train_cmd(ranks: int, overrides: list[str]) -> list[str]:
     if ranks > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-                "-m", "sdca_dist.train", *overrides]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={ranks}",
+            "-m",
+            "sdca_dist.train",
+            *overrides,
+        ]
     return [sys.executable, "-m", "sdca_dist.train", *overrides]
 
 
@@ -40,13 +59,20 @@ def tiny(shards_root: Path, *overrides: str) -> list[str]:
 
 
 def run_train(ranks: int, overrides: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(train_cmd(ranks, overrides), cwd=REPO, env=child_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        train_cmd(ranks, overrides), cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def run_launcher(overrides: list[str], timeout: int = 1200) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "launch" / "slurm.py"), *overrides], cwd=REPO,
-                          env=child_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch" / "slurm.py"), *overrides],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def worker_pids(parent: int) -> list[int]:
@@ -74,5 +100,8 @@ def dry_run_plan(stdout: str) -> dict:
     """The launcher's ``[dry-run] <stage>: {json}`` lines as {stage: plan}."""
     import json
 
-    return {line.split(":", 1)[0][len("[dry-run] "):]: json.loads(line.split(": ", 1)[1])
-            for line in stdout.splitlines() if line.startswith("[dry-run] ")}
+    return {
+        line.split(":", 1)[0][len("[dry-run] ") :]: json.loads(line.split(": ", 1)[1])
+        for line in stdout.splitlines()
+        if line.startswith("[dry-run] ")
+    }

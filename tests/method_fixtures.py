@@ -15,8 +15,9 @@ import torch.multiprocessing as mp
 IGNORE = 255
 
 
-def reference_running_merge(batches: Sequence[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
-                            ignore_index: int = IGNORE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def reference_running_merge(
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]], num_classes: int, ignore_index: int = IGNORE
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The method doc's running merge, literally, in float64 with two-pass batch statistics."""
     dim = batches[0][0].shape[1]
     count = torch.zeros(num_classes, dtype=torch.float64)
@@ -38,8 +39,9 @@ def reference_running_merge(batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
     return count, mean, var
 
 
-def pooled_statistics(feats: torch.Tensor, labels: torch.Tensor, num_classes: int
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pooled_statistics(
+    feats: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Count, mean, biased variance per class of all pixels at once (float64, two-pass)."""
     x = feats.double()
     dim = x.shape[1]
@@ -55,8 +57,15 @@ def pooled_statistics(feats: torch.Tensor, labels: torch.Tensor, num_classes: in
     return count, mean, var
 
 
-def random_batches(seed: int, num_batches: int, num_classes: int, dim: int, max_pixels: int = 60,
-                   offset: float = 0.0, scale: float = 1.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def random_batches(
+    seed: int,
+    num_batches: int,
+    num_classes: int,
+    dim: int,
+    max_pixels: int = 60,
+    offset: float = 0.0,
+    scale: float = 1.0,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Float32 pixel batches with class-dependent means, 20% ignored pixels, some batches where a
     class is absent, one all-ignored batch and one empty batch."""
     g = torch.Generator().manual_seed(seed)
@@ -109,8 +118,7 @@ def run_distributed(fn: Callable, world: int, *args) -> list:
 _SPLITS = {1: [0.0, 1.0], 2: [0.0, 0.3, 1.0], 3: [0.0, 0.15, 0.55, 1.0]}
 
 
-def shard(global_batch: tuple[torch.Tensor, torch.Tensor], rank: int, world: int
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def shard(global_batch: tuple[torch.Tensor, torch.Tensor], rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's contiguous, uneven slice of a global batch."""
     feats, labels = global_batch
     n = feats.shape[0]

@@ -21,8 +21,14 @@ ROW = re.compile(r"^\s*(\d+)\+(\d+)\s+([12])\s+(\d+)\s+[\d.]+\s+[\d.]+\s+(-|\d+%
 
 def _bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return subprocess.run([sys.executable, "-m", "sdca_dist.bench", "scale", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "sdca_dist.bench", "scale", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_smoke_output_and_equal_images():
@@ -51,7 +57,9 @@ def test_a_dying_rank_fails_fast_with_one_line():
     proc = _bench("--iters", "2", "--warmup", "1", "--batches", "2", "--kill-rank", "1", timeout=120)
     assert proc.returncode == 1
     err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert err == [err[-1]] and re.fullmatch(r"error: rank 1 of 2 exited with code 3 \(global batch 2\+2\)", err[-1]), proc.stderr
+    assert err == [err[-1]] and re.fullmatch(r"error: rank 1 of 2 exited with code 3 \(global batch 2\+2\)", err[-1]), (
+        proc.stderr
+    )
     assert "scaling efficiency" not in proc.stdout
     assert time.monotonic() - t0 < 90
 

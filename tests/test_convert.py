@@ -17,8 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdca_dist.models.convert import (ConvertError, convert_official, load_converted, read_official,
-                                      save_state_dict)
+from sdca_dist.models.convert import ConvertError, convert_official, load_converted, read_official, save_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])
@@ -29,11 +28,26 @@ ASPP = (6, 12, 18, 24)
 #: (planes, blocks, stride of the first block, dilation of the first block, dilation of the others)
 R101_LAYERS = ((64, 3, 1, 1, 1), (128, 4, 2, 1, 1), (256, 23, 1, 1, 2), (512, 3, 1, 2, 4))
 #: reference VGG16 Sequential after dropping pool4/pool5: index -> ("conv", cin, cout, dilation) | ("pool",)
-VGG_REF = {0: ("conv", 3, 64, 1), 2: ("conv", 64, 64, 1), 4: ("pool",), 5: ("conv", 64, 128, 1),
-           7: ("conv", 128, 128, 1), 9: ("pool",), 10: ("conv", 128, 256, 1), 12: ("conv", 256, 256, 1),
-           14: ("conv", 256, 256, 1), 16: ("pool",), 17: ("conv", 256, 512, 1), 19: ("conv", 512, 512, 1),
-           21: ("conv", 512, 512, 1), 23: ("conv", 512, 512, 2), 25: ("conv", 512, 512, 2),
-           27: ("conv", 512, 512, 2), 29: ("conv", 512, 1024, 4), 31: ("conv", 1024, 1024, 4)}
+VGG_REF = {
+    0: ("conv", 3, 64, 1),
+    2: ("conv", 64, 64, 1),
+    4: ("pool",),
+    5: ("conv", 64, 128, 1),
+    7: ("conv", 128, 128, 1),
+    9: ("pool",),
+    10: ("conv", 128, 256, 1),
+    12: ("conv", 256, 256, 1),
+    14: ("conv", 256, 256, 1),
+    16: ("pool",),
+    17: ("conv", 256, 512, 1),
+    19: ("conv", 512, 512, 1),
+    21: ("conv", 512, 512, 1),
+    23: ("conv", 512, 512, 2),
+    25: ("conv", 512, 512, 2),
+    27: ("conv", 512, 512, 2),
+    29: ("conv", 512, 1024, 4),
+    31: ("conv", 1024, 1024, 4),
+}
 
 
 def _conv(g, cout, cin, k):
@@ -84,8 +98,9 @@ def _aspp(g, cin, num_classes):
 
 def _ref_bn(x, sd, p):
     if p + "num_batches_tracked" in sd:  # nn.BatchNorm2d in eval mode (ssl checkpoints)
-        return F.batch_norm(x, sd[p + "running_mean"], sd[p + "running_var"], sd[p + "weight"], sd[p + "bias"],
-                            training=False, eps=1e-5)
+        return F.batch_norm(
+            x, sd[p + "running_mean"], sd[p + "running_var"], sd[p + "weight"], sd[p + "bias"], training=False, eps=1e-5
+        )
     scale = sd[p + "weight"] * sd[p + "running_var"].rsqrt()  # FrozenBatchNorm2d: no eps
     shift = sd[p + "bias"] - sd[p + "running_mean"] * scale
     return x * scale[None, :, None, None] + shift[None, :, None, None]
@@ -108,7 +123,9 @@ def reference_r101_forward(fe, cls, rgb01):
             p = f"backbone.layer{li}.{b}."
             s, d = (stride, first_dil) if b == 0 else (1, dil)
             out = F.relu(_ref_bn(F.conv2d(x, fe[p + "conv1.weight"]), fe, p + "bn1."))
-            out = F.relu(_ref_bn(F.conv2d(out, fe[p + "conv2.weight"], stride=s, padding=d, dilation=d), fe, p + "bn2."))
+            out = F.relu(
+                _ref_bn(F.conv2d(out, fe[p + "conv2.weight"], stride=s, padding=d, dilation=d), fe, p + "bn2.")
+            )
             out = _ref_bn(F.conv2d(out, fe[p + "conv3.weight"]), fe, p + "bn3.")
             identity = x
             if b == 0:
@@ -151,8 +168,15 @@ def _ours(model, rgb01):
 
 def _save_official(tmp_path: Path, fe, cls, name="ref.pth", prefix=""):
     path = tmp_path / name
-    torch.save({"iteration": 20000, "feature_extractor": {prefix + k: v for k, v in fe.items()},
-                "classifier": {prefix + k: v for k, v in cls.items()}, "optimizer_fea": {}}, path)
+    torch.save(
+        {
+            "iteration": 20000,
+            "feature_extractor": {prefix + k: v for k, v in fe.items()},
+            "classifier": {prefix + k: v for k, v in cls.items()},
+            "optimizer_fea": {},
+        },
+        path,
+    )
     return path
 
 
@@ -161,9 +185,26 @@ def test_r101_frozen_bn_ddp_checkpoint_gives_the_reference_logits(tmp_path: Path
     fe, cls = reference_r101(1, 19)
     ckpt = _save_official(tmp_path, fe, cls, prefix="module.")
     out = tmp_path / "ours.pt"
-    proc = subprocess.run([sys.executable, "-m", "sdca_dist.models.convert", "--from", "official", str(ckpt),
-                           "--model", "deeplabv2_r101", "--num-classes", "19", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sdca_dist.models.convert",
+            "--from",
+            "official",
+            str(ckpt),
+            "--model",
+            "deeplabv2_r101",
+            "--num-classes",
+            "19",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "104 frozen BN (eps folded)" in proc.stdout
     model = load_converted(out, "deeplabv2_r101", 19)  # strict
@@ -224,9 +265,26 @@ def test_one_line_errors(tmp_path: Path):
     ckpt = _save_official(tmp_path, fe, cls)
     # wrong class count, through the CLI: exit 2, one line, nothing written
     out = tmp_path / "x.pt"
-    proc = subprocess.run([sys.executable, "-m", "sdca_dist.models.convert", "--from", "official", str(ckpt),
-                           "--model", "deeplabv2_vgg16", "--num-classes", "16", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sdca_dist.models.convert",
+            "--from",
+            "official",
+            str(ckpt),
+            "--model",
+            "deeplabv2_vgg16",
+            "--num-classes",
+            "16",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "19-class classifier; --num-classes is 16" in proc.stderr
     assert not out.exists() and not list(tmp_path.glob(".tmp*"))
@@ -256,14 +314,30 @@ def test_caffe_vgg16_imagenet_weights_become_torchvision_format(tmp_path: Path):
     from sdca_dist.models import build_model
 
     fe, _ = reference_vgg16(6, 19)
-    caffe = {f"features.{i + (1 if i >= 23 else 0)}.{p}": fe[f"backbone.{i}.{p}"]
-             for i in (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 23, 25, 27) for p in ("weight", "bias")}
+    caffe = {
+        f"features.{i + (1 if i >= 23 else 0)}.{p}": fe[f"backbone.{i}.{p}"]
+        for i in (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 23, 25, 27)
+        for p in ("weight", "bias")
+    }
     caffe["classifier.0.weight"] = torch.zeros(2, 2)  # its fc layers (another naming) are dropped
     torch.save(caffe, tmp_path / "vgg16-00b39a1b.pth")
     out = tmp_path / "vgg16_ours.pt"
-    proc = subprocess.run([sys.executable, "-m", "sdca_dist.models.convert", "--from", "caffe_vgg16_imagenet",
-                           str(tmp_path / "vgg16-00b39a1b.pth"), "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sdca_dist.models.convert",
+            "--from",
+            "caffe_vgg16_imagenet",
+            str(tmp_path / "vgg16-00b39a1b.pth"),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     model = build_model("deeplabv2_vgg16", 19, pretrained=out)
     rgb = torch.rand(1, 3, 20, 24, generator=torch.Generator().manual_seed(7))

@@ -8,9 +8,9 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from data_fixtures import shard_sets, synth_root, write_colour_set  # noqa: F401  (fixtures)
 from PIL import Image
 
-from data_fixtures import shard_sets, synth_root, write_colour_set  # noqa: F401  (fixtures)
 from sdca_dist.classes import CITYSCAPES_PALETTE, colorize, target_label_map
 from sdca_dist.data.loader import IMAGENET_MEAN, IMAGENET_STD, ShardLoader
 from sdca_dist.data.shards import ShardReader, ShardWriter, load_manifest, write_manifest
@@ -67,8 +67,17 @@ def test_exactly_once_per_epoch_across_ranks(shard_sets, world):
         per_epoch = [Counter() for _ in range(2)]
         steps = set()
         for rank in range(world):
-            loader = ShardLoader(m, 3, rank=rank, world_size=world, train=train, device="cpu", num_threads=1,
-                                 seed=5, **(AUG if train else {"resize": (16, 32)}))
+            loader = ShardLoader(
+                m,
+                3,
+                rank=rank,
+                world_size=world,
+                train=train,
+                device="cpu",
+                num_threads=1,
+                seed=5,
+                **(AUG if train else {"resize": (16, 32)}),
+            )
             steps.add(loader.steps_per_epoch)
             it = iter(loader)
             for epoch in range(2 if train else 1):
@@ -96,8 +105,18 @@ def _class_of_colour(img: torch.Tensor) -> np.ndarray:
 
 def test_image_and_label_stay_aligned_after_augmentation(tmp_path):
     m = write_colour_set(tmp_path / "colour", n=10, size_hw=(48, 80))
-    loader = ShardLoader(m, 5, train=True, resize=(48, 80), crop_size=(40, 56), scale_range=(0.6, 1.6), flip=True,
-                         seed=1, device="cpu", num_threads=1)
+    loader = ShardLoader(
+        m,
+        5,
+        train=True,
+        resize=(48, 80),
+        crop_size=(40, 56),
+        scale_range=(0.6, 1.6),
+        flip=True,
+        seed=1,
+        device="cpu",
+        num_threads=1,
+    )
     it = iter(loader)
     flips = 0
     for _ in range(4):
@@ -111,7 +130,7 @@ def test_image_and_label_stay_aligned_after_augmentation(tmp_path):
             interior = np.ones_like(lbl, dtype=bool)
             for dy in range(3):
                 for dx in range(3):
-                    interior &= pad[dy:dy + lbl.shape[0], dx:dx + lbl.shape[1]] == lbl
+                    interior &= pad[dy : dy + lbl.shape[0], dx : dx + lbl.shape[1]] == lbl
             agree = (cls[interior] == lbl[interior]).mean()
             assert interior.mean() > 0.5 and agree > 0.99, (interior.mean(), agree)
             assert (cls == lbl).mean() > 0.8
@@ -139,6 +158,7 @@ def test_class_balanced_raises_rare_class_frequency(tmp_path):
         it = iter(loader)
         idx = [int(i) for _ in range(20) for i in next(it)["index"]]
         return float(np.mean([18 in m.samples[i]["classes"] for i in idx]))
+
     uniform, balanced = share(False), share(True)
     assert uniform == pytest.approx(0.05, abs=0.001)  # 20 batches of 4 = two epochs, each image twice
     assert balanced > 0.15, (uniform, balanced)  # ~1/4 of the draws pick the rare class
@@ -186,8 +206,20 @@ def test_ssl_crop_of_the_original_never_pads(tmp_path, policy, scale):
     """The reference's ssl recipe: scale the ORIGINAL image, crop half its size, never pad
     (crop_policy="fit" floors the scale where the image would not cover the crop)."""
     m = _no_void_set(tmp_path)
-    loader = ShardLoader(m, 3, train=True, resize=None, crop_size=(24, 40), scale_range=scale, flip=True,
-                         photometric=True, crop_policy=policy, seed=4, device="cpu", num_threads=1)
+    loader = ShardLoader(
+        m,
+        3,
+        train=True,
+        resize=None,
+        crop_size=(24, 40),
+        scale_range=scale,
+        flip=True,
+        photometric=True,
+        crop_policy=policy,
+        seed=4,
+        device="cpu",
+        num_threads=1,
+    )
     it = iter(loader)
     void = [float((next(it)["label"] == 255).float().mean()) for _ in range(4)]
     if policy == "fit":
@@ -198,16 +230,20 @@ def test_ssl_crop_of_the_original_never_pads(tmp_path, policy, scale):
 
 def _photometric_once(img: np.ndarray, b: float, c: float) -> np.ndarray:
     """ShardLoader's photometric graph on one image with saturation 1, hue 0, a negligible blur."""
-    from nvidia.dali import fn, math as dmath, pipeline_def, types
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
 
     @pipeline_def(batch_size=1, num_threads=1, device_id=None)
     def pipe():
         x = fn.external_source(source=lambda: [img], batch=True)
+
         def const(v):  # no parameters: DALI would pass the iteration to a callback that takes one
             return lambda: [np.float32(v)]
 
-        prm = {k: fn.external_source(source=const(v), batch=True)
-               for k, v in dict(brightness=b, contrast=c, saturation=1.0, hue=0.0, sigma=0.1).items()}
+        prm = {
+            k: fn.external_source(source=const(v), batch=True)
+            for k, v in dict(brightness=b, contrast=c, saturation=1.0, hue=0.0, sigma=0.1).items()
+        }
         return ShardLoader._photometric(fn, types, dmath, x, prm, gpu=False)
 
     p = pipe()
@@ -243,8 +279,10 @@ def test_image_resize_is_bicubic_as_the_reference(tmp_path):
     for size in ((24, 40), (90, 150)):
         b = next(iter(ShardLoader(m, 1, train=False, resize=size, device="cpu", num_threads=1)))
         got = (b["image"][0] * std + mean).permute(1, 2, 0).numpy()
-        diff = {f: np.abs(got - np.asarray(Image.fromarray(img).resize(size[::-1], f), np.float64)).mean()
-                for f in (Image.BICUBIC, Image.BILINEAR)}
+        diff = {
+            f: np.abs(got - np.asarray(Image.fromarray(img).resize(size[::-1], f), np.float64)).mean()
+            for f in (Image.BICUBIC, Image.BILINEAR)
+        }
         assert diff[Image.BICUBIC] < 0.6 * diff[Image.BILINEAR], (size, diff)
 
 

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from data_fixtures import shard_sets, synth_root  # noqa: F401  (fixtures)
+
 from sdca_dist.data.sampling import SUB_EPOCH, ClassBalancedSampler, epoch_order
 from sdca_dist.data.shards import Manifest
 
@@ -122,8 +122,14 @@ def test_resume_mid_block_and_from_nothing_continue_identically():
 
 def _fake_manifest(n: int, presence=None) -> Manifest:
     samples = [{"key": f"k{i}", "shard": 0, "classes": (presence[i] if presence else [0])} for i in range(n)]
-    return Manifest(path=Path("/nonexistent/manifest.json"), num_samples=n, num_classes=K,
-                    shards=[{"name": "x.tar", "index": "x.idx", "count": n}], class_pixels=[0] * K, samples=samples)
+    return Manifest(
+        path=Path("/nonexistent/manifest.json"),
+        num_samples=n,
+        num_classes=K,
+        shards=[{"name": "x.tar", "index": "x.idx", "count": n}],
+        class_pixels=[0] * K,
+        samples=samples,
+    )
 
 
 def test_ranks_slice_one_global_sequence():
@@ -134,8 +140,12 @@ def test_ranks_slice_one_global_sequence():
     for balanced in (True, False):
         one = ShardLoader(m, 8, train=True, class_balanced=balanced, seed=3, device="cpu")
         for world in (2, 4):
-            ranks = [ShardLoader(m, 8 // world, rank=r, world_size=world, train=True, class_balanced=balanced,
-                                 seed=3, device="cpu") for r in range(world)]
+            ranks = [
+                ShardLoader(
+                    m, 8 // world, rank=r, world_size=world, train=True, class_balanced=balanced, seed=3, device="cpu"
+                )
+                for r in range(world)
+            ]
             for g in (0, 1, 37):
                 got = np.concatenate([ld.batch_indices(g)[0] for ld in ranks])
                 if balanced:
@@ -172,8 +182,11 @@ def test_cli_prints_keys(shard_sets, tmp_path):
     assert out == [keys[i] for i in want]
     again = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
     assert again == out
-    bad = subprocess.run([sys.executable, "-m", "sdca_dist.data.sampling", str(tmp_path / "nope"), "--draws", "3"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "sdca_dist.data.sampling", str(tmp_path / "nope"), "--draws", "3"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "nope" in bad.stderr
 
 

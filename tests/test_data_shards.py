@@ -9,17 +9,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from data_fixtures import TINY, shard_sets, synth_root  # noqa: F401  (fixtures)
 from PIL import Image
 
-from data_fixtures import TINY, shard_sets, synth_root  # noqa: F401  (fixtures)
 from sdca_dist import shard as shard_cli
 from sdca_dist.data.layouts import list_pairs, read_label
 from sdca_dist.data.shards import ShardReader, ShardWriter, load_manifest, write_manifest
 
 
 def test_manifest_and_labels_byte_exact(shard_sets, synth_root):
-    for name, layout, split in (("gta5", "gta5", "train"), ("synthia", "synthia", "train"),
-                                ("cityscapes_val", "cityscapes", "val")):
+    for name, layout, split in (
+        ("gta5", "gta5", "train"),
+        ("synthia", "synthia", "train"),
+        ("cityscapes_val", "cityscapes", "val"),
+    ):
         m = load_manifest(shard_sets[name])
         pairs = list_pairs(layout, synth_root / layout, split)
         assert m.num_samples == len(pairs) == sum(s["count"] for s in m.shards)
@@ -95,6 +98,7 @@ def test_verify_reports_a_corrupted_shard(synth_root, tmp_path, capsys):
     data[600] ^= 0xFF
     tar.write_bytes(bytes(data))
     from sdca_dist.data.packing import verify
+
     problems = verify(out / "manifest.json")
     assert len(problems) == 1 and "shard-000000.tar: sha256" in problems[0]
 
@@ -105,17 +109,22 @@ def _bad_copy(synth_root: Path, tmp_path: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("case", ["unreadable", "truncated", "no_label", "no_image", "mismatch", "unknown_ids",
-                                  "empty", "missing"])
+@pytest.mark.parametrize(
+    "case", ["unreadable", "truncated", "no_label", "no_image", "mismatch", "unknown_ids", "empty", "missing"]
+)
 def test_bad_inputs_fail_with_one_line_naming_the_file(case, synth_root, tmp_path, capsys):
     root = _bad_copy(synth_root, tmp_path)
     out = tmp_path / "out"
-    expect = {"unreadable": ("images/00003.png", "unreadable"), "truncated": ("images/00003.png", "truncated"),
-              "no_label": ("images/00003.png", "image without label"),
-              "no_image": ("labels/00003.png", "label without image"),
-              "mismatch": ("images/00003.png", "size mismatch"),
-              "unknown_ids": ("labels/00003.png", "ids outside the gta5 table"),
-              "empty": ("images", "input folder is empty"), "missing": ("images", "input folder is missing")}[case]
+    expect = {
+        "unreadable": ("images/00003.png", "unreadable"),
+        "truncated": ("images/00003.png", "truncated"),
+        "no_label": ("images/00003.png", "image without label"),
+        "no_image": ("labels/00003.png", "label without image"),
+        "mismatch": ("images/00003.png", "size mismatch"),
+        "unknown_ids": ("labels/00003.png", "ids outside the gta5 table"),
+        "empty": ("images", "input folder is empty"),
+        "missing": ("images", "input folder is missing"),
+    }[case]
     if case == "unreadable":
         (root / "images/00003.png").write_bytes(b"not a png at all")
     elif case == "truncated":
@@ -145,8 +154,10 @@ def test_bad_inputs_fail_with_one_line_naming_the_file(case, synth_root, tmp_pat
     assert "manifest.json" not in [p.name for p in out.glob("*")]
     assert not list(out.glob(".tmp*"))
     if case == "mismatch":  # the flag skips such pairs and lists them in the manifest
-        rc, _ = _run(["--layout", "gta5", "--root", root, "--out", out, "--shard-size", "12000", "--quiet",
-                      "--skip-mismatched"], capsys)
+        rc, _ = _run(
+            ["--layout", "gta5", "--root", root, "--out", out, "--shard-size", "12000", "--quiet", "--skip-mismatched"],
+            capsys,
+        )
         m = load_manifest(out)
         assert rc == 0 and m.num_samples == TINY.num_source - 1
         assert [s["path"] for s in m.skipped] == ["images/00003.png"] and "40x30" in m.skipped[0]["reason"]
@@ -179,6 +190,7 @@ def test_shard_writer_parts_combine_into_one_manifest(tmp_path):
 
 def test_missing_or_corrupt_manifest_is_one_line(tmp_path):
     from sdca_dist.data.errors import DataError
+
     with pytest.raises(DataError, match="manifest.json: manifest does not exist"):
         load_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "nope"}))

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from data_fixtures import TINY, synth_root  # noqa: F401  (fixture)
 from PIL import Image
 
-from data_fixtures import TINY, synth_root  # noqa: F401  (fixture)
 from sdca_dist.classes import CITYSCAPES_ID_PALETTE
 from sdca_dist.data.errors import DataError
 from sdca_dist.data.layouts import list_pairs, read_label
@@ -20,8 +20,9 @@ from sdca_dist.synth import SynthConfig, generate
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*.png"))}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.png"))
+    }
 
 
 def test_synth_is_deterministic_per_seed(tmp_path, synth_root):
@@ -36,9 +37,17 @@ def test_synth_is_deterministic_per_seed(tmp_path, synth_root):
 
 def test_synth_gap_knob_moves_target_colours(tmp_path):
     """gap=0: a class looks alike in both domains; gap=1: its colour moves (a real domain gap)."""
+
     def road_colour_distance(gap: float) -> float:
-        cfg = SynthConfig(seed=1, num_source=3, num_target_train=3, num_target_val=0,
-                          source_size=(64, 32), target_size=(64, 32), gap=gap)
+        cfg = SynthConfig(
+            seed=1,
+            num_source=3,
+            num_target_train=3,
+            num_target_val=0,
+            source_size=(64, 32),
+            target_size=(64, 32),
+            gap=gap,
+        )
         root = tmp_path / f"g{gap}"
         generate(root, cfg)
         means = []
@@ -49,6 +58,7 @@ def test_synth_gap_knob_moves_target_colours(tmp_path):
                 px.append(np.asarray(Image.open(p.image).convert("RGB"), np.float64)[lbl == 8])  # vegetation
             means.append(np.concatenate(px).mean(0))
         return float(np.linalg.norm(means[0] - means[1]))
+
     assert road_colour_distance(0.0) < 15 < road_colour_distance(1.0)
 
 
@@ -84,9 +94,14 @@ def test_png16_reader_undoes_png_filters(tmp_path):
 
     def chunk(k, d):
         return struct.pack(">I", len(d)) + k + d + struct.pack(">I", zlib.crc32(k + d) & 0xFFFFFFFF)
+
     p = tmp_path / "sub.png"
-    p.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 7, 5, 16, 2, 0, 0, 0))
-                  + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    p.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 7, 5, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
     assert np.array_equal(read_png16_rgb(p), arr)
     write_png16_rgb(tmp_path / "plain.png", arr)
     assert np.array_equal(read_png16_rgb(tmp_path / "plain.png"), arr)
@@ -125,5 +140,7 @@ def test_class_tone_knob_changes_classes_unequally():
     flat, toned = value_ratios(0.0), value_ratios(0.3)
     assert np.ptp(flat) < 1e-5  # default: every class darkened by the same factor
     assert np.ptp(toned) > 0.2  # per class, fixed per seed
-    assert np.array_equal(class_colours(SynthConfig(seed=3, class_tone=0.3).source_style, 3),
-                          class_colours(SynthConfig(seed=3).source_style, 3))  # source untouched
+    assert np.array_equal(
+        class_colours(SynthConfig(seed=3, class_tone=0.3).source_style, 3),
+        class_colours(SynthConfig(seed=3).source_style, 3),
+    )  # source untouched

@@ -26,17 +26,20 @@ def test_command_line_group_choice_beats_the_preset():
     assert cfg.model.name == "deeplabv2_vgg16" and cfg.engine.name == "deepspeed"
 
 
-@pytest.mark.parametrize("overrides, fragment", [
-    (["conf=nope"], "unknown conf='nope'; valid choices: gta2city, synthetic, synthia2city"),
-    (["conf=synthetic", "model=resnet9"], "unknown model='resnet9'; valid choices: deeplabv2_r101"),
-    (["conf=synthetic", "train.itres=3"], "train.itres"),
-    (["conf=synthetic", "train.iters=abc"], "train.iters"),
-    (["conf=synthetic", "stage=foo"], "unknown stage='foo'"),
-    (["conf=synthetic", "nodes=2"], "nodes is a setting of the launcher (launch/slurm.py), not of a run"),
-    (["conf=synthetic", "engine.zero_stage=3"], "engine.zero_stage=3 must be 0, 1 or 2"),
-    (["conf=synthetic", "data.eval_resize=[5]"], "data.eval_resize=[5] must be [H, W]"),
-    (["conf=synthetic", "oops"], "not of the form key=value"),
-])
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["conf=nope"], "unknown conf='nope'; valid choices: gta2city, synthetic, synthia2city"),
+        (["conf=synthetic", "model=resnet9"], "unknown model='resnet9'; valid choices: deeplabv2_r101"),
+        (["conf=synthetic", "train.itres=3"], "train.itres"),
+        (["conf=synthetic", "train.iters=abc"], "train.iters"),
+        (["conf=synthetic", "stage=foo"], "unknown stage='foo'"),
+        (["conf=synthetic", "nodes=2"], "nodes is a setting of the launcher (launch/slurm.py), not of a run"),
+        (["conf=synthetic", "engine.zero_stage=3"], "engine.zero_stage=3 must be 0, 1 or 2"),
+        (["conf=synthetic", "data.eval_resize=[5]"], "data.eval_resize=[5] must be [H, W]"),
+        (["conf=synthetic", "oops"], "not of the form key=value"),
+    ],
+)
 def test_mistakes_fail_in_one_line_naming_the_key(overrides, fragment):
     with pytest.raises(ConfigError) as info:
         compose_config(overrides)

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from engine_fixtures import REPO, child_env, run_launcher, run_train, tiny, train_cmd, worker_pids
 
 STAGES = ["src", "dist_init", "sdca", "pseudo_label", "ssl"]
@@ -36,8 +35,17 @@ def shards(tmp_path_factory) -> Path:
 def chain(shards, tmp_path_factory) -> Path:
     """The full chain, 2 ranks per stage, through the launcher's local mode."""
     run_dir = tmp_path_factory.mktemp("chain")
-    proc = run_launcher(tiny(shards, "cluster=local", "cluster.tasks_per_node=2", "wait=true",
-                             f"run_dir={run_dir}", "train.iters=4", "train.checkpoint_every=2"))
+    proc = run_launcher(
+        tiny(
+            shards,
+            "cluster=local",
+            "cluster.tasks_per_node=2",
+            "wait=true",
+            f"run_dir={run_dir}",
+            "train.iters=4",
+            "train.checkpoint_every=2",
+        )
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (run_dir / "launcher.log").write_text(proc.stdout)
     return run_dir
@@ -75,8 +83,17 @@ def test_chain_writes_every_stage_output(chain: Path):
 
 
 def test_rerunning_the_chain_skips_done_stages(chain: Path, shards: Path):
-    proc = run_launcher(tiny(shards, "cluster=local", "cluster.tasks_per_node=2", "wait=true", f"run_dir={chain}",
-                             "train.iters=4", "train.checkpoint_every=2"))
+    proc = run_launcher(
+        tiny(
+            shards,
+            "cluster=local",
+            "cluster.tasks_per_node=2",
+            "wait=true",
+            f"run_dir={chain}",
+            "train.iters=4",
+            "train.checkpoint_every=2",
+        )
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("DONE with these settings and inputs, skipped") == len(STAGES)
 
@@ -91,8 +108,9 @@ def test_missing_input_fails_at_once_naming_the_file(tmp_path: Path, shards: Pat
 
 def _run_until_signal(overrides: list[str], stop_after: int) -> subprocess.CompletedProcess:
     """Start 2 ranks; once rank 0 reports iteration ``stop_after``, send SIGUSR2 to ONE rank."""
-    proc = subprocess.Popen(train_cmd(2, overrides), cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        train_cmd(2, overrides), cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     out = []
     signalled = False
     deadline = time.time() + 600
@@ -112,7 +130,9 @@ def _run_until_signal(overrides: list[str], stop_after: int) -> subprocess.Compl
     return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(out), "")
 
 
-@pytest.mark.parametrize("engine", [["engine=ddp"], ["engine=deepspeed", "engine.zero_stage=1"]], ids=["ddp", "deepspeed_zero1"])
+@pytest.mark.parametrize(
+    "engine", [["engine=ddp"], ["engine=deepspeed", "engine.zero_stage=1"]], ids=["ddp", "deepspeed_zero1"]
+)
 def test_sdca_interrupted_at_a_random_step_resumes_bitwise_exact(chain: Path, shards: Path, tmp_path: Path, engine):
     iters = 16
     runs = {}
@@ -154,9 +174,19 @@ def test_sdca_interrupted_at_a_random_step_resumes_bitwise_exact(chain: Path, sh
 @pytest.mark.parametrize("zero, bf16", [(2, False), (1, True)])
 def test_deepspeed_two_ranks_trains_and_writes_plain_model(chain: Path, shards: Path, tmp_path: Path, zero, bf16):
     """ZeRO-2 in fp32 and ZeRO-1 in bf16 (BatchNorm buffers in bf16 via data_types.buffer_dtype)."""
-    proc = run_train(2, tiny(shards, "stage=src", f"run_dir={tmp_path}", "engine=deepspeed",
-                             f"engine.zero_stage={zero}", f"engine.bf16={str(bf16).lower()}", "train.iters=3"),
-                     timeout=900)
+    proc = run_train(
+        2,
+        tiny(
+            shards,
+            "stage=src",
+            f"run_dir={tmp_path}",
+            "engine=deepspeed",
+            f"engine.zero_stage={zero}",
+            f"engine.bf16={str(bf16).lower()}",
+            "train.iters=3",
+        ),
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ds = _state(tmp_path / "src" / "model_final.pt")
     ddp = _state(chain / "src" / "model_final.pt")

@@ -5,7 +5,6 @@ These never reach a cluster: every one must fail (or print) before sbatch would 
 
 from __future__ import annotations
 
-
 from engine_fixtures import dry_run_plan, fake_shard_sets, run_launcher
 
 
@@ -30,8 +29,16 @@ def test_unknown_key_and_wrong_type_fail_before_submission():
 
 
 def test_missing_shards_and_weights_are_all_named(tmp_path):
-    proc = run_launcher(["conf=gta2city", "nodes=4", f"data.shards_root={tmp_path}",
-                         f"model.pretrained={tmp_path}/resnet101.pth", "dry_run=true"], timeout=120)
+    proc = run_launcher(
+        [
+            "conf=gta2city",
+            "nodes=4",
+            f"data.shards_root={tmp_path}",
+            f"model.pretrained={tmp_path}/resnet101.pth",
+            "dry_run=true",
+        ],
+        timeout=120,
+    )
     assert proc.returncode == 2
     err = _last_error(proc)
     for name in ("gta5_train", "cityscapes_train", "cityscapes_val"):
@@ -40,16 +47,26 @@ def test_missing_shards_and_weights_are_all_named(tmp_path):
 
 
 def test_a_stage_whose_producer_is_not_planned_needs_its_input(tmp_path):
-    proc = run_launcher(["conf=synthetic", "cluster=local", "stages=[sdca]", f"run_dir={tmp_path}", "dry_run=true"],
-                        timeout=120)
+    proc = run_launcher(
+        ["conf=synthetic", "cluster=local", "stages=[sdca]", f"run_dir={tmp_path}", "dry_run=true"], timeout=120
+    )
     assert proc.returncode == 2
     assert f"stage sdca needs {tmp_path}/src/model_final.pt (from stage src, not planned)" in _last_error(proc)
 
 
 def test_dry_run_prints_each_stage_plan_and_sbatch_parameters(tmp_path):
     shards = fake_shard_sets(tmp_path / "shards")
-    proc = run_launcher(["conf=gta2city", "nodes=1", f"data.shards_root={shards}", "cluster.partition=gpu",
-                         f"run_dir={tmp_path / 'run'}", "--dry-run"], timeout=120)
+    proc = run_launcher(
+        [
+            "conf=gta2city",
+            "nodes=1",
+            f"data.shards_root={shards}",
+            "cluster.partition=gpu",
+            f"run_dir={tmp_path / 'run'}",
+            "--dry-run",
+        ],
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"[launch] conf=gta2city with data.shards_root={shards}" in proc.stdout
     rows = dry_run_plan(proc.stdout)

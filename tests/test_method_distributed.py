@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-
 from method_fixtures import pooled_statistics, random_batches, reference_running_merge, run_distributed, shard
+
 from sdca_dist.method import ClassThresholds, ConfusionMatrix, SemanticDistribution, update_distributions
 
 C, A = 5, 16
@@ -15,8 +15,9 @@ NUM_BATCHES = 8
 
 
 def _global_data():
-    feats = random_batches(seed=11, num_batches=NUM_BATCHES, num_classes=C, dim=A, max_pixels=80,
-                           offset=500.0, scale=0.3)
+    feats = random_batches(
+        seed=11, num_batches=NUM_BATCHES, num_classes=C, dim=A, max_pixels=80, offset=500.0, scale=0.3
+    )
     logits = [(f[:, :C] * 0.5 - 2.0, l) for f, l in feats]
     g = torch.Generator().manual_seed(12)
     probs = [torch.randn(6, C, 4, 5, generator=g).mul(3).softmax(1) for _ in range(3)]
@@ -61,9 +62,16 @@ def _worker(rank: int, world: int) -> dict:
         metric_calls = len(calls) - before
     finally:
         dist.all_reduce = original
-    return {"feat": feat_d.state_dict(), "out": out_d.state_dict(), "per_update": per_update,
-            "single_calls": single_calls, "thresholds": thresholds, "cm": cm.mat, "miou": cm.miou(),
-            "metric_calls": metric_calls}
+    return {
+        "feat": feat_d.state_dict(),
+        "out": out_d.state_dict(),
+        "per_update": per_update,
+        "single_calls": single_calls,
+        "thresholds": thresholds,
+        "cm": cm.mat,
+        "miou": cm.miou(),
+        "metric_calls": metric_calls,
+    }
 
 
 @pytest.mark.timeout(180)

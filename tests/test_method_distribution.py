@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from method_fixtures import IGNORE, pooled_statistics, random_batches, reference_running_merge
+
 from sdca_dist.method import SemanticDistribution, flatten_pixels, update_distributions
 
 
@@ -48,8 +48,7 @@ def test_absent_class_and_all_ignored_batch_leave_state_unchanged():
 def test_large_mean_small_std_has_no_cancellation():
     # |mean| / std ~ 6000: a float32 sum-of-squares loses the variance entirely here.
     C, A = 3, 8
-    batches = random_batches(seed=7, num_batches=12, num_classes=C, dim=A, max_pixels=200,
-                             offset=3000.0, scale=0.5)
+    batches = random_batches(seed=7, num_batches=12, num_classes=C, dim=A, max_pixels=200, offset=3000.0, scale=0.5)
     d = SemanticDistribution(C, A)
     for feats, labels in batches:
         d.update(feats, labels)
@@ -122,8 +121,9 @@ def test_update_needs_no_grad_and_accepts_graph_features():
 
 def test_flatten_pixels_downsamples_labels_nearest_and_keeps_row_order():
     fmap = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2)
-    labels = torch.tensor([[[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 255, 255], [2, 2, 255, 255]],
-                           [[1] * 4, [1] * 4, [0] * 4, [0] * 4]])
+    labels = torch.tensor(
+        [[[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 255, 255], [2, 2, 255, 255]], [[1] * 4, [1] * 4, [0] * 4, [0] * 4]]
+    )
     feats, flat = flatten_pixels(fmap, labels)
     assert feats.shape == (8, 3)
     assert flat.tolist() == [0, 1, 2, 255, 1, 1, 0, 0]

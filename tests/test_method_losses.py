@@ -6,10 +6,16 @@ import math
 
 import torch
 import torch.nn.functional as F
-
 from method_fixtures import IGNORE
-from sdca_dist.method import (ConfusionMatrix, confidence_pseudo_labels, lovasz_softmax,
-                              pixel_contrastive_loss, segmentation_ce, segmentation_loss)
+
+from sdca_dist.method import (
+    ConfusionMatrix,
+    confidence_pseudo_labels,
+    lovasz_softmax,
+    pixel_contrastive_loss,
+    segmentation_ce,
+    segmentation_loss,
+)
 
 
 def _direct_contrastive(feat, labels, mean, var, tau):

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from method_fixtures import IGNORE
+
 from sdca_dist.classes import SYNTHIA13_IN_16, class_names
 from sdca_dist.method import ClassThresholds, ConfusionMatrix, apply_thresholds, miou_report
 

@@ -44,9 +44,21 @@ def torchvision_resnet101_keys() -> "OrderedDict[str, tuple[int, ...]]":
 
 def torchvision_vgg16_keys() -> "OrderedDict[str, tuple[int, ...]]":
     keys: OrderedDict[str, tuple[int, ...]] = OrderedDict()
-    convs = [(0, 3, 64), (2, 64, 64), (5, 64, 128), (7, 128, 128), (10, 128, 256), (12, 256, 256),
-             (14, 256, 256), (17, 256, 512), (19, 512, 512), (21, 512, 512), (24, 512, 512),
-             (26, 512, 512), (28, 512, 512)]
+    convs = [
+        (0, 3, 64),
+        (2, 64, 64),
+        (5, 64, 128),
+        (7, 128, 128),
+        (10, 128, 256),
+        (12, 256, 256),
+        (14, 256, 256),
+        (17, 256, 512),
+        (19, 512, 512),
+        (21, 512, 512),
+        (24, 512, 512),
+        (26, 512, 512),
+        (28, 512, 512),
+    ]
     for i, cin, cout in convs:
         keys[f"features.{i}.weight"] = (cout, cin, 3, 3)
         keys[f"features.{i}.bias"] = (cout,)
@@ -58,8 +70,7 @@ def torchvision_vgg16_keys() -> "OrderedDict[str, tuple[int, ...]]":
 
 def _random_state(keys, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return {k: (torch.tensor(7) if not shape else torch.randn(*shape, generator=g) * 0.01)
-            for k, shape in keys.items()}
+    return {k: (torch.tensor(7) if not shape else torch.randn(*shape, generator=g) * 0.01) for k, shape in keys.items()}
 
 
 @pytest.mark.parametrize("name,dim", [("small", 64), ("deeplabv2_vgg16", 1024), ("deeplabv2_r101", 2048)])
@@ -149,8 +160,11 @@ def test_loads_torchvision_format_resnet101_and_vgg16(tmp_path):
     got = model.backbone.state_dict()
     assert torch.equal(got["layer3.22.conv2.weight"], r101["layer3.22.conv2.weight"])
     assert torch.equal(got["layer4.0.downsample.1.running_var"], r101["layer4.0.downsample.1.running_var"])
-    assert all(torch.equal(got[k], v) for k, v in r101.items() if not k.startswith("fc.")
-               and not k.endswith("num_batches_tracked"))
+    assert all(
+        torch.equal(got[k], v)
+        for k, v in r101.items()
+        if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+    )
 
     vgg = _random_state(torchvision_vgg16_keys(), seed=2)
     vpath = tmp_path / "vgg16-imagenet.pth"
@@ -176,7 +190,9 @@ def test_pretrained_errors_name_the_file_and_key(tmp_path):
         build_model("deeplabv2_vgg16", 19, pretrained=bad_shape)
     wrong_arch = tmp_path / "vgg_for_resnet.pth"
     torch.save(_random_state(torchvision_vgg16_keys(), seed=4), wrong_arch)
-    with pytest.raises(ValueError, match="vgg_for_resnet.pth do not match a torchvision resnet101: missing key 'conv1.weight'"):
+    with pytest.raises(
+        ValueError, match="vgg_for_resnet.pth do not match a torchvision resnet101: missing key 'conv1.weight'"
+    ):
         build_model("deeplabv2_r101", 19, pretrained=wrong_arch)
     with pytest.raises(ValueError, match="has no ImageNet weights"):
         build_model("small", 19, pretrained=wrong_arch)

@@ -32,10 +32,14 @@ def _env():
 
 
 def _run(args: list[str], ranks: int = 1) -> subprocess.CompletedProcess:
-    head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] \
-        if ranks > 1 else [sys.executable]
-    return subprocess.run([*head, "-m", "sdca_dist.predict", *args], cwd=REPO, env=_env(), capture_output=True,
-                          text=True, timeout=300)
+    head = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+        if ranks > 1
+        else [sys.executable]
+    )
+    return subprocess.run(
+        [*head, "-m", "sdca_dist.predict", *args], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +47,40 @@ def valset(tmp_path_factory) -> SimpleNamespace:
     """5 Cityscapes-layout val images, their lossless shard set, random small weights."""
     root = tmp_path_factory.mktemp("predict")
     raw = root / "raw"
-    for cmd in (["sdca_dist.synth", "--out", str(raw), "--num-source", "1", "--num-target-train", "1",
-                 "--num-target-val", "5", "--source-size", "96x48", "--target-size", "160x80", "--workers", "1"],
-                ["sdca_dist.shard", "--layout", "cityscapes", "--root", str(raw / "cityscapes"), "--split", "val",
-                 "--out", str(root / "val"), "--workers", "1", "--lossless", "--quiet"]):
+    for cmd in (
+        [
+            "sdca_dist.synth",
+            "--out",
+            str(raw),
+            "--num-source",
+            "1",
+            "--num-target-train",
+            "1",
+            "--num-target-val",
+            "5",
+            "--source-size",
+            "96x48",
+            "--target-size",
+            "160x80",
+            "--workers",
+            "1",
+        ],
+        [
+            "sdca_dist.shard",
+            "--layout",
+            "cityscapes",
+            "--root",
+            str(raw / "cityscapes"),
+            "--split",
+            "val",
+            "--out",
+            str(root / "val"),
+            "--workers",
+            "1",
+            "--lossless",
+            "--quiet",
+        ],
+    ):
         proc = subprocess.run([sys.executable, "-m", *cmd], cwd=REPO, env=_env(), capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
     from sdca_dist.models import build_model
@@ -56,8 +90,13 @@ def valset(tmp_path_factory) -> SimpleNamespace:
     for conv in model.classifier.branches:  # varied predictions, so that many classes are scored
         torch.nn.init.normal_(conv.weight, std=0.3)
     torch.save(model.state_dict(), root / "weights.pt")
-    return SimpleNamespace(root=root, images=raw / "cityscapes" / "leftImg8bit" / "val",
-                           gt=raw / "cityscapes" / "gtFine" / "val", shards=root / "val", weights=root / "weights.pt")
+    return SimpleNamespace(
+        root=root,
+        images=raw / "cityscapes" / "leftImg8bit" / "val",
+        gt=raw / "cityscapes" / "gtFine" / "val",
+        shards=root / "val",
+        weights=root / "weights.pt",
+    )
 
 
 def _project_miou(valset) -> dict:
@@ -137,8 +176,9 @@ def test_test_time_augmentation_and_unreadable_images(valset, tmp_path: Path):
         (folder / p.name).write_bytes(p.read_bytes())
     Image.new("RGB", (70, 30), (90, 120, 30)).save(folder / "odd size.jpg")
     out = tmp_path / "tta"
-    proc = _run([*OVERRIDES, f"model={valset.weights}", f"input={folder}", f"out={out}", "flip=true",
-                 "scales=[0.75,1.25]"])
+    proc = _run(
+        [*OVERRIDES, f"model={valset.weights}", f"input={folder}", f"out={out}", "flip=true", "scales=[0.75,1.25]"]
+    )
     assert proc.returncode == 0, proc.stderr
     odd = np.array(Image.open(out / "labelIds" / "odd size_labelIds.png"))
     assert odd.shape == (30, 70)
@@ -155,12 +195,16 @@ def test_test_time_augmentation_and_unreadable_images(valset, tmp_path: Path):
 
 
 def test_arguments():
-    a = parse_args(["conf=synthetic", "model=small", "model=w.pt", "input=in", "out=o", "flip=yes",
-                    "scales=[0.5,1.0]", "seed=3"])
+    a = parse_args(
+        ["conf=synthetic", "model=small", "model=w.pt", "input=in", "out=o", "flip=yes", "scales=[0.5,1.0]", "seed=3"]
+    )
     assert str(a.weights) == "w.pt" and a.flip and a.scales == (0.5, 1.0)
     assert a.overrides == ["conf=synthetic", "model=small", "seed=3"]
     assert stem_of("a/b/x_000001_000019_leftImg8bit.png") == "x_000001_000019" and stem_of("img.JPG") == "img"
-    for bad, msg in ((["model=w.pt", "input=i"], "missing out="), (["model=w.pt", "input=i", "out=o", "scales=[a]"],
-                     "scales="), (["model=w.pt", "input=i", "out=o", "flip=maybe"], "flip=")):
+    for bad, msg in (
+        (["model=w.pt", "input=i"], "missing out="),
+        (["model=w.pt", "input=i", "out=o", "scales=[a]"], "scales="),
+        (["model=w.pt", "input=i", "out=o", "flip=maybe"], "flip="),
+    ):
         with pytest.raises(PredictError, match=msg):
             parse_args(bad)

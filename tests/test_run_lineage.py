@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from engine_fixtures import REPO, child_env, run_launcher, run_train, tiny, train_cmd
 
 CHAIN = ["src", "dist_init", "sdca", "pseudo_label", "ssl"]
@@ -49,12 +48,14 @@ def test_with_ablation_trains_sdca_without_alignment_from_the_same_inputs(finish
     off = json.loads((finished / "sdca_no_align" / "DONE").read_text())
     assert off["lineage"]["inputs"] == sdca["lineage"]["inputs"]  # same src model, distributions, shards
     assert off["final_scalars"]["feat_src"] > 0 and off["final_scalars"]["loss"] == pytest.approx(
-        off["final_scalars"]["seg"], rel=1e-6)  # the terms are computed but weigh nothing
+        off["final_scalars"]["seg"], rel=1e-6
+    )  # the terms are computed but weigh nothing
     summary = json.loads((finished / "summary.json").read_text())
     assert "sdca_no_align" in summary["stages"]
     effect = summary["alignment_effect"]
-    assert effect["per_seed"]["0"] == pytest.approx(summary["stages"]["sdca"]["mIoU"][0]
-                                                    - summary["stages"]["sdca_no_align"]["mIoU"][0])
+    assert effect["per_seed"]["0"] == pytest.approx(
+        summary["stages"]["sdca"]["mIoU"][0] - summary["stages"]["sdca_no_align"]["mIoU"][0]
+    )
     assert "Alignment effect (sdca - sdca_no_align, paired by seed)" in (finished / "summary.md").read_text()
 
 
@@ -69,8 +70,9 @@ def _error(proc) -> str:
 
 
 def _start_until(argv: list[str], pattern: str, timeout: float = 300) -> subprocess.Popen:
-    proc = subprocess.Popen(train_cmd(1, argv), cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        train_cmd(1, argv), cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     end = time.time() + timeout
     for line in proc.stdout:
         if re.search(pattern, line):
@@ -95,8 +97,11 @@ def test_resume_with_another_setting_is_refused_naming_the_key(shards, tmp_path)
     assert changed.returncode == 2
     assert "src.lr: 0.01 -> 0.05" in _error(changed) and "use a new run_dir" in _error(changed)
     assert (run / "config.yaml").read_text() == frozen, "the refused command rewrote the frozen config"
-    for key, value, shown in (("seed", "3", "seed: 0 -> 3"), ("src.batch_size", "2", "src.batch_size: 4 -> 2"),
-                              ("model", "deeplabv2_vgg16", "model.name: small -> deeplabv2_vgg16")):
+    for key, value, shown in (
+        ("seed", "3", "seed: 0 -> 3"),
+        ("src.batch_size", "2", "src.batch_size: 4 -> 2"),
+        ("model", "deeplabv2_vgg16", "model.name: small -> deeplabv2_vgg16"),
+    ):
         other = run_train(1, ["stage=src", f"run_dir={run}", f"{key}={value}"])
         assert other.returncode == 2 and shown in _error(other), other.stderr[-2000:]
 
@@ -135,7 +140,10 @@ def test_relaunch_skips_fresh_stages_and_redo_reruns_everything_after(finished, 
     sdca_inputs = json.loads((run / "sdca" / "DONE").read_text())["lineage"]["inputs"]
     assert sdca_inputs["src/model_final.pt"] == src_hash
     ssl_inputs = json.loads((run / "ssl" / "DONE").read_text())["lineage"]["inputs"]
-    assert ssl_inputs["sdca/model_final.pt"] == json.loads((run / "sdca" / "DONE").read_text())["outputs"]["model_final.pt"]
+    assert (
+        ssl_inputs["sdca/model_final.pt"]
+        == json.loads((run / "sdca" / "DONE").read_text())["outputs"]["model_final.pt"]
+    )
 
 
 def test_corrupt_input_is_refused_by_its_consumer_and_redone_by_the_launcher(finished, tmp_path):
@@ -148,8 +156,10 @@ def test_corrupt_input_is_refused_by_its_consumer_and_redone_by_the_launcher(fin
 
     proc = run_train(1, ["stage=dist_init", f"run_dir={run}"])
     assert proc.returncode == 2
-    assert _error(proc) == (f"error: {model} is not the file stage src wrote (sha256 differs from its DONE record): "
-                            "corrupt or replaced; run stage src again (launcher: redo=[src])")
+    assert _error(proc) == (
+        f"error: {model} is not the file stage src wrote (sha256 differs from its DONE record): "
+        "corrupt or replaced; run stage src again (launcher: redo=[src])"
+    )
     assert json.loads((run / "dist_init" / "DONE").read_text())["stage"] == "dist_init", "the old DONE is kept"
 
     relaunch = run_launcher([f"run_dir={run}", "stages=[src,dist_init]"])
@@ -165,8 +175,10 @@ def test_second_run_in_a_stage_folder_is_refused_and_a_dead_holder_is_taken_over
     try:
         second = run_train(1, ["stage=src", f"run_dir={run}"], timeout=120)
         assert second.returncode == 2
-        assert _error(second) == (f"error: run folder {run} (stage src) is in use by pid {first.pid} on "
-                                  f"{os.uname().nodename}; wait for it or use another run_dir")
+        assert _error(second) == (
+            f"error: run folder {run} (stage src) is in use by pid {first.pid} on "
+            f"{os.uname().nodename}; wait for it or use another run_dir"
+        )
     finally:
         first.kill()  # SIGKILL: no cleanup, the lock file stays behind
         first.wait()
@@ -183,8 +195,9 @@ def test_ssl_from_imagenet_reads_no_sdca_model(finished, tmp_path):
     shutil.copytree(finished / "pseudo_label", run / "pseudo_label", ignore=shutil.ignore_patterns(".lock"))
     shards = json.loads((finished / "config.origin.json").read_text())["overrides"]
     root = [o for o in shards if o.startswith("data.shards_root=")]
-    proc = run_train(1, tiny(root[0].split("=", 1)[1], "stage=ssl", f"run_dir={run}", "train.iters=2",
-                             "ssl.init=imagenet"))
+    proc = run_train(
+        1, tiny(root[0].split("=", 1)[1], "stage=ssl", f"run_dir={run}", "train.iters=2", "ssl.init=imagenet")
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "initialised from" not in proc.stdout
     inputs = json.loads((run / "ssl" / "DONE").read_text())["lineage"]["inputs"]

@@ -8,10 +8,9 @@ that cannot run is refused before anything is written or queued, naming the fix.
 
 from __future__ import annotations
 
-
 import pytest
-
 from engine_fixtures import dry_run_plan, fake_shard_sets, run_launcher, run_train, tiny
+
 from sdca_dist.config import compose_config
 from sdca_dist.config.run_config import with_values
 from sdca_dist.engine.schedule import poly_lr
@@ -26,8 +25,14 @@ def _gta(**values):
 def test_gta2city_on_4_nodes_of_4_gpus_plans_each_stage_its_own_shape():
     cfg = _gta()
     shapes = {s: job_shape(cfg, s, 4, 4, 1) for s in ("src", "dist_init", "sdca", "pseudo_label", "ssl", "eval")}
-    assert shapes == {"src": JobShape(2, 4), "dist_init": JobShape(4, 4), "sdca": JobShape(1, 4),
-                      "pseudo_label": JobShape(4, 4), "ssl": JobShape(2, 4), "eval": JobShape(4, 4)}
+    assert shapes == {
+        "src": JobShape(2, 4),
+        "dist_init": JobShape(4, 4),
+        "sdca": JobShape(1, 4),
+        "pseudo_label": JobShape(4, 4),
+        "ssl": JobShape(2, 4),
+        "eval": JobShape(4, 4),
+    }
     # part of one node when the batch is smaller than a node
     assert job_shape(_gta(), "sdca", 1, 8, 1) == JobShape(1, 4)
     assert job_shape(with_values(cfg, sdca__batch_size=2, sdca__target_batch_size=2), "sdca", 4, 4, 1) == JobShape(1, 2)
@@ -46,7 +51,13 @@ def test_scale_auto_is_the_smallest_k_that_uses_every_rank():
 def test_scaled_recipe_is_the_linear_scaling_rule_with_warmup():
     base = scaled_schedule(_gta(), "src")
     k4 = scaled_schedule(_gta(train__scale=4), "src")
-    assert (base.global_batch, base.lr, base.iters, base.schedule_iters, base.warmup_iters) == (8, 5e-4, 20000, 31250, 0)
+    assert (base.global_batch, base.lr, base.iters, base.schedule_iters, base.warmup_iters) == (
+        8,
+        5e-4,
+        20000,
+        31250,
+        0,
+    )
     assert (k4.global_batch, k4.lr, k4.iters, k4.schedule_iters) == (32, 2e-3, 5000, 7813)
     assert (k4.checkpoint_every, k4.log_every, k4.image_every) == (500, 13, 250)
     assert k4.warmup_iters == 250  # 5% of the scaled stage
@@ -63,12 +74,15 @@ def test_scaled_recipe_is_the_linear_scaling_rule_with_warmup():
 def test_engine_check_names_the_fix():
     with pytest.raises(ScaleError) as info:
         check_world(_gta(), "src", 16)
-    assert str(info.value) == ("src.batch_size=8 = global batch 8 does not split evenly over 16 ranks; "
-                               "use train.scale=2 or run it on 8 ranks")
+    assert str(info.value) == (
+        "src.batch_size=8 = global batch 8 does not split evenly over 16 ranks; use train.scale=2 or run it on 8 ranks"
+    )
     with pytest.raises(ScaleError) as info:
         check_world(_gta(train__scale=2), "sdca", 16)
-    assert "sdca.batch_size=4 x train.scale=2 = global batch 8 does not split evenly over 16 ranks; " \
-           "use train.scale=4" in str(info.value)
+    assert (
+        "sdca.batch_size=4 x train.scale=2 = global batch 8 does not split evenly over 16 ranks; "
+        "use train.scale=4" in str(info.value)
+    )
     check_world(_gta(), "dist_init", 16)  # inference stages take any world size
 
 
@@ -79,7 +93,12 @@ def test_design_card_command_plans_a_runnable_job_per_stage(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = dry_run_plan(proc.stdout)
     assert {s: (r["nodes"], r["ntasks_per_node"], r["world_size"]) for s, r in rows.items()} == {
-        "src": (2, 4, 8), "dist_init": (4, 4, 16), "sdca": (1, 4, 4), "pseudo_label": (4, 4, 16), "ssl": (2, 4, 8)}
+        "src": (2, 4, 8),
+        "dist_init": (4, 4, 16),
+        "sdca": (1, 4, 4),
+        "pseudo_label": (4, 4, 16),
+        "ssl": (2, 4, 8),
+    }
     assert rows["sdca"]["global_batch"] == 4 and rows["sdca"]["global_target_batch"] == 4
     assert "train.scale=auto uses them all" in proc.stdout
 
@@ -92,19 +111,26 @@ def test_design_card_command_plans_a_runnable_job_per_stage(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["cluster.tasks_per_node=8"], "cluster.tasks_per_node=8 is more than cluster.gpus_per_node=4 (one rank per GPU): "
-                                   "use cluster.tasks_per_node=4"),
-    (["cluster.tasks_per_node=0"], "cluster.tasks_per_node=0 must be >= 1"),
-    (["nodes=0"], "nodes=0 must be >= 1"),
-    (["train.scale=0"], "train.scale=0 must be an integer >= 1 or auto"),
-    (["train.scale=2.5"], "train.scale=2.5 must be an integer >= 1 or auto"),
-    (["src.batch_size=0"], "src.batch_size=0 must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["cluster.tasks_per_node=8"],
+            "cluster.tasks_per_node=8 is more than cluster.gpus_per_node=4 (one rank per GPU): "
+            "use cluster.tasks_per_node=4",
+        ),
+        (["cluster.tasks_per_node=0"], "cluster.tasks_per_node=0 must be >= 1"),
+        (["nodes=0"], "nodes=0 must be >= 1"),
+        (["train.scale=0"], "train.scale=0 must be an integer >= 1 or auto"),
+        (["train.scale=2.5"], "train.scale=2.5 must be an integer >= 1 or auto"),
+        (["src.batch_size=0"], "src.batch_size=0 must be >= 1"),
+    ],
+)
 def test_plans_that_cannot_run_are_refused_before_anything_is_written(tmp_path, extra, message):
     shards = fake_shard_sets(tmp_path / "shards")
-    proc = run_launcher(["conf=gta2city", "nodes=2", f"data.shards_root={shards}", f"run_dir={tmp_path / 'run'}",
-                         *extra], timeout=120)
+    proc = run_launcher(
+        ["conf=gta2city", "nodes=2", f"data.shards_root={shards}", f"run_dir={tmp_path / 'run'}", *extra], timeout=120
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == f"error: {message}"
     assert not (tmp_path / "run").exists()
@@ -112,10 +138,13 @@ def test_plans_that_cannot_run_are_refused_before_anything_is_written(tmp_path, 
 
 def test_torchrun_world_that_the_batch_cannot_split_is_refused(tmp_path):
     """The same check in the engine, for torchrun users (2 real gloo ranks, batch 3)."""
-    proc = run_train(2, tiny(tmp_path / "shards", "stage=src", f"run_dir={tmp_path / 'run'}", "src.batch_size=3"),
-                     timeout=300)
+    proc = run_train(
+        2, tiny(tmp_path / "shards", "stage=src", f"run_dir={tmp_path / 'run'}", "src.batch_size=3"), timeout=300
+    )
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
-    assert ("error: src.batch_size=3 = global batch 3 does not split evenly over 2 ranks; use train.scale=2 or run "
-            "it on 1 rank") in text
+    assert (
+        "error: src.batch_size=3 = global batch 3 does not split evenly over 2 ranks; use train.scale=2 or run "
+        "it on 1 rank"
+    ) in text
     assert not (tmp_path / "run" / "src" / "checkpoints").exists()

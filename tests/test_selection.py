@@ -24,16 +24,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-
 from engine_fixtures import REPO, child_env, run_train, tiny, train_cmd
+from omegaconf import OmegaConf
 
 ITERS = 9
 EVERY = 3
 #: src.lr=0.05 overshoots on the tiny benchmark: the mIoU peaks at an early evaluation and falls, so
 #: the selected weights are not the last ones (else best_val could not be told from final)
-COMMON = ["stage=src", f"train.iters={ITERS}", f"train.checkpoint_every={EVERY}", "train.keep_checkpoints=5",
-          "src.lr=0.05"]
+COMMON = [
+    "stage=src",
+    f"train.iters={ITERS}",
+    f"train.checkpoint_every={EVERY}",
+    "train.keep_checkpoints=5",
+    "src.lr=0.05",
+]
 BEST = ["train.select=best_val", f"train.select_every={EVERY}"]
 ON = "target val (the evaluation set)"
 
@@ -70,8 +74,9 @@ def _checkpoint(run: Path, iteration: int) -> dict:
 def _assert_equal(a: dict, b: dict, what: str) -> None:
     assert a.keys() == b.keys(), what
     for k in a:
-        assert torch.equal(a[k].float() if a[k].is_floating_point() else a[k],
-                           b[k].float() if b[k].is_floating_point() else b[k]), f"{what}: {k} differs"
+        assert torch.equal(
+            a[k].float() if a[k].is_floating_point() else a[k], b[k].float() if b[k].is_floating_point() else b[k]
+        ), f"{what}: {k} differs"
 
 
 def test_best_val_keeps_the_best_evaluated_weights_and_labels_them(best_run: Path):
@@ -81,8 +86,10 @@ def test_best_val_keeps_the_best_evaluated_weights_and_labels_them(best_run: Pat
     best = max(evals, key=lambda e: e["mIoU"])  # max() keeps the first of equals: the earliest wins
     label = {"rule": "best_val", "iteration": best["iteration"], "on": ON, "mIoU": best["mIoU"]}
     assert sel["selected"] == label
-    assert best["iteration"] < ITERS, ("precondition: the best evaluation must come before the last one, or this "
-                                       f"test cannot tell best_val from final ({evals}); change COMMON's src.lr")
+    assert best["iteration"] < ITERS, (
+        "precondition: the best evaluation must come before the last one, or this "
+        f"test cannot tell best_val from final ({evals}); change COMMON's src.lr"
+    )
 
     metrics = json.loads((best_run / "src" / "metrics.json").read_text())
     assert metrics["selected"] == label and metrics["mIoU"] == best["mIoU"]
@@ -91,15 +98,21 @@ def test_best_val_keeps_the_best_evaluated_weights_and_labels_them(best_run: Pat
     assert done["selected"] == label and done["mIoU"] == best["mIoU"]
 
     # model_final.pt = the weights at the selected iteration (checkpointed at the same cadence)
-    _assert_equal(_weights(best_run / "src" / "model_final.pt"), _checkpoint(best_run, best["iteration"])["model"],
-                  f"model_final vs checkpoint {best['iteration']}")
+    _assert_equal(
+        _weights(best_run / "src" / "model_final.pt"),
+        _checkpoint(best_run, best["iteration"])["model"],
+        f"model_final vs checkpoint {best['iteration']}",
+    )
     # the best-so-far state is checkpoint state
     assert _checkpoint(best_run, ITERS)["selection"]["best_iteration"] == best["iteration"]
 
 
 def test_evaluating_during_training_leaves_training_untouched(final_run: Path, best_run: Path):
-    _assert_equal(_weights(final_run / "src" / "model_final.pt"), _checkpoint(best_run, ITERS)["model"],
-                  "best_val's last weights vs the final run")
+    _assert_equal(
+        _weights(final_run / "src" / "model_final.pt"),
+        _checkpoint(best_run, ITERS)["model"],
+        "best_val's last weights vs the final run",
+    )
     metrics = json.loads((final_run / "src" / "metrics.json").read_text())
     assert "selected" not in metrics and "selected" not in json.loads((final_run / "src" / "DONE").read_text())
     assert not (final_run / "src" / "selection.json").exists()
@@ -110,8 +123,9 @@ def test_evaluating_during_training_leaves_training_untouched(final_run: Path, b
 def test_best_val_resumed_after_sigterm_selects_what_an_uninterrupted_run_does(shards, best_run: Path, tmp_path):
     run = tmp_path / "interrupted"
     argv = tiny(shards, *COMMON, *BEST, f"run_dir={run}")
-    proc = subprocess.Popen(train_cmd(1, argv), cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        train_cmd(1, argv), cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     lines = []
     for line in proc.stdout:  # stop after the second evaluation has been made (and checkpointed)
         lines.append(line)
@@ -133,13 +147,18 @@ def test_best_val_resumed_after_sigterm_selects_what_an_uninterrupted_run_does(s
     a = json.loads((best_run / "src" / "metrics.json").read_text())
     b = json.loads((run / "src" / "metrics.json").read_text())
     assert b["selected"] == a["selected"] and b["per_class"] == a["per_class"]
-    _assert_equal(_weights(run / "src" / "model_final.pt"), _weights(best_run / "src" / "model_final.pt"),
-                  "resumed vs uninterrupted model_final")
+    _assert_equal(
+        _weights(run / "src" / "model_final.pt"),
+        _weights(best_run / "src" / "model_final.pt"),
+        "resumed vs uninterrupted model_final",
+    )
 
 
 def test_invalid_select_settings_are_one_line_errors(tmp_path):
-    for override, message in (("train.select=best", "train.select='best'; valid: final, best_val"),
-                              ("train.select_every=0", "train.select_every=0 must be >= 1")):
+    for override, message in (
+        ("train.select=best", "train.select='best'; valid: final, best_val"),
+        ("train.select_every=0", "train.select_every=0 must be >= 1"),
+    ):
         proc = run_train(1, ["conf=synthetic", "stage=src", f"run_dir={tmp_path}", override])
         assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-1000:]
 

@@ -25,8 +25,9 @@ from sdca_dist.data.shards import load_manifest
 from sdca_dist.synth import SynthConfig, generate
 
 REPO = Path(__file__).resolve().parents[1]
-RAW = SynthConfig(seed=5, num_source=40, num_target_train=0, num_target_val=0, source_size=(160, 96),
-                  synthia_size=(16, 8))
+RAW = SynthConfig(
+    seed=5, num_source=40, num_target_train=0, num_target_val=0, source_size=(160, 96), synthia_size=(16, 8)
+)
 BUILD = ["--layout", "gta5", "--shard-size", "40k", "--workers", "1", "--quiet"]
 
 
@@ -89,8 +90,9 @@ def test_kill_9_at_random_points_then_rerun_gives_identical_bytes(raw, clean, tm
         deadline = time.time() + 60
         while proc.poll() is None and time.time() < deadline:
             names = os.listdir(out) if out.is_dir() else []
-            if (trial % 2 == 0 and any(n.startswith(".tmp-") for n in names)) or \
-                    (trial % 2 == 1 and sum(n.endswith(".tar") for n in names) >= want):
+            if (trial % 2 == 0 and any(n.startswith(".tmp-") for n in names)) or (
+                trial % 2 == 1 and sum(n.endswith(".tar") for n in names) >= want
+            ):
                 time.sleep(rng.random() * 0.01)
                 break
             time.sleep(0.0005)
@@ -191,9 +193,12 @@ def test_foreign_shards_are_refused_and_rebuilt_only_on_request(raw, clean, tmp_
     out2 = tmp_path / "set2"
     _interrupted_copy(clean, out2, 3)
     assert _run([*BUILD, "--root", moved, "--out", out2], capsys)[0] == 0
-    assert {k: v for k, v in _files(out2).items() if k != "manifest.json"} == \
-        {k: v for k, v in clean.items() if k != "manifest.json"}
-    assert load_manifest(out2).info["source"]["sha256"] == json.loads(clean["manifest.json"])["info"]["source"]["sha256"]
+    assert {k: v for k, v in _files(out2).items() if k != "manifest.json"} == {
+        k: v for k, v in clean.items() if k != "manifest.json"
+    }
+    assert (
+        load_manifest(out2).info["source"]["sha256"] == json.loads(clean["manifest.json"])["info"]["source"]["sha256"]
+    )
 
 
 def test_manifest_after_resume_lists_skips_once_and_keeps_unknown_ids(raw, tmp_path, capsys):
@@ -212,7 +217,10 @@ def test_manifest_after_resume_lists_skips_once_and_keeps_unknown_ids(raw, tmp_p
     clean = _files(tmp_path / "clean")
     m = load_manifest(tmp_path / "clean")
     assert [s["path"] for s in m.skipped] == ["images/00004.png"]
-    assert m.info["unknown_ids"] == [{"path": "labels/00003.png", "pixels": 7}, {"path": "labels/00031.png", "pixels": 7}]
+    assert m.info["unknown_ids"] == [
+        {"path": "labels/00003.png", "pixels": 7},
+        {"path": "labels/00031.png", "pixels": 7},
+    ]
     for keep in (1, 3):
         out = tmp_path / f"resumed{keep}"
         _interrupted_copy(clean, out, keep)
@@ -236,27 +244,31 @@ def test_unknown_ids_hint_continues_in_the_same_folder(raw, tmp_path, capsys):
     assert rc == 0, err
     fresh = tmp_path / "fresh"
     assert _run([*BUILD, "--root", root, "--out", fresh, "--unknown-ids", "ignore"], capsys)[0] == 0
-    assert {k: v for k, v in _files(out).items() if k.endswith(".tar")} == \
-        {k: v for k, v in _files(fresh).items() if k.endswith(".tar")}
+    assert {k: v for k, v in _files(out).items() if k.endswith(".tar")} == {
+        k: v for k, v in _files(fresh).items() if k.endswith(".tar")
+    }
     assert load_manifest(out).info["unknown_ids"] == [{"path": "labels/00030.png", "pixels": 3}]
 
 
 # ------------------------------------------------------------------------------------------ strict inputs
 
 
-@pytest.mark.parametrize("extra,option,what", [
-    (["--shard-size", "-5"], "--shard-size", "at least 1 byte"),
-    (["--shard-size", "0"], "--shard-size", "at least 1 byte"),
-    (["--shard-size", "abc"], "--shard-size", "not a size"),
-    (["--shard-size", "nanGB"], "--shard-size", "not a size"),
-    (["--jpeg-quality", "500"], "--jpeg-quality", "between 1 and 100"),
-    (["--jpeg-quality", "0"], "--jpeg-quality", "between 1 and 100"),
-    (["--jpeg-quality", "high"], "--jpeg-quality", "not an integer"),
-    (["--workers", "0"], "--workers", "between 1 and 1024"),
-    (["--workers", "two"], "--workers", "not an integer"),
-    (["--image-format", "gif"], "--image-format", "invalid choice"),
-    (["--unknown-ids", "maybe"], "--unknown-ids", "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "extra,option,what",
+    [
+        (["--shard-size", "-5"], "--shard-size", "at least 1 byte"),
+        (["--shard-size", "0"], "--shard-size", "at least 1 byte"),
+        (["--shard-size", "abc"], "--shard-size", "not a size"),
+        (["--shard-size", "nanGB"], "--shard-size", "not a size"),
+        (["--jpeg-quality", "500"], "--jpeg-quality", "between 1 and 100"),
+        (["--jpeg-quality", "0"], "--jpeg-quality", "between 1 and 100"),
+        (["--jpeg-quality", "high"], "--jpeg-quality", "not an integer"),
+        (["--workers", "0"], "--workers", "between 1 and 1024"),
+        (["--workers", "two"], "--workers", "not an integer"),
+        (["--image-format", "gif"], "--image-format", "invalid choice"),
+        (["--unknown-ids", "maybe"], "--unknown-ids", "invalid choice"),
+    ],
+)
 def test_bad_options_are_one_line_naming_the_option(extra, option, what, raw, tmp_path, capsys):
     out = tmp_path / "set"
     argv = ["--layout", "gta5", "--root", raw["a"], "--out", out, "--quiet", *extra]
@@ -311,6 +323,7 @@ def test_a_shard_set_reads_with_webdataset_alone(clean, raw, tmp_path, capsys):
     assert keys == [r["key"] for r in load_manifest(out).samples]
     # our own reader (same library) and the inspection command
     from sdca_dist.data.shard_reader import iter_samples
+
     assert [s.key for s in iter_samples(out)] == keys
     assert [s.key for s in iter_samples(out, rank=1, world_size=3)] == keys[1::3]
     rc = shard_cli.main(["--inspect", str(out), "--limit", "2"])
@@ -323,7 +336,7 @@ def test_a_shard_set_reads_with_webdataset_alone(clean, raw, tmp_path, capsys):
     tar = out / "shard-000002.tar"
     data = bytearray(tar.read_bytes())
     header = rec["label"][0] - 512
-    data[header + 148: header + 156] = b"9999999\0"  # a wrong header checksum
+    data[header + 148 : header + 156] = b"9999999\0"  # a wrong header checksum
     tar.write_bytes(bytes(data))
     with pytest.raises(DataError, match=f"shard-000002.tar: .*{rec['key']}"):
         list(iter_samples(out))

@@ -72,7 +72,7 @@ class ReferenceEstimator:
         feats_nca = features.view(n, 1, a).expand(n, c, a)
         onehot = torch.zeros(n, c).scatter_(1, labels.view(-1, 1), 1)
         onehot_nca = onehot.view(n, c, 1).expand(n, c, a)
-        by_class = feats_nca.mul(onehot_nca)                        # N x C x A
+        by_class = feats_nca.mul(onehot_nca)  # N x C x A
         amount = onehot_nca.sum(0)
         amount[amount == 0] = 1
         batch_mean = by_class.sum(0) / amount
@@ -146,14 +146,21 @@ def _progress(message: str) -> None:
 
 
 def _memory_in_subprocess(variant: str) -> float:
-    out = subprocess.run([sys.executable, "-m", "sdca_dist.bench", "estimator", "--memory-probe", variant],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "sdca_dist.bench", "estimator", "--memory-probe", variant],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return float(json.loads(out.stdout.strip().splitlines()[-1])["extra_peak_mb"])
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sdca_dist.bench estimator", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m sdca_dist.bench estimator",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions of our update")
     parser.add_argument("--ref-reps", type=int, default=2, help="timed repetitions of the reference")
     parser.add_argument("--memory-probe", choices=("ours", "reference"), help=argparse.SUPPRESS)
@@ -164,8 +171,10 @@ def main(argv: list[str]) -> int:
         print(json.dumps({"extra_peak_mb": peak_rss_delta_mb(step)}))
         return 0
 
-    print(f"estimator update, N={N_PIXELS} pixels, C={NUM_CLASSES}, levels A={FEAT_DIM} + A={NUM_CLASSES}, "
-          f"torch threads={torch.get_num_threads()}")
+    print(
+        f"estimator update, N={N_PIXELS} pixels, C={NUM_CLASSES}, levels A={FEAT_DIM} + A={NUM_CLASSES}, "
+        f"torch threads={torch.get_num_threads()}"
+    )
     _progress("building inputs and warm state (both variants)")
     ours, ours_step = build("ours")
     ref, ref_step = build("reference")
@@ -181,14 +190,18 @@ def main(argv: list[str]) -> int:
     _progress(f"timing ours x{args.reps}, then the reference x{args.ref_reps} (~{t_first:.0f} s each)")
     t_ours = _timed(ours_step, args.reps)
     t_ref = _timed(ref_step, args.ref_reps)
-    print(f"  time per update  ours {t_ours * 1e3:9.1f} ms   reference {t_ref * 1e3:9.1f} ms "
-          f"(median of {args.reps} / {args.ref_reps})")
+    print(
+        f"  time per update  ours {t_ours * 1e3:9.1f} ms   reference {t_ref * 1e3:9.1f} ms "
+        f"(median of {args.reps} / {args.ref_reps})"
+    )
     del ours, ref, ours_step, ref_step
     _progress("peak memory: one fresh subprocess per variant")
     m_ours = _memory_in_subprocess("ours")
     m_ref = _memory_in_subprocess("reference")
-    print(f"  extra peak RSS   ours {m_ours:9.1f} MB   reference {m_ref:9.1f} MB "
-          f"(fresh subprocess each, VmHWM over inputs+state)")
+    print(
+        f"  extra peak RSS   ours {m_ours:9.1f} MB   reference {m_ref:9.1f} MB "
+        f"(fresh subprocess each, VmHWM over inputs+state)"
+    )
     print(f"speedup: {t_ref / t_ours:.1f}x")
     print(f"memory ratio: {m_ours / m_ref:.4f}x")
     return 0

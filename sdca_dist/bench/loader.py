@@ -37,7 +37,7 @@ class PilPngDataset(torch.utils.data.Dataset):
         self.std = np.array(IMAGENET_STD, np.float32) * 255
 
     def __len__(self) -> int:
-        return 10 ** 9  # sampled with replacement by index modulo, like an infinite training stream
+        return 10**9  # sampled with replacement by index modulo, like an infinite training stream
 
     def __getitem__(self, i: int):
         pair = self.pairs[i % len(self.pairs)]
@@ -58,7 +58,7 @@ class PilPngDataset(torch.utils.data.Dataset):
             la = np.asarray(lab)
             ys, xs = max(0, y0), max(0, x0)
             ye, xe = min(h, y0 + ch), min(w, x0 + cw)
-            lab_arr[ys - y0:ye - y0, xs - x0:xe - x0] = la[ys:ye, xs:xe]
+            lab_arr[ys - y0 : ye - y0, xs - x0 : xe - x0] = la[ys:ye, xs:xe]
             lab = Image.fromarray(lab_arr)
         if self.spec.photometric:
             img = ImageEnhance.Brightness(img).enhance(float(p["brightness"]))
@@ -99,32 +99,70 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
         tmp = Path(tmp)
         t0 = time.time()
-        generate(tmp / "raw", SynthConfig(seed=0, num_source=a.images, num_target_train=0, num_target_val=0,
-                                          source_size=(w, h), synthia_size=(32, 16)))
-        m = pack(PackOptions(layout="gta5", root=tmp / "raw" / "gta5", out=tmp / "shards", workers=a.threads,
-                             image_format=a.image_format, progress=False))
+        generate(
+            tmp / "raw",
+            SynthConfig(
+                seed=0,
+                num_source=a.images,
+                num_target_train=0,
+                num_target_val=0,
+                source_size=(w, h),
+                synthia_size=(32, 16),
+            ),
+        )
+        m = pack(
+            PackOptions(
+                layout="gta5",
+                root=tmp / "raw" / "gta5",
+                out=tmp / "shards",
+                workers=a.threads,
+                image_format=a.image_format,
+                progress=False,
+            )
+        )
         mb = sum(s["bytes"] for s in m.shards) / 1e6
-        print(f"data: {a.images} GTA5-style PNGs {w}x{h} -> {len(m.shards)} shard(s), {a.image_format}, {mb:.1f} MB, "
-              f"in {time.time() - t0:.1f}s; "
-              f"batch {a.batch_size}, {a.threads} DALI threads / DataLoader workers, {a.batches} timed batches")
+        print(
+            f"data: {a.images} GTA5-style PNGs {w}x{h} -> {len(m.shards)} shard(s), {a.image_format}, {mb:.1f} MB, "
+            f"in {time.time() - t0:.1f}s; "
+            f"batch {a.batch_size}, {a.threads} DALI threads / DataLoader workers, {a.batches} timed batches"
+        )
         modes = {
             "decode+resize": dict(resize=(h // 2, w // 2), crop=None, spec=AugmentSpec()),
-            "full augmentation": dict(resize=(h // 2, w // 2), crop=(h // 4, w // 4),
-                                      spec=AugmentSpec((0.5, 1.5), True, True)),
+            "full augmentation": dict(
+                resize=(h // 2, w // 2), crop=(h // 4, w // 4), spec=AugmentSpec((0.5, 1.5), True, True)
+            ),
         }
         speedups = {}
         for name, mode in modes.items():
-            dali = ShardLoader(m.path, a.batch_size, train=True, resize=mode["resize"], crop_size=mode["crop"],
-                               scale_range=mode["spec"].scale_range, flip=mode["spec"].flip,
-                               photometric=mode["spec"].photometric, num_threads=a.threads, device="cpu")
+            dali = ShardLoader(
+                m.path,
+                a.batch_size,
+                train=True,
+                resize=mode["resize"],
+                crop_size=mode["crop"],
+                scale_range=mode["spec"].scale_range,
+                flip=mode["spec"].flip,
+                photometric=mode["spec"].photometric,
+                num_threads=a.threads,
+                device="cpu",
+            )
             r_dali = _rate(dali, a.batches, a.batch_size)
             ds = PilPngDataset(tmp / "raw" / "gta5", mode["resize"], mode["crop"], mode["spec"])
-            dl = torch.utils.data.DataLoader(ds, batch_size=a.batch_size, num_workers=a.threads, shuffle=False,
-                                             persistent_workers=False, prefetch_factor=2)
+            dl = torch.utils.data.DataLoader(
+                ds,
+                batch_size=a.batch_size,
+                num_workers=a.threads,
+                shuffle=False,
+                persistent_workers=False,
+                prefetch_factor=2,
+            )
             r_pil = _rate(dl, a.batches, a.batch_size)
             speedups[name] = r_dali / r_pil
-            print(f"{name}: shards+DALI {r_dali:.1f} img/s, PIL+DataLoader {r_pil:.1f} img/s, "
-                  f"ratio {speedups[name]:.2f}x", flush=True)
+            print(
+                f"{name}: shards+DALI {r_dali:.1f} img/s, PIL+DataLoader {r_pil:.1f} img/s, "
+                f"ratio {speedups[name]:.2f}x",
+                flush=True,
+            )
             del dali, dl
         for name, s in speedups.items():
             print(f"speedup ({name}): {s:.2f}x")

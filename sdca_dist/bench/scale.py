@@ -51,7 +51,6 @@ from sdca_dist.bench.step import TimedAllReduce
 PHASES = ("data", "step", "optimizer", "flag")
 
 
-
 class _GradHookTimer:
     """DDP comm hook = DDP's default (sum, then divide by the world size) plus a stopwatch from
     the bucket's launch to its completion (the wait a rank sees at the end of backward)."""
@@ -98,8 +97,8 @@ def _thread_cpu() -> dict[str, float]:
             stat = Path(f"/proc/self/task/{t}/stat").read_text()
         except OSError:
             continue
-        name = stat[stat.index("(") + 1: stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
         out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return out
 
@@ -151,13 +150,28 @@ def _ddp_engine(build_engine, model, ctx, per_rank: int):
     import inspect
 
     if "momentum" in inspect.signature(build_engine).parameters:
-        return build_engine("ddp", model, ctx, momentum=0.9, weight_decay=5e-4, classifier_lr_mult=10.0,
-                            micro_steps=2, micro_batch=per_rank, freeze_bn=True)
+        return build_engine(
+            "ddp",
+            model,
+            ctx,
+            momentum=0.9,
+            weight_decay=5e-4,
+            classifier_lr_mult=10.0,
+            micro_steps=2,
+            micro_batch=per_rank,
+            freeze_bn=True,
+        )
     from sdca_dist.config.schema import EngineConfig, TrainConfig
 
-    return build_engine(model, ctx, EngineConfig(name="ddp"),
-                        TrainConfig(momentum=0.9, weight_decay=5e-4, classifier_lr_mult=10.0),
-                        micro_steps=2, micro_batch=per_rank, freeze_bn=True)
+    return build_engine(
+        model,
+        ctx,
+        EngineConfig(name="ddp"),
+        TrainConfig(momentum=0.9, weight_decay=5e-4, classifier_lr_mult=10.0),
+        micro_steps=2,
+        micro_batch=per_rank,
+        freeze_bn=True,
+    )
 
 
 def _run_rank(rank: int, world: int, init_file: str, args: dict, results) -> None:
@@ -192,9 +206,12 @@ def _run_rank(rank: int, world: int, init_file: str, args: dict, results) -> Non
     step = SDCAStep(DistributionPair(19, model.feature_dim, ctx.device, all_reduce=est_timer))
     shards, size = Path(args["shards"]), tuple(args["size"])
     common = dict(rank=rank, world_size=world, train=True, resize=size, num_threads=args["dali_threads"], device="cpu")
-    loaders = {"source": ShardLoader(shards / "gta5_train" / "manifest.json", per_rank, photometric=True,
-                                     class_balanced=True, seed=1, **common),
-               "target": ShardLoader(shards / "cityscapes_train" / "manifest.json", per_rank, seed=2, **common)}
+    loaders = {
+        "source": ShardLoader(
+            shards / "gta5_train" / "manifest.json", per_rank, photometric=True, class_balanced=True, seed=1, **common
+        ),
+        "target": ShardLoader(shards / "cityscapes_train" / "manifest.json", per_rank, seed=2, **common),
+    }
     iterators = {n: iter(ld) for n, ld in loaders.items()}
     warmup, iters = args["warmup"], args["iters"]
     spent = dict.fromkeys(PHASES, 0.0)
@@ -237,8 +254,15 @@ def _run_rank(rank: int, world: int, init_file: str, args: dict, results) -> Non
     sched = [b - a for a, b in zip(sched, _main_thread_sched())]
     if args["profile"]:
         _print_thread_cpu(rank, world, cpu_start, iters)
-    mine = [images, wall, proc_cpu, *sched, *(spent[p] for p in PHASES), est_timer.seconds,
-            grad_timer.seconds if grad_timer is not None else 0.0]
+    mine = [
+        images,
+        wall,
+        proc_cpu,
+        *sched,
+        *(spent[p] for p in PHASES),
+        est_timer.seconds,
+        grad_timer.seconds if grad_timer is not None else 0.0,
+    ]
     if args["profile"] and world > 1:
         mine.extend(_latency_ms(engine.module, model.feature_dim))
     rows = [None] * world
@@ -328,12 +352,45 @@ def _synthetic_shards(root: Path, count: int) -> None:
     Through the two command-line tools rather than the config: the benchmark measures the step, and
     must not depend on how presets are composed."""
     raw = root / "raw"
-    cmds = [[sys.executable, "-m", "sdca_dist.synth", "--out", str(raw), "--seed", "0", "--num-source", str(count),
-             "--num-target-train", str(count), "--num-target-val", "4", "--source-size", "144x72",
-             "--target-size", "128x64"]]
+    cmds = [
+        [
+            sys.executable,
+            "-m",
+            "sdca_dist.synth",
+            "--out",
+            str(raw),
+            "--seed",
+            "0",
+            "--num-source",
+            str(count),
+            "--num-target-train",
+            str(count),
+            "--num-target-val",
+            "4",
+            "--source-size",
+            "144x72",
+            "--target-size",
+            "128x64",
+        ]
+    ]
     for layout, split, name in (("gta5", "train", "gta5_train"), ("cityscapes", "train", "cityscapes_train")):
-        cmds.append([sys.executable, "-m", "sdca_dist.shard", "--layout", layout, "--root", str(raw / layout),
-                     "--split", split, "--out", str(root / name), "--workers", "1"])
+        cmds.append(
+            [
+                sys.executable,
+                "-m",
+                "sdca_dist.shard",
+                "--layout",
+                layout,
+                "--root",
+                str(raw / layout),
+                "--split",
+                split,
+                "--out",
+                str(root / name),
+                "--workers",
+                "1",
+            ]
+        )
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     for cmd in cmds:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -348,17 +405,43 @@ def _summary(r: dict) -> dict:
     ranks = r["ranks"]
     images = sum(x[0] for x in ranks)
     wall = max(x[1] for x in ranks)
-    per = [dict(zip(("images", "wall", "cpu", "main_cpu", "main_runq", *PHASES, "estimator", "grad", "lat_grad", "lat_est", "lat_flag"), x))
-           for x in ranks]
+    per = [
+        dict(
+            zip(
+                (
+                    "images",
+                    "wall",
+                    "cpu",
+                    "main_cpu",
+                    "main_runq",
+                    *PHASES,
+                    "estimator",
+                    "grad",
+                    "lat_grad",
+                    "lat_est",
+                    "lat_flag",
+                ),
+                x,
+            )
+        )
+        for x in ranks
+    ]
     n = r["iters"]
-    return {"world": r["world"], "batch": r["batch"], "images": images, "wall": wall, "images_per_s": images / wall,
-            "step_ms": 1e3 * wall / n, "other_load": r["other_load"],
-            "cpu_share": sum(p["cpu"] / p["wall"] for p in per) / len(per),
-            # main thread, per step, mean over ranks: computing, runnable but not running, blocked
-            "main_ms": {k: 1e3 * sum(v[k] for v in per) / len(per) / n for k in ("main_cpu", "main_runq")}
-            | {"blocked": 1e3 * sum(v["wall"] - v["main_cpu"] - v["main_runq"] for v in per) / len(per) / n},
-            "phases_ms": {k: 1e3 * max(p[k] for p in per) / n for k in (*PHASES, "estimator", "grad")},
-            "latency_ms": {k: max(p[k] for p in per) for k in ("lat_grad", "lat_est", "lat_flag") if k in per[0]}}
+    return {
+        "world": r["world"],
+        "batch": r["batch"],
+        "images": images,
+        "wall": wall,
+        "images_per_s": images / wall,
+        "step_ms": 1e3 * wall / n,
+        "other_load": r["other_load"],
+        "cpu_share": sum(p["cpu"] / p["wall"] for p in per) / len(per),
+        # main thread, per step, mean over ranks: computing, runnable but not running, blocked
+        "main_ms": {k: 1e3 * sum(v[k] for v in per) / len(per) / n for k in ("main_cpu", "main_runq")}
+        | {"blocked": 1e3 * sum(v["wall"] - v["main_cpu"] - v["main_runq"] for v in per) / len(per) / n},
+        "phases_ms": {k: 1e3 * max(p[k] for p in per) / n for k in (*PHASES, "estimator", "grad")},
+        "latency_ms": {k: max(p[k] for p in per) for k in ("lat_grad", "lat_est", "lat_flag") if k in per[0]},
+    }
 
 
 def _machine_header(a) -> list[str]:
@@ -366,24 +449,36 @@ def _machine_header(a) -> list[str]:
 
     cores = os.cpu_count()
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
-    return [f"machine: {platform.machine()} {platform.processor() or ''}".rstrip() + f", {cores} cores "
-            f"({affinity} usable), python {platform.python_version()}, torch {torch.__version__}, "
-            f"DALI {nvidia.dali.__version__}, gloo",
-            f"threads per rank: torch 1 (OMP_NUM_THREADS=1), DALI {a.dali_threads} per loader x 2 loaders; "
-            f"{a.warmup} warm-up + {a.iters} timed steps; small model, {a.size[0]}x{a.size[1]} inputs"]
+    return [
+        f"machine: {platform.machine()} {platform.processor() or ''}".rstrip() + f", {cores} cores "
+        f"({affinity} usable), python {platform.python_version()}, torch {torch.__version__}, "
+        f"DALI {nvidia.dali.__version__}, gloo",
+        f"threads per rank: torch 1 (OMP_NUM_THREADS=1), DALI {a.dali_threads} per loader x 2 loaders; "
+        f"{a.warmup} warm-up + {a.iters} timed steps; small model, {a.size[0]}x{a.size[1]} inputs",
+    ]
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m sdca_dist.bench scale", description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=60, help="timed steps per run")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (pipeline build, allocations)")
-    ap.add_argument("--batches", type=int, nargs="+", default=[4, 8], metavar="B",
-                    help="GLOBAL source (= target) batches to measure; the first one gives the last line")
+    ap.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=[4, 8],
+        metavar="B",
+        help="GLOBAL source (= target) batches to measure; the first one gives the last line",
+    )
     ap.add_argument("--size", type=int, nargs=2, default=[64, 128], metavar=("H", "W"))
     ap.add_argument("--dali-threads", type=int, default=1, help="DALI worker threads per loader (conf=synthetic: 1)")
     ap.add_argument("--repeats", type=int, default=1, help="alternate 1-rank / 2-rank runs; the best of each counts")
-    ap.add_argument("--data", choices=("dali", "fixed"), default="dali",
-                    help="fixed: reuse the first batches (isolates the step from data loading)")
+    ap.add_argument(
+        "--data",
+        choices=("dali", "fixed"),
+        default="dali",
+        help="fixed: reuse the first batches (isolates the step from data loading)",
+    )
     ap.add_argument("--profile", action="store_true", help="also time the DDP gradient all-reduce (comm hook)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds before a hung run is ended")
     ap.add_argument("--kill-rank", type=int, default=-1, help=argparse.SUPPRESS)  # fault injection for the tests
@@ -402,9 +497,17 @@ def main(argv: list[str]) -> int:
             for batch in a.batches:
                 for _ in range(a.repeats):
                     for world in (2, 1):  # 2 first: a failing rank is reported before a long 1-rank run
-                        args = {"shards": tmp, "batch": batch, "size": a.size, "warmup": a.warmup, "iters": a.iters,
-                                "dali_threads": a.dali_threads, "data": a.data, "profile": a.profile,
-                                "kill_rank": a.kill_rank if world == 2 else -1}
+                        args = {
+                            "shards": tmp,
+                            "batch": batch,
+                            "size": a.size,
+                            "warmup": a.warmup,
+                            "iters": a.iters,
+                            "dali_threads": a.dali_threads,
+                            "data": a.data,
+                            "profile": a.profile,
+                            "kill_rank": a.kill_rank if world == 2 else -1,
+                        }
                         s = _summary(_measure(world, args, a.timeout))
                         best = rows.get((batch, world))
                         if best is None or s["images_per_s"] > best["images_per_s"]:
@@ -413,23 +516,33 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     eff = {b: rows[(b, 2)]["images_per_s"] / (2 * rows[(b, 1)]["images_per_s"]) for b in a.batches}
-    print(f"\n{'global batch':>12} {'ranks':>5} {'images':>7} {'step ms':>8} {'images/s':>9} {'efficiency':>10} "
-          f"{'rank CPU':>8} {'other load':>10}")
+    print(
+        f"\n{'global batch':>12} {'ranks':>5} {'images':>7} {'step ms':>8} {'images/s':>9} {'efficiency':>10} "
+        f"{'rank CPU':>8} {'other load':>10}"
+    )
     for batch in a.batches:
         for world in (1, 2):
             r = rows[(batch, world)]
             e = f"{100 * eff[batch]:.0f}%" if world == 2 else "-"
-            print(f"{f'{batch}+{batch}':>12} {world:>5} {r['images']:>7} {r['step_ms']:>8.1f} {r['images_per_s']:>9.1f} "
-                  f"{e:>10} {100 * r['cpu_share']:>7.0f}% {r['other_load']:>6.2f} cpu")
-    print("\nmain thread of a rank, ms per step (mean over ranks): on a CPU / runnable but waiting for a CPU "
-          "(other programs, the rank's own DALI and gloo threads) / blocked (collectives, data)")
+            print(
+                f"{f'{batch}+{batch}':>12} {world:>5} {r['images']:>7} {r['step_ms']:>8.1f} {r['images_per_s']:>9.1f} "
+                f"{e:>10} {100 * r['cpu_share']:>7.0f}% {r['other_load']:>6.2f} cpu"
+            )
+    print(
+        "\nmain thread of a rank, ms per step (mean over ranks): on a CPU / runnable but waiting for a CPU "
+        "(other programs, the rank's own DALI and gloo threads) / blocked (collectives, data)"
+    )
     for batch in a.batches:
         for world in (1, 2):
             m = rows[(batch, world)]["main_ms"]
-            print(f"{f'{batch}+{batch}':>12} {world:>5} {m['main_cpu']:>9.1f} {m['main_runq']:>9.1f} {m['blocked']:>9.1f}")
+            print(
+                f"{f'{batch}+{batch}':>12} {world:>5} {m['main_cpu']:>9.1f} {m['main_runq']:>9.1f} {m['blocked']:>9.1f}"
+            )
     cols = ("data", "step", "estimator", "grad", "optimizer", "flag")
-    print("\nper-step ms, maximum over ranks (step = both micro-steps, forward + backward, including the "
-          "estimator all-reduce and the gradient all-reduce" + ("" if a.profile else "; grad: --profile") + ")")
+    print(
+        "\nper-step ms, maximum over ranks (step = both micro-steps, forward + backward, including the "
+        "estimator all-reduce and the gradient all-reduce" + ("" if a.profile else "; grad: --profile") + ")"
+    )
     print(f"{'global batch':>12} {'ranks':>5} " + " ".join(f"{c:>9}" for c in cols))
     for batch in a.batches:
         for world in (1, 2):
@@ -438,10 +551,14 @@ def main(argv: list[str]) -> int:
     for batch in a.batches:
         lat = rows[(batch, 2)]["latency_ms"]
         if lat:
-            print(f"{batch}+{batch}, 2 ranks in lock step, ms per all-reduce: gradients {lat['lat_grad']:.2f}, "
-                  f"estimator {lat['lat_est']:.2f}, stop flag {lat['lat_flag']:.2f} (the rest of a wait is imbalance)")
-    print("(rank CPU: CPU time of a rank process / its wall time, mean over ranks; other load: cores used by "
-          "other programs during the run, which a 2-rank run cannot escape on 2 cores)")
+            print(
+                f"{batch}+{batch}, 2 ranks in lock step, ms per all-reduce: gradients {lat['lat_grad']:.2f}, "
+                f"estimator {lat['lat_est']:.2f}, stop flag {lat['lat_flag']:.2f} (the rest of a wait is imbalance)"
+            )
+    print(
+        "(rank CPU: CPU time of a rank process / its wall time, mean over ranks; other load: cores used by "
+        "other programs during the run, which a 2-rank run cannot escape on 2 cores)"
+    )
     busy = max(rows[(b, 2)]["other_load"] for b in a.batches)
     if busy > 0.1:
         print(f"warning: other programs used {busy:.2f} cores during a 2-rank run: efficiency understated here")

@@ -72,18 +72,44 @@ def _worker(rank: int, world: int, init_file: str, mode: str, args: dict, result
         shards = Path(args["shards"])
         per_rank = args["batch"] // world
         size = tuple(args["size"])
-        src = iter(ShardLoader(shards / "gta5_train" / "manifest.json", per_rank, rank=rank, world_size=world,
-                               train=True, resize=size, photometric=True, class_balanced=True, seed=1, num_threads=1))
-        tgt = iter(ShardLoader(shards / "cityscapes_train" / "manifest.json", per_rank, rank=rank, world_size=world,
-                               train=True, resize=size, seed=2, num_threads=1))
+        src = iter(
+            ShardLoader(
+                shards / "gta5_train" / "manifest.json",
+                per_rank,
+                rank=rank,
+                world_size=world,
+                train=True,
+                resize=size,
+                photometric=True,
+                class_balanced=True,
+                seed=1,
+                num_threads=1,
+            )
+        )
+        tgt = iter(
+            ShardLoader(
+                shards / "cityscapes_train" / "manifest.json",
+                per_rank,
+                rank=rank,
+                world_size=world,
+                train=True,
+                resize=size,
+                seed=2,
+                num_threads=1,
+            )
+        )
         batches = lambda: {"source": next(src), "target": next(tgt)}  # noqa: E731
         images_per_step = 2 * per_rank * world
     else:
         h, w = args["r101_size"]
         g = torch.Generator().manual_seed(rank)
-        fixed = {"source": {"image": torch.randn(1, 3, h, w, generator=g),
-                            "label": torch.randint(0, 19, (1, h, w), generator=g)},
-                 "target": {"image": torch.randn(1, 3, h, w, generator=g)}}
+        fixed = {
+            "source": {
+                "image": torch.randn(1, 3, h, w, generator=g),
+                "label": torch.randint(0, 19, (1, h, w), generator=g),
+            },
+            "target": {"image": torch.randn(1, 3, h, w, generator=g)},
+        }
         batches = lambda: fixed  # noqa: E731
         images_per_step = 2 * world
     warmup, iters = args["warmup"], args["iters"]
@@ -103,9 +129,18 @@ def _worker(rank: int, world: int, init_file: str, mode: str, args: dict, result
     dist.barrier()
     wall = time.perf_counter() - t0
     if rank == 0:
-        results.put({"mode": mode, "world": world, "step_s": wall / iters, "images_per_s": images_per_step * iters / wall,
-                     "allreduce_s": timer.seconds / iters, "allreduce_calls": timer.calls / iters,
-                     "allreduce_bytes": timer.bytes, "data_share": data_s / wall})
+        results.put(
+            {
+                "mode": mode,
+                "world": world,
+                "step_s": wall / iters,
+                "images_per_s": images_per_step * iters / wall,
+                "allreduce_s": timer.seconds / iters,
+                "allreduce_calls": timer.calls / iters,
+                "allreduce_bytes": timer.bytes,
+                "data_share": data_s / wall,
+            }
+        )
     dist.destroy_process_group()
 
 
@@ -154,17 +189,28 @@ def main(argv: list[str]) -> int:
         args = {"shards": tmp, "batch": a.batch, "size": a.size, "warmup": 2, "iters": a.iters}
         rows = [_measure(w, "synthetic", args) for w in (1, 2)]
     r101 = _measure(2, "r101", {"r101_size": a.r101_size, "warmup": 1, "iters": a.r101_iters})
-    print(f"\nsdca step, synthetic benchmark (small model, {a.size[0]}x{a.size[1]}, global batch {a.batch}+{a.batch}, gloo, CPU)")
+    print(
+        f"\nsdca step, synthetic benchmark (small model, {a.size[0]}x{a.size[1]}, "
+        f"global batch {a.batch}+{a.batch}, gloo, CPU)"
+    )
     print(f"{'ranks':>5} {'step s':>8} {'images/s':>9} {'all-reduce ms':>14} {'share':>7} {'data share':>10}")
     for r in rows:
-        print(f"{r['world']:>5} {r['step_s']:>8.3f} {r['images_per_s']:>9.1f} {1e3 * r['allreduce_s']:>14.2f} "
-              f"{100 * r['allreduce_s'] / r['step_s']:>6.2f}% {100 * r['data_share']:>9.1f}%")
-    print(f"2-rank / 1-rank throughput: {rows[1]['images_per_s'] / rows[0]['images_per_s']:.2f}x "
-          f"(2 ranks share the same {os.cpu_count()} cores here)")
+        print(
+            f"{r['world']:>5} {r['step_s']:>8.3f} {r['images_per_s']:>9.1f} {1e3 * r['allreduce_s']:>14.2f} "
+            f"{100 * r['allreduce_s'] / r['step_s']:>6.2f}% {100 * r['data_share']:>9.1f}%"
+        )
+    print(
+        f"2-rank / 1-rank throughput: {rows[1]['images_per_s'] / rows[0]['images_per_s']:.2f}x "
+        f"(2 ranks share the same {os.cpu_count()} cores here)"
+    )
     share = r101["allreduce_s"] / r101["step_s"]
-    print(f"\nResNet-101 feature size (A=2048 + output level, C=19), DeepLabV2-R101, 2 ranks, "
-          f"{a.r101_size[0]}x{a.r101_size[1]} source+target, batch 1+1 per rank:")
-    print(f"  step {r101['step_s']:.2f} s, estimator all-reduce {1e3 * r101['allreduce_s']:.2f} ms "
-          f"({r101['allreduce_calls']:.0f} call/step, {r101['allreduce_bytes'] / 2**20:.2f} MiB)")
+    print(
+        f"\nResNet-101 feature size (A=2048 + output level, C=19), DeepLabV2-R101, 2 ranks, "
+        f"{a.r101_size[0]}x{a.r101_size[1]} source+target, batch 1+1 per rank:"
+    )
+    print(
+        f"  step {r101['step_s']:.2f} s, estimator all-reduce {1e3 * r101['allreduce_s']:.2f} ms "
+        f"({r101['allreduce_calls']:.0f} call/step, {r101['allreduce_bytes'] / 2**20:.2f} MiB)"
+    )
     print(f"allreduce share: {100 * share:.3f}%")
     return 0

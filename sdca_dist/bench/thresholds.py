@@ -97,14 +97,21 @@ def _progress(message: str) -> None:
 
 
 def _memory_in_subprocess(variant: str, n_images: int) -> float:
-    out = subprocess.run([sys.executable, "-m", "sdca_dist.bench", "thresholds", "--images", str(n_images),
-                          "--memory-probe", variant], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "sdca_dist.bench", "thresholds", "--images", str(n_images), "--memory-probe", variant],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"])
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sdca_dist.bench thresholds", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m sdca_dist.bench thresholds",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--memory-probe", choices=("null", "ours", "reference"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -120,15 +127,19 @@ def main(argv: list[str]) -> int:
     results = _consume(["ours", "reference"], n)
     (th_ours, t_ours), (th_ref, t_ref) = results["ours"], results["reference"]
     diff = float(np.abs(th_ours - th_ref).max())
-    print(f"  max |ours - reference| threshold: {diff:.2e} (reference = upper middle element; "
-          f"ours = histogram median, <= {0.5 / 2000:.1e} from numpy's median)")
+    print(
+        f"  max |ours - reference| threshold: {diff:.2e} (reference = upper middle element; "
+        f"ours = histogram median, <= {0.5 / 2000:.1e} from numpy's median)"
+    )
     print(f"  time  ours {t_ours:8.2f} s   reference {t_ref:8.2f} s (map generation excluded)")
     _progress("peak memory: generate-only, ours, reference, each in a fresh subprocess (~1 min)")
     base = _memory_in_subprocess("null", n)
     m_ours = _memory_in_subprocess("ours", n) - base
     m_ref = _memory_in_subprocess("reference", n) - base
-    print(f"  extra peak RSS  ours {m_ours:9.1f} MB   reference {m_ref:9.1f} MB "
-          f"(fresh subprocess each, minus {base:.1f} MB of a generate-only run)")
+    print(
+        f"  extra peak RSS  ours {m_ours:9.1f} MB   reference {m_ref:9.1f} MB "
+        f"(fresh subprocess each, minus {base:.1f} MB of a generate-only run)"
+    )
     print(f"speedup: {t_ref / t_ours:.1f}x")
     print(f"memory ratio: {max(m_ours, 0.0) / m_ref:.4f}x")
     return 0

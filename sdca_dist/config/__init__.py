@@ -1,6 +1,7 @@
-"""Configuration: typed schema (``schema``) and Hydra composition (``compose``)."""
+"""Configuration: typed schema (``schema``), Hydra composition (``compose``) and the frozen run
+configuration (``run_config``). The stage names live in ``sdca_dist.stage_table``."""
 
 from sdca_dist.config.compose import ConfigError, compose_config, config_to_yaml
-from sdca_dist.config.schema import CHAIN, STAGES, TRAINING_STAGES, Config
+from sdca_dist.config.schema import Config
 
-__all__ = ["CHAIN", "STAGES", "TRAINING_STAGES", "Config", "ConfigError", "compose_config", "config_to_yaml"]
+__all__ = ["Config", "ConfigError", "compose_config", "config_to_yaml"]

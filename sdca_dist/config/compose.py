@@ -21,7 +21,8 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sdca_dist.config.schema import STAGES, Config, LaunchConfig
+from sdca_dist.config.schema import Config, LaunchConfig
+from sdca_dist.stage_table import STAGE_NAMES
 
 CONFIG_NAME = "sdca"
 #: dict-valued settings that take keys of the user's choosing (``+cluster.extra.reservation=x``);
@@ -74,8 +75,10 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
         if key != bare and not bare.startswith(FREE_FORM):
             # Hydra would add (+) or delete (~) a key the schema does not have: a typo such as
             # +train.itres=20 must not pass silently
-            raise ConfigError(f"{key}: adding or deleting settings is only allowed under "
-                              f"{', '.join(f + '*' for f in FREE_FORM)}; settings are fixed by the schema")
+            raise ConfigError(
+                f"{key}: adding or deleting settings is only allowed under "
+                f"{', '.join(f + '*' for f in FREE_FORM)}; settings are fixed by the schema"
+            )
         if bare in launch_keys:
             raise ConfigError(f"{bare} is a setting of the launcher (launch/slurm.py), not of a run")
     # Name an unknown preset/group option up front, with the valid choices.
@@ -138,15 +141,18 @@ def _validate(cfg: DictConfig) -> None:
         missing = []
     if missing:
         raise ConfigError(f"missing value for {', '.join(missing)} (pick a preset with conf=NAME)")
-    if cfg.stage not in STAGES:
-        raise ConfigError(f"unknown stage={cfg.stage!r}; valid stages: {', '.join(STAGES)}")
+    if cfg.stage not in STAGE_NAMES:
+        raise ConfigError(f"unknown stage={cfg.stage!r}; valid stages: {', '.join(STAGE_NAMES)}")
     _check(bool(str(cfg.run_dir).strip()), "run_dir is empty; name the run folder (run_dir=runs/NAME)")
     _check(cfg.seed >= 0, f"seed={cfg.seed} must be >= 0")
     for name in ("src", "sdca", "ssl", "oracle"):
         s = cfg[name]
         _check(s.iters >= 1, f"{name}.iters={s.iters} must be >= 1")
-        _check(s.schedule_iters >= s.iters, f"{name}.schedule_iters={s.schedule_iters} must be >= {name}.iters={s.iters} "
-               "(the poly schedule ends at its horizon)")
+        _check(
+            s.schedule_iters >= s.iters,
+            f"{name}.schedule_iters={s.schedule_iters} must be >= {name}.iters={s.iters} "
+            "(the poly schedule ends at its horizon)",
+        )
         _check(s.lr > 0, f"{name}.lr={s.lr} must be > 0")
         _check(s.batch_size >= 1, f"{name}.batch_size={s.batch_size} must be >= 1")
         _check(s.target_batch_size >= 0, f"{name}.target_batch_size={s.target_batch_size} must be >= 0")
@@ -157,8 +163,10 @@ def _validate(cfg: DictConfig) -> None:
         _check(t[key] >= 1, f"train.{key}={t[key]} must be >= 1")
     # checkpoint selection (issue 11 item 4): best_val evaluates during training, so it needs the evaluation
     _check(t.select in ("final", "best_val"), f"train.select={t.select!r}; valid: final, best_val")
-    _check(t.select != "best_val" or t.eval_at_end,
-           "train.select=best_val selects by evaluating on target val; it needs train.eval_at_end=true")
+    _check(
+        t.select != "best_val" or t.eval_at_end,
+        "train.select=best_val selects by evaluating on target val; it needs train.eval_at_end=true",
+    )
     _check(t.warmup_iters >= -1, f"train.warmup_iters={t.warmup_iters} must be >= 0 (or -1 for the default rule)")
     from sdca_dist.scaling import ScaleError, parse_scale
 
@@ -166,8 +174,10 @@ def _validate(cfg: DictConfig) -> None:
         parse_scale(t.scale)
     except ScaleError as exc:
         raise ConfigError(str(exc)) from None
-    _check(t.momentum >= 0 and t.weight_decay >= 0 and t.poly_power > 0 and t.classifier_lr_mult > 0,
-           "train.momentum, train.weight_decay must be >= 0 and train.poly_power, train.classifier_lr_mult > 0")
+    _check(
+        t.momentum >= 0 and t.weight_decay >= 0 and t.poly_power > 0 and t.classifier_lr_mult > 0,
+        "train.momentum, train.weight_decay must be >= 0 and train.poly_power, train.classifier_lr_mult > 0",
+    )
     m = cfg.method
     _check(m.tau > 0, f"method.tau={m.tau} must be > 0")
     _check(0 < m.delta < 1, f"method.delta={m.delta} must be in (0, 1)")
@@ -185,16 +195,22 @@ def _validate(cfg: DictConfig) -> None:
     _check(cfg.data.num_threads >= 1, f"data.num_threads={cfg.data.num_threads} must be >= 1")
     lo, hi = (float(x) for x in cfg.data.ssl_scale) if len(cfg.data.ssl_scale) == 2 else (0.0, -1.0)
     _check(0 < lo <= hi, f"data.ssl_scale={list(cfg.data.ssl_scale)} must be [low, high] with 0 < low <= high")
-    _check(len(cfg.data.synthetic_counts) == 3 and min(cfg.data.synthetic_counts) >= 1,
-           f"data.synthetic_counts={list(cfg.data.synthetic_counts)} must be 3 counts >= 1 (source, target train, val)")
+    _check(
+        len(cfg.data.synthetic_counts) == 3 and min(cfg.data.synthetic_counts) >= 1,
+        f"data.synthetic_counts={list(cfg.data.synthetic_counts)} must be 3 counts >= 1 (source, target train, val)",
+    )
     _check(cfg.ssl.init in ("imagenet", "sdca"), f"ssl.init={cfg.ssl.init!r}; valid: imagenet, sdca")
-    _check(cfg.init.src is None or str(cfg.init.src).endswith(".pt"),
-           f"init.src={cfg.init.src!r} must be a .pt weights file (python -m sdca_dist.models.convert makes one)")
+    _check(
+        cfg.init.src is None or str(cfg.init.src).endswith(".pt"),
+        f"init.src={cfg.init.src!r} must be a .pt weights file (python -m sdca_dist.models.convert makes one)",
+    )
     from sdca_dist.stage_table import MODEL_STAGES
 
     mf = str(cfg.eval.model_from)
-    _check(mf in MODEL_STAGES or mf.endswith(".pt"),
-           f"eval.model_from={mf!r}: a stage with a model ({', '.join(MODEL_STAGES)}) or a .pt weights file")
+    _check(
+        mf in MODEL_STAGES or mf.endswith(".pt"),
+        f"eval.model_from={mf!r}: a stage with a model ({', '.join(MODEL_STAGES)}) or a .pt weights file",
+    )
     if cfg.engine.name not in ("ddp", "deepspeed"):
         raise ConfigError(f"engine.name={cfg.engine.name!r}; valid: ddp, deepspeed")
     if cfg.engine.zero_stage not in (0, 1, 2):

@@ -97,8 +97,11 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 def differences(old: DictConfig, new: DictConfig) -> list[str]:
     """``key: old -> new`` for every setting that differs."""
     a, b = _flatten(settings_of(old)), _flatten(settings_of(new))
-    return [f"{k}: {a.get(k, '(absent)')} -> {b.get(k, '(absent)')}" for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k)]
+    return [
+        f"{k}: {a.get(k, '(absent)')} -> {b.get(k, '(absent)')}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
 
 
 def _fmt(cfg: DictConfig) -> str:
@@ -155,8 +158,9 @@ def job_values(cfg: DictConfig) -> dict[str, str]:
     return {"eval.model_from": str(cfg.eval.model_from)}
 
 
-def resolve(run_dir: Path | str, overrides: Sequence[str], stage: str | None = None,
-            adjust=None) -> tuple[DictConfig, bool]:
+def resolve(
+    run_dir: Path | str, overrides: Sequence[str], stage: str | None = None, adjust=None
+) -> tuple[DictConfig, bool]:
     """The run configuration of ``run_dir`` for a command line's ``overrides``.
 
     Existing run folder: the frozen file; the overrides (if any) must give the same settings,
@@ -181,14 +185,21 @@ def resolve(run_dir: Path | str, overrides: Sequence[str], stage: str | None = N
             cfg = adjust(cfg)
         diff = differences(frozen, cfg)
         if diff:
-            raise ConfigError(f"{run_dir} was started with other settings ({'; '.join(diff)}); "
-                              "a run folder keeps its settings: use a new run_dir for new ones")
+            raise ConfigError(
+                f"{run_dir} was started with other settings ({'; '.join(diff)}); "
+                "a run folder keeps its settings: use a new run_dir for new ones"
+            )
         return frozen, False
     if not any(o.split("=", 1)[0] == "conf" for o in settings):
-        raise ConfigError(f"{config_path(run_dir)} does not exist: start a new run with conf=NAME "
-                          "(synthetic, gta2city, synthia2city)")
-    cfg = compose_config(list(settings) + [f"{k}={v}" for k, v in job.items()] + [f"run_dir={run_dir}"]
-                         + ([f"stage={stage}"] if stage else []))
+        raise ConfigError(
+            f"{config_path(run_dir)} does not exist: start a new run with conf=NAME (synthetic, gta2city, synthia2city)"
+        )
+    cfg = compose_config(
+        list(settings)
+        + [f"{k}={v}" for k, v in job.items()]
+        + [f"run_dir={run_dir}"]
+        + ([f"stage={stage}"] if stage else [])
+    )
     if adjust is not None:
         cfg = adjust(cfg)
     return cfg, True

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from sdca_dist.stage_table import CHAIN, STAGE_NAMES as STAGES, TRAINING_STAGES  # noqa: F401 - re-exported
+from sdca_dist.stage_table import CHAIN
 
 
 @dataclass

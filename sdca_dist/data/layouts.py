@@ -51,16 +51,19 @@ def _require_dir(path: Path) -> None:
         raise DataError(path, "input folder is empty")
 
 
-def _pair_by_stem(images: dict[str, Path], labels: dict[str, Path], root: Path, img_dir: Path,
-                  pattern: str = "*.png") -> list[SamplePair]:
+def _pair_by_stem(
+    images: dict[str, Path], labels: dict[str, Path], root: Path, img_dir: Path, pattern: str = "*.png"
+) -> list[SamplePair]:
     if not images:  # an empty dataset is an error, never a 0-sample shard set
         raise DataError(img_dir, f"input folder holds no {pattern} images")
     for stem in sorted(images.keys() - labels.keys()):
         raise DataError(images[stem], "image without label")
     for stem in sorted(labels.keys() - images.keys()):
         raise DataError(labels[stem], "label without image")
-    return [SamplePair(_key(stem), images[stem], labels[stem], images[stem].relative_to(root).as_posix())
-            for stem in sorted(images)]
+    return [
+        SamplePair(_key(stem), images[stem], labels[stem], images[stem].relative_to(root).as_posix())
+        for stem in sorted(images)
+    ]
 
 
 def _key(stem: str) -> str:
@@ -71,16 +74,18 @@ def _gta5_pairs(root: Path, split: str) -> list[SamplePair]:
     img_dir, lbl_dir = root / "images", root / "labels"
     _require_dir(img_dir)
     _require_dir(lbl_dir)
-    return _pair_by_stem({p.stem: p for p in img_dir.glob("*.png")}, {p.stem: p for p in lbl_dir.glob("*.png")}, root,
-                         img_dir)
+    return _pair_by_stem(
+        {p.stem: p for p in img_dir.glob("*.png")}, {p.stem: p for p in lbl_dir.glob("*.png")}, root, img_dir
+    )
 
 
 def _synthia_pairs(root: Path, split: str) -> list[SamplePair]:
     img_dir, lbl_dir = root / "RAND_CITYSCAPES" / "RGB", root / "RAND_CITYSCAPES" / "GT" / "LABELS"
     _require_dir(img_dir)
     _require_dir(lbl_dir)
-    return _pair_by_stem({p.stem: p for p in img_dir.glob("*.png")}, {p.stem: p for p in lbl_dir.glob("*.png")}, root,
-                         img_dir)
+    return _pair_by_stem(
+        {p.stem: p for p in img_dir.glob("*.png")}, {p.stem: p for p in lbl_dir.glob("*.png")}, root, img_dir
+    )
 
 
 def _cityscapes_pairs(root: Path, split: str) -> list[SamplePair]:
@@ -118,12 +123,30 @@ def _synthia_ids(path: Path) -> np.ndarray:
 
 
 LAYOUTS: dict[str, Layout] = {
-    "gta5": Layout("gta5", 19, frozenset(CITYSCAPES_ID_TO_TRAINID), lookup_table(CITYSCAPES_ID_TO_TRAINID),
-                   _gta5_pairs, _indexed_ids),
-    "cityscapes": Layout("cityscapes", 19, frozenset(CITYSCAPES_ID_TO_TRAINID), lookup_table(CITYSCAPES_ID_TO_TRAINID),
-                         _cityscapes_pairs, _indexed_ids),
-    "synthia": Layout("synthia", 16, SYNTHIA_KNOWN_IDS, lookup_table(SYNTHIA_ID_TO_TRAINID16, size=65536),
-                      _synthia_pairs, _synthia_ids),
+    "gta5": Layout(
+        "gta5",
+        19,
+        frozenset(CITYSCAPES_ID_TO_TRAINID),
+        lookup_table(CITYSCAPES_ID_TO_TRAINID),
+        _gta5_pairs,
+        _indexed_ids,
+    ),
+    "cityscapes": Layout(
+        "cityscapes",
+        19,
+        frozenset(CITYSCAPES_ID_TO_TRAINID),
+        lookup_table(CITYSCAPES_ID_TO_TRAINID),
+        _cityscapes_pairs,
+        _indexed_ids,
+    ),
+    "synthia": Layout(
+        "synthia",
+        16,
+        SYNTHIA_KNOWN_IDS,
+        lookup_table(SYNTHIA_ID_TO_TRAINID16, size=65536),
+        _synthia_pairs,
+        _synthia_ids,
+    ),
 }
 
 
@@ -156,6 +179,9 @@ def read_label(layout: str, path: Path, unknown: str = "error") -> tuple[np.ndar
     n_bad = int(bad.sum())
     if n_bad and unknown == "error":
         shown = ", ".join(str(int(i)) for i in np.unique(ids[bad])[:5])
-        raise DataError(path, f"{n_bad} pixels with ids outside the {layout} table (ids {shown}); "
-                              f"rerun with --unknown-ids ignore to map them to 255 (the same --out continues)")
+        raise DataError(
+            path,
+            f"{n_bad} pixels with ids outside the {layout} table (ids {shown}); "
+            f"rerun with --unknown-ids ignore to map them to 255 (the same --out continues)",
+        )
     return lay.lut[ids], n_bad

@@ -63,8 +63,14 @@ def cuda_available() -> bool:
 
 def normalize(fn, types, image, mirror=0):
     """RGB uint8 HWC -> ImageNet-normalised float CHW (optionally mirrored)."""
-    return fn.crop_mirror_normalize(image, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
-                                    mean=[255 * v for v in IMAGENET_MEAN], std=[255 * v for v in IMAGENET_STD])
+    return fn.crop_mirror_normalize(
+        image,
+        mirror=mirror,
+        dtype=types.FLOAT,
+        output_layout="CHW",
+        mean=[255 * v for v in IMAGENET_MEAN],
+        std=[255 * v for v in IMAGENET_STD],
+    )
 
 
 def eval_image(fn, types, image, size):
@@ -84,11 +90,27 @@ class ShardLoader:
     own size) times a random scale from ``scale_range``, then ``crop_size`` under ``crop_policy``.
     """
 
-    def __init__(self, manifest: str | Path | Manifest, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 train: bool, resize: tuple[int, int] | None = None, crop_size: tuple[int, int] | None = None,
-                 scale_range: tuple[float, float] | None = None, flip: bool = False, photometric: bool = False,
-                 class_balanced: bool = False, label_map: np.ndarray | None = None, seed: int = 0,
-                 num_threads: int = 2, device: str = "auto", prefetch: int = 2, crop_policy: str = "pad"):
+    def __init__(
+        self,
+        manifest: str | Path | Manifest,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        train: bool,
+        resize: tuple[int, int] | None = None,
+        crop_size: tuple[int, int] | None = None,
+        scale_range: tuple[float, float] | None = None,
+        flip: bool = False,
+        photometric: bool = False,
+        class_balanced: bool = False,
+        label_map: np.ndarray | None = None,
+        seed: int = 0,
+        num_threads: int = 2,
+        device: str = "auto",
+        prefetch: int = 2,
+        crop_policy: str = "pad",
+    ):
         self.manifest: Manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -119,8 +141,11 @@ class ShardLoader:
         self.device = device
         self.steps_per_epoch = steps_per_epoch(self.manifest.num_samples, world_size, batch_size)
         self._reader = ShardReader(self.manifest)
-        self._sampler = (ClassBalancedSampler(self.manifest.presence(), self.manifest.num_classes, self.seed)
-                         if class_balanced else None)
+        self._sampler = (
+            ClassBalancedSampler(self.manifest.presence(), self.manifest.num_classes, self.seed)
+            if class_balanced
+            else None
+        )
         self._perm: tuple[int, np.ndarray] | None = None  # (epoch, its permutation)
         self._consumed = 0  # batches handed out
         self._produced = 0  # batches fed to DALI (runs ahead by the prefetch depth)
@@ -148,8 +173,14 @@ class ShardLoader:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         """JSON-able position: batches consumed (+ a sampler snapshot that saves regenerating draws)."""
-        d: dict = {"batches": self._consumed, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-                   "num_samples": self.manifest.num_samples, "batch_size": self.batch_size}
+        d: dict = {
+            "batches": self._consumed,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_samples": self.manifest.num_samples,
+            "batch_size": self.batch_size,
+        }
         if self._sampler is not None:
             d["sampler"] = self._sampler.state(self._consumed * self.world_size * self.batch_size)
         return d
@@ -179,9 +210,14 @@ class ShardLoader:
                 p = augment_params(self.spec, self.seed, self.rank, g, self.batch_size)
                 idx, _ = self.batch_indices(g)
                 recs = [self._reader.read(int(i)) for i in idx]
-                return tuple([p[n] for n in names]
-                             + [[np.frombuffer(r["image"], np.uint8) for r in recs],
-                                [np.frombuffer(r["label"], np.uint8) for r in recs], idx.copy()])
+                return tuple(
+                    [p[n] for n in names]
+                    + [
+                        [np.frombuffer(r["image"], np.uint8) for r in recs],
+                        [np.frombuffer(r["label"], np.uint8) for r in recs],
+                        idx.copy(),
+                    ]
+                )
             except BaseException as e:  # DALI may wrap it: keep the original (a one-line DataError)
                 self._source_error = e
                 raise
@@ -194,12 +230,17 @@ class ShardLoader:
         names = self._param_names()
         gpu = self.device == "gpu"
 
-        @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads, device_id=0 if gpu else None,
-                      seed=(self.seed * 7919 + self.rank) & 0x7FFFFFFF, prefetch_queue_depth=self.prefetch)
+        @pipeline_def(
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
+            device_id=0 if gpu else None,
+            seed=(self.seed * 7919 + self.rank) & 0x7FFFFFFF,
+            prefetch_queue_depth=self.prefetch,
+        )
         def pipeline():
             ext = fn.external_source(source=self._external(), num_outputs=len(names) + 3, batch=True, parallel=False)
             prm = dict(zip(names, ext[: len(names)]))
-            enc_img, enc_lbl, index = ext[len(names):]
+            enc_img, enc_lbl, index = ext[len(names) :]
             image, label = self._graph(fn, types, enc_img, enc_lbl, prm, gpu)
             return image, label, index
 
@@ -232,10 +273,22 @@ class ShardLoader:
                 image = fn.resize(image, size=size, interp_type=types.INTERP_CUBIC, antialias=True)
                 label = fn.resize(label, size=size, interp_type=types.INTERP_NN, antialias=False)
             if self.crop_size is not None:
-                image = fn.crop(image, crop=self.crop_size, crop_pos_x=prm["crop_x"], crop_pos_y=prm["crop_y"],
-                                out_of_bounds_policy="pad", fill_values=0)
-                label = fn.crop(label, crop=self.crop_size, crop_pos_x=prm["crop_x"], crop_pos_y=prm["crop_y"],
-                                out_of_bounds_policy="pad", fill_values=255)
+                image = fn.crop(
+                    image,
+                    crop=self.crop_size,
+                    crop_pos_x=prm["crop_x"],
+                    crop_pos_y=prm["crop_y"],
+                    out_of_bounds_policy="pad",
+                    fill_values=0,
+                )
+                label = fn.crop(
+                    label,
+                    crop=self.crop_size,
+                    crop_pos_x=prm["crop_x"],
+                    crop_pos_y=prm["crop_y"],
+                    out_of_bounds_policy="pad",
+                    fill_values=255,
+                )
             if self.spec.photometric:
                 image = self._photometric(fn, types, dmath, image, prm, gpu)
             label = fn.flip(label, horizontal=prm["flip"])
@@ -318,8 +371,7 @@ class ShardLoader:
         valid = torch.as_tensor(valid)
         if not bool(valid.all()):  # padding samples carry no label: no consumer can count them by mistake
             lbl[~valid.to(lbl.device)] = 255
-        return {"image": img, "label": lbl, "valid": valid,
-                "index": torch.as_tensor(got, dtype=torch.int64)}
+        return {"image": img, "label": lbl, "valid": valid, "index": torch.as_tensor(got, dtype=torch.int64)}
 
     def _explain(self, g: int, err: Exception) -> Exception:
         """The one-line error for a failed batch: the sample (shard + key) that does not decode."""

@@ -38,7 +38,6 @@ from typing import Iterator
 
 from sdca_dist.data.errors import DataError, OutputError, UsageError
 from sdca_dist.data.layouts import LAYOUTS, SamplePair, get_layout, list_pairs, read_image, read_label
-from sdca_dist.files import sha256_file
 from sdca_dist.data.shards import (
     DEFAULT_SHARD_SIZE,
     Manifest,
@@ -53,6 +52,7 @@ from sdca_dist.data.shards import (
     sidecar_path,
     write_manifest,
 )
+from sdca_dist.files import sha256_file
 
 # Cityscapes-layout sets (target train, val) are stored losslessly so training and evaluation see
 # the dataset's own pixels; the synthetic sources default to JPEG q90 (GPU "mixed" decode, ~5x smaller).
@@ -88,7 +88,11 @@ class PackOptions:
             raise UsageError("--shard-size", f"must be at least 1 byte, got {self.shard_size!r}")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or not 1 <= self.workers <= 1024:
             raise UsageError("--workers", f"must be between 1 and 1024, got {self.workers!r}")
-        if isinstance(self.jpeg_quality, bool) or not isinstance(self.jpeg_quality, int) or not 1 <= self.jpeg_quality <= 100:
+        if (
+            isinstance(self.jpeg_quality, bool)
+            or not isinstance(self.jpeg_quality, int)
+            or not 1 <= self.jpeg_quality <= 100
+        ):
             raise UsageError("--jpeg-quality", f"must be between 1 and 100, got {self.jpeg_quality!r}")
         if self.image_format not in (None, *IMAGE_FORMATS):
             raise UsageError("--image-format", f"{self.image_format!r} is not one of {', '.join(IMAGE_FORMATS)}")
@@ -101,9 +105,15 @@ class PackOptions:
 
     def recorded(self) -> dict:
         """What must match for a resumed run to continue an earlier one (see ``_incompatible``)."""
-        return {"layout": self.layout, "split": self.split, "shard_size": self.shard_size,
-                "image_format": self.format, "jpeg_quality": self.jpeg_quality if self.format == "jpeg" else None,
-                "unknown_ids": self.unknown_ids, "skip_mismatched": self.skip_mismatched}
+        return {
+            "layout": self.layout,
+            "split": self.split,
+            "shard_size": self.shard_size,
+            "image_format": self.format,
+            "jpeg_quality": self.jpeg_quality if self.format == "jpeg" else None,
+            "unknown_ids": self.unknown_ids,
+            "skip_mismatched": self.skip_mismatched,
+        }
 
 
 def _incompatible(old: dict, new: dict) -> list[str]:
@@ -123,14 +133,20 @@ def _incompatible(old: dict, new: dict) -> list[str]:
 
 
 def _mismatch(pair: SamplePair, image_wh: tuple[int, int], label_wh: tuple[int, int]) -> str:
-    return (f"image/label size mismatch: image {image_wh[0]}x{image_wh[1]}, label {label_wh[0]}x{label_wh[1]} "
-            f"({pair.label.name})")
+    return (
+        f"image/label size mismatch: image {image_wh[0]}x{image_wh[1]}, label {label_wh[0]}x{label_wh[1]} "
+        f"({pair.label.name})"
+    )
 
 
 def _source(pair: SamplePair, root: Path) -> dict:
     """Identity of one input pair: relative paths + content hashes."""
-    return {"path": pair.rel, "label_path": pair.label.relative_to(root).as_posix(),
-            "image": sha256_file(pair.image), "label": sha256_file(pair.label)}
+    return {
+        "path": pair.rel,
+        "label_path": pair.label.relative_to(root).as_posix(),
+        "image": sha256_file(pair.image),
+        "label": sha256_file(pair.label),
+    }
 
 
 def encode_sample(job: tuple) -> dict:
@@ -156,8 +172,16 @@ def encode_sample(job: tuple) -> dict:
     if n_unknown:
         meta["unknown_id_pixels"] = n_unknown
         source["unknown_id_pixels"] = n_unknown
-    return {"key": pair.key, "image": buf.getvalue(), "ext": ext, "label_png": label_png, "pixels": pixels,
-            "size": image.size, "meta": meta, "source": source}
+    return {
+        "key": pair.key,
+        "image": buf.getvalue(),
+        "ext": ext,
+        "label_png": label_png,
+        "pixels": pixels,
+        "size": image.size,
+        "meta": meta,
+        "source": source,
+    }
 
 
 def _ordered(jobs: list, workers: int) -> Iterator[dict]:
@@ -182,8 +206,12 @@ class _Progress:
         rate = done / max(now - self.t0, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else 0
         bar = "#" * int(30 * done / max(self.total, 1))
-        print(f"\r[{bar:<30}] {done}/{self.total} {rate:.1f} img/s ETA {eta:.0f}s {extra}", end="",
-              file=sys.stderr, flush=True)
+        print(
+            f"\r[{bar:<30}] {done}/{self.total} {rate:.1f} img/s ETA {eta:.0f}s {extra}",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
         if done >= self.total:
             print(file=sys.stderr)
 
@@ -238,17 +266,24 @@ def _resume_point(out: Path, pairs: list[SamplePair], opts: PackOptions) -> tupl
     owned = [(e, info) for info in kept for e in info.provenance]
     n = len(owned)
     if n > len(pairs):
-        raise DataError(out, f"holds shards of other data ({n} inputs packed, the input has {len(pairs)}); "
-                             f"{_REBUILD_HINT}")
+        raise DataError(
+            out, f"holds shards of other data ({n} inputs packed, the input has {len(pairs)}); {_REBUILD_HINT}"
+        )
     for (e, info), p in zip(owned, pairs):
         if e["key"] != p.key:
-            raise DataError(out, f"holds shards of other data ({info.name} packed {e['path']!r} where the input "
-                                 f"has {p.rel!r}); {_REBUILD_HINT}")
+            raise DataError(
+                out,
+                f"holds shards of other data ({info.name} packed {e['path']!r} where the input "
+                f"has {p.rel!r}); {_REBUILD_HINT}",
+            )
         cur = _source(p, opts.root)
         if cur["image"] != e["image"] or cur["label"] != e["label"]:
             changed = p.image if cur["image"] != e["image"] else p.label
-            raise DataError(out, f"holds shards of other data ({changed} differs from the file packed into "
-                                 f"{info.name}); {_REBUILD_HINT}")
+            raise DataError(
+                out,
+                f"holds shards of other data ({changed} differs from the file packed into "
+                f"{info.name}); {_REBUILD_HINT}",
+            )
     # a kept tar must still be the recorded one (a damaged tar is rebuilt, together with those after it)
     for j, info in enumerate(kept):
         if sha256_file(out / info.name) != info.sha256:
@@ -283,10 +318,18 @@ def pack(opts: PackOptions) -> Manifest:
     prepare_out(out, opts.overwrite)
     kept, n_done = _resume_point(out, pairs, opts)
     remaining = pairs[n_done:]
-    writer = ShardWriter(out, prefix="shard", shard_size=opts.shard_size, num_classes=lay.num_classes,
-                         start_index=len(kept), options=opts.recorded())
-    jobs = [(opts.layout, p, opts.root, opts.jpeg_quality, opts.format, opts.unknown_ids, opts.skip_mismatched)
-            for p in remaining]
+    writer = ShardWriter(
+        out,
+        prefix="shard",
+        shard_size=opts.shard_size,
+        num_classes=lay.num_classes,
+        start_index=len(kept),
+        options=opts.recorded(),
+    )
+    jobs = [
+        (opts.layout, p, opts.root, opts.jpeg_quality, opts.format, opts.unknown_ids, opts.skip_mismatched)
+        for p in remaining
+    ]
     progress = _Progress(len(pairs), opts.progress)
     n = n_done
     try:
@@ -295,8 +338,16 @@ def pack(opts: PackOptions) -> Manifest:
             if "image" not in res:
                 writer.note_source({"key": res["key"], **res["source"]})
             else:
-                writer.add_encoded(res["key"], res["image"], res["ext"], res["label_png"], res["pixels"],
-                                   tuple(res["size"]), res["meta"], source=res["source"])
+                writer.add_encoded(
+                    res["key"],
+                    res["image"],
+                    res["ext"],
+                    res["label_png"],
+                    res["pixels"],
+                    tuple(res["size"]),
+                    res["meta"],
+                    source=res["source"],
+                )
             progress(n, f"shards {writer.next_index}")
         written = writer.close()
         all_shards = kept + written
@@ -310,18 +361,32 @@ def pack(opts: PackOptions) -> Manifest:
         raise
 
 
-def _write_set_manifest(out: Path, shards: list[ShardInfo], trailing: list[dict], opts: PackOptions,
-                        num_classes: int) -> Manifest:
+def _write_set_manifest(
+    out: Path, shards: list[ShardInfo], trailing: list[dict], opts: PackOptions, num_classes: int
+) -> Manifest:
     """The manifest is a function of the shards' records (+ the trailing skipped pairs): the same after any resume."""
     entries = [e for s in shards for e in s.provenance] + list(trailing)
-    skipped = sorted(({"path": e["path"], "reason": e["skipped"]} for e in entries if "skipped" in e),
-                     key=lambda s: s["path"])
-    unknown = [{"path": e["label_path"], "pixels": e["unknown_id_pixels"]} for e in entries
-               if e.get("unknown_id_pixels")]
+    skipped = sorted(
+        ({"path": e["path"], "reason": e["skipped"]} for e in entries if "skipped" in e), key=lambda s: s["path"]
+    )
+    unknown = [
+        {"path": e["label_path"], "pixels": e["unknown_id_pixels"]} for e in entries if e.get("unknown_id_pixels")
+    ]
     source = {"root": str(opts.root), "pairs": len(entries), "sha256": hashlib.sha256(json_bytes(entries)).hexdigest()}
-    return write_manifest(out, shards, num_classes, skipped=skipped,
-                          info={"layout": opts.layout, "split": opts.split, "root": str(opts.root),
-                                "options": opts.recorded(), "unknown_ids": unknown, "source": source})
+    return write_manifest(
+        out,
+        shards,
+        num_classes,
+        skipped=skipped,
+        info={
+            "layout": opts.layout,
+            "split": opts.split,
+            "root": str(opts.root),
+            "options": opts.recorded(),
+            "unknown_ids": unknown,
+            "source": source,
+        },
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,8 +413,11 @@ def damaged_shards(m: Manifest) -> dict[int, str]:
             bad[i] = f"{tar}: sha256 {sha[:16]}... != manifest {s['sha256'][:16]}..."
             continue
         idx = m.folder / s["index"]
-        members = [(r["key"], ext, *r[part]) for r in by_shard.get(i, [])
-                   for ext, part in ((r["image_ext"], "image"), ("png", "label"), ("json", "meta"))]
+        members = [
+            (r["key"], ext, *r[part])
+            for r in by_shard.get(i, [])
+            for ext, part in ((r["image_ext"], "image"), ("png", "label"), ("json", "meta"))
+        ]
         if not idx.is_file():
             bad[i] = f"{idx}: DALI index missing"
         elif idx.read_text(errors="replace") != dali_index_text(members):
@@ -381,10 +449,19 @@ def repair(out: Path, root: Path, workers: int = 1) -> list[str]:
     rec = dict(m.info.get("options") or {})
     if "image_format" not in rec or "source" not in m.info:
         raise DataError(m.path, f"has no build record (written by an older version); {_REBUILD_HINT}")
-    opts = PackOptions(layout=rec["layout"], root=Path(root), out=Path(out), split=rec["split"],
-                       shard_size=int(rec["shard_size"]), workers=workers, jpeg_quality=rec["jpeg_quality"] or 90,
-                       image_format=rec["image_format"], skip_mismatched=bool(rec["skip_mismatched"]),
-                       unknown_ids=rec["unknown_ids"], progress=False)
+    opts = PackOptions(
+        layout=rec["layout"],
+        root=Path(root),
+        out=Path(out),
+        split=rec["split"],
+        shard_size=int(rec["shard_size"]),
+        workers=workers,
+        jpeg_quality=rec["jpeg_quality"] or 90,
+        image_format=rec["image_format"],
+        skip_mismatched=bool(rec["skip_mismatched"]),
+        unknown_ids=rec["unknown_ids"],
+        progress=False,
+    )
     bad = damaged_shards(m)
     if not bad:
         return []
@@ -405,17 +482,28 @@ def repair(out: Path, root: Path, workers: int = 1) -> list[str]:
             if name != f"shard-{i:06d}.tar":
                 raise DataError(Path(out) / name, "only shards written by python -m sdca_dist.shard can be repaired")
             shutil.rmtree(tmp, ignore_errors=True)
-            writer = ShardWriter(tmp, prefix="shard", shard_size=opts.shard_size, num_classes=m.num_classes,
-                                 start_index=i, options=rec)
-            jobs = [(opts.layout, p, opts.root, opts.jpeg_quality, opts.format, opts.unknown_ids,
-                     opts.skip_mismatched) for p in pairs[lo: last[i] + 1]]
+            writer = ShardWriter(
+                tmp, prefix="shard", shard_size=opts.shard_size, num_classes=m.num_classes, start_index=i, options=rec
+            )
+            jobs = [
+                (opts.layout, p, opts.root, opts.jpeg_quality, opts.format, opts.unknown_ids, opts.skip_mismatched)
+                for p in pairs[lo : last[i] + 1]
+            ]
             try:
                 for res in _ordered(jobs, workers):
                     if "image" not in res:
                         writer.note_source({"key": res["key"], **res["source"]})
                     else:
-                        writer.add_encoded(res["key"], res["image"], res["ext"], res["label_png"], res["pixels"],
-                                           tuple(res["size"]), res["meta"], source=res["source"])
+                        writer.add_encoded(
+                            res["key"],
+                            res["image"],
+                            res["ext"],
+                            res["label_png"],
+                            res["pixels"],
+                            tuple(res["size"]),
+                            res["meta"],
+                            source=res["source"],
+                        )
                 infos = writer.close()
             except BaseException:
                 writer.abort()

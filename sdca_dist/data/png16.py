@@ -43,6 +43,10 @@ def write_png16_rgb(path: str | Path, array: np.ndarray, compress_level: int = 6
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    blob = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, compress_level)) + chunk(b"IEND", b""))
+    blob = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw, compress_level))
+        + chunk(b"IEND", b"")
+    )
     Path(path).write_bytes(blob)

@@ -158,7 +158,7 @@ class ClassBalancedSampler:
         while d < stop:
             b, off = divmod(d, self.block)
             take = min(stop - d, self.block - off)
-            out.append(self.block_draws(b)[off:off + take])
+            out.append(self.block_draws(b)[off : off + take])
             d += take
         return np.concatenate(out) if out else np.empty(0, np.int64)
 

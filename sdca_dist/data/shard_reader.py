@@ -37,7 +37,8 @@ def _identity(src, group=None):  # every shard to this process: splitting is don
 
 
 def iter_samples(manifest: str | Path | Manifest, rank: int = 0, world_size: int = 1) -> Iterator[Sample]:
-    """Samples of a shard set in manifest order; with ``world_size`` > 1 each rank gets indices ``i % world_size == rank``.
+    """Samples of a shard set in manifest order; with ``world_size`` > 1 each rank gets the
+    indices ``i % world_size == rank``.
 
     Raises ``DataError`` naming the shard (and key) when a tar is missing, unreadable, or holds
     other samples than its manifest says.
@@ -57,15 +58,19 @@ def iter_samples(manifest: str | Path | Manifest, rank: int = 0, world_size: int
             continue
         if not path.is_file():
             raise DataError(path, "shard is missing")
-        ds = wds.WebDataset(str(path), shardshuffle=False, nodesplitter=_identity, workersplitter=_identity,
-                            empty_check=False)
+        ds = wds.WebDataset(
+            str(path), shardshuffle=False, nodesplitter=_identity, workersplitter=_identity, empty_check=False
+        )
         pos, key = 0, None
         try:
             for s in ds:
                 key = s["__key__"]
                 if pos >= len(wanted) or m.samples[wanted[pos]]["key"] != key:
-                    raise DataError(path, f"sample {key!r} is not the manifest's sample #{pos} of this shard "
-                                          f"(a foreign or damaged tar; python -m sdca_dist.shard --verify)")
+                    raise DataError(
+                        path,
+                        f"sample {key!r} is not the manifest's sample #{pos} of this shard "
+                        f"(a foreign or damaged tar; python -m sdca_dist.shard --verify)",
+                    )
                 i = wanted[pos]
                 pos += 1
                 if i % world_size != rank:
@@ -86,4 +91,3 @@ def iter_samples(manifest: str | Path | Manifest, rank: int = 0, world_size: int
             raise DataError(path, f"unreadable shard{at} ({type(e).__name__}: {e})".replace("\n", " ")) from None
         if pos != len(wanted):
             raise DataError(path, f"shard holds {pos} samples, the manifest lists {len(wanted)}")
-

@@ -68,8 +68,16 @@ def parse_size(text: str | int, option: str = "--shard-size") -> int:
         value = text
     else:
         t = str(text).strip().upper().replace("IB", "B")
-        units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30,
-                 "B": 1}
+        units = {
+            "KB": 1 << 10,
+            "MB": 1 << 20,
+            "GB": 1 << 30,
+            "TB": 1 << 40,
+            "K": 1 << 10,
+            "M": 1 << 20,
+            "G": 1 << 30,
+            "B": 1,
+        }
         mult = 1
         for u, m in sorted(units.items(), key=lambda kv: -len(kv[0])):
             if t.endswith(u):
@@ -96,23 +104,40 @@ class ShardInfo:
     count: int
     bytes: int
     class_pixels: list[int]
-    samples: list[dict]  # {"key","image":[off,size],"image_ext","label":[off,size],"meta":[off,size],"size":[W,H],"classes":[...]}
+    samples: list[
+        dict
+    ]  # {"key","image":[off,size],"image_ext","label":[off,size],"meta":[off,size],"size":[W,H],"classes":[...]}
     options: dict = field(default_factory=dict)
     # source identity, in input order: one record per input pair consumed since the previous shard
     # (packed ones and skipped ones), e.g. {"key","path","label_path","image": sha256,"label": sha256}
     provenance: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        d = {"name": self.name, "sha256": self.sha256, "count": self.count, "bytes": self.bytes,
-             "class_pixels": self.class_pixels, "samples": self.samples, "options": self.options}
+        d = {
+            "name": self.name,
+            "sha256": self.sha256,
+            "count": self.count,
+            "bytes": self.bytes,
+            "class_pixels": self.class_pixels,
+            "samples": self.samples,
+            "options": self.options,
+        }
         if self.provenance:
             d["provenance"] = self.provenance
         return d
 
     @staticmethod
     def from_json(d: dict) -> "ShardInfo":
-        return ShardInfo(d["name"], d["sha256"], int(d["count"]), int(d["bytes"]), list(d["class_pixels"]),
-                         list(d["samples"]), dict(d.get("options", {})), list(d.get("provenance", [])))
+        return ShardInfo(
+            d["name"],
+            d["sha256"],
+            int(d["count"]),
+            int(d["bytes"]),
+            list(d["class_pixels"]),
+            list(d["samples"]),
+            dict(d.get("options", {})),
+            list(d.get("provenance", [])),
+        )
 
     def source_sha256(self) -> str | None:
         """Digest of this shard's source records (None for shards written without them, e.g. pseudo labels)."""
@@ -152,8 +177,15 @@ class ShardWriter:
     removing the incomplete shard's temp file: nothing half-written stays behind.
     """
 
-    def __init__(self, out_dir: str | Path, prefix: str = "shard", shard_size: int | str = DEFAULT_SHARD_SIZE,
-                 num_classes: int = 19, start_index: int = 0, options: dict | None = None):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        prefix: str = "shard",
+        shard_size: int | str = DEFAULT_SHARD_SIZE,
+        num_classes: int = 19,
+        start_index: int = 0,
+        options: dict | None = None,
+    ):
         self.out_dir = Path(out_dir)
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -207,8 +239,17 @@ class ShardWriter:
         """Record an input consumed without a sample (e.g. a skipped pair); it goes with the next shard."""
         self.pending.append(dict(record))
 
-    def add_encoded(self, key: str, image_bytes: bytes, image_ext: str, label_png: bytes, pixels: list[int],
-                    size_wh: tuple[int, int], meta: dict, source: dict | None = None) -> None:
+    def add_encoded(
+        self,
+        key: str,
+        image_bytes: bytes,
+        image_ext: str,
+        label_png: bytes,
+        pixels: list[int],
+        size_wh: tuple[int, int],
+        meta: dict,
+        source: dict | None = None,
+    ) -> None:
         """Append one encoded sample; ``source`` (its input identity) goes into the shard's provenance."""
         if "." in key or "/" in key or len(key) > 80:
             raise DataError(key, "sample key must have no '.' or '/' and at most 80 characters")
@@ -258,8 +299,16 @@ class ShardWriter:
         size = self._file.tell()
         self._file.close()
         self._file = None
-        info = ShardInfo(final.name, self._hash.hexdigest(), len(self._samples), size,
-                         [int(x) for x in self._pixels], self._samples, self.options, list(self.pending))
+        info = ShardInfo(
+            final.name,
+            self._hash.hexdigest(),
+            len(self._samples),
+            size,
+            [int(x) for x in self._pixels],
+            self._samples,
+            self.options,
+            list(self.pending),
+        )
         atomic_write_bytes(index_path(final), dali_index_text(self._members).encode())
         atomic_write_bytes(sidecar_path(final), json_bytes(info.to_json()))
         os.replace(self._tmp, final)  # last: the shard "appears" only now, complete
@@ -346,8 +395,16 @@ def load_manifest(path: str | Path) -> Manifest:
         d = json.loads(p.read_text())
         if d.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"format {d.get('format')!r} is not {MANIFEST_FORMAT!r}")
-        m = Manifest(p, int(d["num_samples"]), int(d["num_classes"]), list(d["shards"]), list(d["class_pixels"]),
-                     list(d["samples"]), list(d.get("skipped", [])), dict(d.get("info", {})))
+        m = Manifest(
+            p,
+            int(d["num_samples"]),
+            int(d["num_classes"]),
+            list(d["shards"]),
+            list(d["class_pixels"]),
+            list(d["samples"]),
+            list(d.get("skipped", [])),
+            dict(d.get("info", {})),
+        )
         if len(m.samples) != m.num_samples or sum(s["count"] for s in m.shards) != m.num_samples:
             raise ValueError("sample counts disagree")
         for s in m.shards:  # names are plain file names: a manifest never reaches outside its folder
@@ -365,8 +422,14 @@ def load_manifest(path: str | Path) -> Manifest:
 
 
 def _plain_name(name: object) -> bool:
-    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
-            and "\0" not in name and Path(name).name == name)
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+        and Path(name).name == name
+    )
 
 
 def read_sidecars(out_dir: str | Path) -> list[ShardInfo]:
@@ -386,8 +449,13 @@ def read_sidecars(out_dir: str | Path) -> list[ShardInfo]:
     return infos
 
 
-def write_manifest(out_dir: str | Path, shard_infos: Iterable[ShardInfo] | None, num_classes: int,
-                   skipped: list[dict] | None = None, info: dict | None = None) -> Manifest:
+def write_manifest(
+    out_dir: str | Path,
+    shard_infos: Iterable[ShardInfo] | None,
+    num_classes: int,
+    skipped: list[dict] | None = None,
+    info: dict | None = None,
+) -> Manifest:
     """Combine shards (e.g. parts written by several ranks) into ``out_dir/manifest.json``.
 
     ``shard_infos=None`` reads every complete shard's sidecar in the folder. Shards are ordered
@@ -399,8 +467,13 @@ def write_manifest(out_dir: str | Path, shard_infos: Iterable[ShardInfo] | None,
     pixels = np.zeros(num_classes, dtype=np.int64)
     seen: set[str] = set()
     for si, s in enumerate(infos):
-        entry = {"name": s.name, "index": index_path(Path(s.name)).name, "sha256": s.sha256,
-                 "count": s.count, "bytes": s.bytes}
+        entry = {
+            "name": s.name,
+            "index": index_path(Path(s.name)).name,
+            "sha256": s.sha256,
+            "count": s.count,
+            "bytes": s.bytes,
+        }
         if s.provenance:
             entry["source_sha256"] = s.source_sha256()
         shards.append(entry)
@@ -410,9 +483,16 @@ def write_manifest(out_dir: str | Path, shard_infos: Iterable[ShardInfo] | None,
                 raise DataError(out / s.name, f"duplicate sample key {rec['key']!r} in the shard set")
             seen.add(rec["key"])
             samples.append({**rec, "shard": si})
-    doc = {"format": MANIFEST_FORMAT, "num_samples": len(samples), "num_classes": num_classes,
-           "class_pixels": [int(x) for x in pixels], "shards": shards, "samples": samples,
-           "skipped": list(skipped or []), "info": dict(info or {})}
+    doc = {
+        "format": MANIFEST_FORMAT,
+        "num_samples": len(samples),
+        "num_classes": num_classes,
+        "class_pixels": [int(x) for x in pixels],
+        "shards": shards,
+        "samples": samples,
+        "skipped": list(skipped or []),
+        "info": dict(info or {}),
+    }
     path = out / "manifest.json"
     atomic_write_bytes(path, json.dumps(doc, sort_keys=True, indent=None, separators=(",", ":")).encode())
     return load_manifest(path)
@@ -452,10 +532,18 @@ class ShardReader:
         except DataError:
             raise
         except ValueError as e:  # damaged bytes: name the shard and the sample, not a JSON traceback
-            raise DataError(self.manifest.folder / self.manifest.shards[sh]["name"],
-                            f"sample {rec['key']!r}: corrupt meta json ({type(e).__name__})") from None
-        return {"index": index, "key": rec["key"], "image": self._pread(sh, rec["image"]), "image_ext": rec["image_ext"],
-                "label": self._pread(sh, rec["label"]), "meta": meta}
+            raise DataError(
+                self.manifest.folder / self.manifest.shards[sh]["name"],
+                f"sample {rec['key']!r}: corrupt meta json ({type(e).__name__})",
+            ) from None
+        return {
+            "index": index,
+            "key": rec["key"],
+            "image": self._pread(sh, rec["image"]),
+            "image_ext": rec["image_ext"],
+            "label": self._pread(sh, rec["label"]),
+            "meta": meta,
+        }
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -42,8 +42,12 @@ def rng_state() -> dict[str, Any]:
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state: dict[str, Any] = {
         "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
-        "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "numpy": {
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -55,7 +59,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(int(x) for x in py["internal"].tolist()), py["gauss"]))
     npst = state["numpy"]
-    np.random.set_state(("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["gauss"]))
+    np.random.set_state(
+        ("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["gauss"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -76,8 +82,11 @@ class Checkpointer:
     def complete_checkpoints(self) -> list[Path]:
         if not self.folder.is_dir():
             return []
-        found = [p for p in self.folder.iterdir() if p.is_dir() and p.name.startswith("iter_")
-                 and not p.name.endswith(".tmp") and (p / COMPLETE).is_file()]
+        found = [
+            p
+            for p in self.folder.iterdir()
+            if p.is_dir() and p.name.startswith("iter_") and not p.name.endswith(".tmp") and (p / COMPLETE).is_file()
+        ]
         return sorted(found, key=lambda p: p.name)
 
     def save(self, iteration: int, common: dict[str, Any], per_rank: dict[str, Any]) -> Path:
@@ -95,14 +104,17 @@ class Checkpointer:
             atomic_torch_save(common, tmp / "common.pt")
         self.ctx.barrier()
         if self.ctx.is_main:
-            files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                     for p in sorted(tmp.iterdir()) if p.suffix == ".pt"}
+            files = {
+                p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                for p in sorted(tmp.iterdir())
+                if p.suffix == ".pt"
+            }
             meta = {"iteration": iteration, "world_size": self.ctx.world_size, "files": files}
             atomic_write_text(tmp / COMPLETE, json.dumps(meta, indent=1))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            for old in self.complete_checkpoints()[:-self.keep]:
+            for old in self.complete_checkpoints()[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         self.ctx.barrier()
         return final
@@ -114,8 +126,10 @@ class Checkpointer:
         except (OSError, ValueError) as exc:
             return f"{path / COMPLETE}: unreadable ({exc})"
         if meta.get("world_size") != self.ctx.world_size:
-            return (f"{path}: written by {meta.get('world_size')} ranks, this run has {self.ctx.world_size}; "
-                    "per-rank loader/RNG state cannot be mapped")
+            return (
+                f"{path}: written by {meta.get('world_size')} ranks, this run has {self.ctx.world_size}; "
+                "per-rank loader/RNG state cannot be mapped"
+            )
         for name, info in meta["files"].items():
             f = path / name
             if not f.is_file():

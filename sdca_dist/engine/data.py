@@ -63,22 +63,60 @@ def ensure_synthetic_shards(cfg: DictConfig, log=print) -> None:
             log(f"generating the synthetic benchmark under {raw} (seed {cfg.data.synthetic_seed})")
             n_src, n_tr, n_val = (int(x) for x in cfg.data.synthetic_counts)
             (sh, sw), (th, tw) = cfg.data.synthetic_source_size, cfg.data.synthetic_target_size
-            _run([sys.executable, "-m", "sdca_dist.synth", "--out", str(raw), "--seed", str(cfg.data.synthetic_seed),
-                  "--num-source", str(n_src), "--num-target-train", str(n_tr), "--num-target-val", str(n_val),
-                  "--source-size", f"{sw}x{sh}", "--target-size", f"{tw}x{th}",
-                  *(a for k, v in dict(cfg.data.get("synthetic_gap") or {}).items()
-                    for a in ("--" + str(k).replace("_", "-"), str(float(v))))])
+            _run(
+                [
+                    sys.executable,
+                    "-m",
+                    "sdca_dist.synth",
+                    "--out",
+                    str(raw),
+                    "--seed",
+                    str(cfg.data.synthetic_seed),
+                    "--num-source",
+                    str(n_src),
+                    "--num-target-train",
+                    str(n_tr),
+                    "--num-target-val",
+                    str(n_val),
+                    "--source-size",
+                    f"{sw}x{sh}",
+                    "--target-size",
+                    f"{tw}x{th}",
+                    *(
+                        a
+                        for k, v in dict(cfg.data.get("synthetic_gap") or {}).items()
+                        for a in ("--" + str(k).replace("_", "-"), str(float(v)))
+                    ),
+                ]
+            )
             (raw / ".complete").write_text("ok\n")
         for name in wanted:
             if name not in SYNTHETIC_SETS:
-                raise DataConfigError(f"data.source/target name {name!r} is not a synthetic set ({', '.join(SYNTHETIC_SETS)})")
+                raise DataConfigError(
+                    f"data.source/target name {name!r} is not a synthetic set ({', '.join(SYNTHETIC_SETS)})"
+                )
             out = shard_set(cfg, name)
             if manifest_path(out).is_file():
                 continue
             layout, split = SYNTHETIC_SETS[name]
             log(f"sharding synthetic {layout}/{split} -> {out}")
-            _run([sys.executable, "-m", "sdca_dist.shard", "--layout", layout, "--root", str(raw / layout),
-                  "--split", split, "--out", str(out), "--workers", "1"])
+            _run(
+                [
+                    sys.executable,
+                    "-m",
+                    "sdca_dist.shard",
+                    "--layout",
+                    layout,
+                    "--root",
+                    str(raw / layout),
+                    "--split",
+                    split,
+                    "--out",
+                    str(out),
+                    "--workers",
+                    "1",
+                ]
+            )
 
 
 def _run(cmd: list[str]) -> None:
@@ -99,11 +137,23 @@ def check_manifests(cfg: DictConfig, names: list[str]) -> None:
             raise FileNotFoundError(f"shard manifest {path} does not exist (pack it with python -m sdca_dist.shard)")
 
 
-def make_loader(cfg: DictConfig, ctx: DistContext, manifest: Path, batch_size: int, *, train: bool,
-                resize: Optional[list[int]] = None, crop: Optional[list[int]] = None,
-                scale: Optional[list[float]] = None, flip: bool = False, photometric: bool = False,
-                class_balanced: bool = False, target_labels: bool = False, seed_offset: int = 0,
-                crop_policy: str = "pad"):
+def make_loader(
+    cfg: DictConfig,
+    ctx: DistContext,
+    manifest: Path,
+    batch_size: int,
+    *,
+    train: bool,
+    resize: Optional[list[int]] = None,
+    crop: Optional[list[int]] = None,
+    scale: Optional[list[float]] = None,
+    flip: bool = False,
+    photometric: bool = False,
+    class_balanced: bool = False,
+    target_labels: bool = False,
+    seed_offset: int = 0,
+    crop_policy: str = "pad",
+):
     """A ``ShardLoader`` for this rank. ``target_labels``: map Cityscapes 19 -> setting's classes.
 
     ``resize=None`` scales relative to each image's own (original) size; ``crop_policy="fit"``
@@ -115,9 +165,20 @@ def make_loader(cfg: DictConfig, ctx: DistContext, manifest: Path, batch_size: i
 
     label_map = target_label_map(cfg.data.num_classes) if target_labels else None
     return ShardLoader(
-        manifest, batch_size, rank=ctx.rank, world_size=ctx.world_size, train=train,
-        resize=tuple(resize) if resize else None, crop_size=tuple(crop) if crop else None,
-        scale_range=tuple(scale) if scale else None, flip=flip, photometric=photometric,
-        class_balanced=class_balanced, label_map=label_map, seed=int(cfg.seed) * 1000 + seed_offset,
-        num_threads=int(cfg.data.num_threads), device="auto", crop_policy=crop_policy,
+        manifest,
+        batch_size,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        train=train,
+        resize=tuple(resize) if resize else None,
+        crop_size=tuple(crop) if crop else None,
+        scale_range=tuple(scale) if scale else None,
+        flip=flip,
+        photometric=photometric,
+        class_balanced=class_balanced,
+        label_map=label_map,
+        seed=int(cfg.seed) * 1000 + seed_offset,
+        num_threads=int(cfg.data.num_threads),
+        device="auto",
+        crop_policy=crop_policy,
     )

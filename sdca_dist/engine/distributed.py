@@ -42,8 +42,9 @@ class DistContext:
 def _first_slurm_host(nodelist: str) -> str:
     """First host of a SLURM nodelist such as ``n[1-2],m3`` (scontrol when available)."""
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=20, check=True).stdout.split()
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=20, check=True
+        ).stdout.split()
         if out:
             return out[0]
     except (OSError, subprocess.SubprocessError):
@@ -62,7 +63,7 @@ def rank_environment() -> dict[str, str]:
     """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from torchrun's or SLURM's variables."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        out = {k: env[k] for k in ("RANK", "WORLD_SIZE") }
+        out = {k: env[k] for k in ("RANK", "WORLD_SIZE")}
         out["LOCAL_RANK"] = env.get("LOCAL_RANK", "0")
         out["MASTER_ADDR"] = env.get("MASTER_ADDR", "127.0.0.1")
         out["MASTER_PORT"] = env.get("MASTER_PORT", "29500")
@@ -110,8 +111,9 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistContex
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend=backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s)
+        )
     return DistContext(rank=rank, world_size=world, local_rank=local, device=device, backend=backend)
 
 

@@ -18,8 +18,15 @@ def evaluate(sc: StageContext, module: torch.nn.Module, tag: str = "eval", itera
 
     cfg, ctx = sc.cfg, sc.ctx
     num_classes = int(cfg.data.num_classes)
-    loader = make_loader(cfg, ctx, manifest_path(shard_set(cfg, cfg.data.target_val)), int(cfg.train.eval_batch_size),
-                         train=False, resize=list(cfg.data.eval_resize), target_labels=True)
+    loader = make_loader(
+        cfg,
+        ctx,
+        manifest_path(shard_set(cfg, cfg.data.target_val)),
+        int(cfg.train.eval_batch_size),
+        train=False,
+        resize=list(cfg.data.eval_resize),
+        target_labels=True,
+    )
     was_training = module.training
     module.eval()
     cm = ConfusionMatrix(num_classes, device=ctx.device)
@@ -49,9 +56,13 @@ def evaluate(sc: StageContext, module: torch.nn.Module, tag: str = "eval", itera
     report["table"] = cm.table(class_names(num_classes))
     report["images_rank0"] = int(images)
     report["eval_seconds"] = round(time.time() - t0, 2)
-    sc.observer.log(f"{tag}: mIoU {report['mIoU']:.2f}" + (f" (13-class {report['mIoU13']:.2f})" if "mIoU13" in report else ""))
-    sc.observer.scalars(iteration, {"mIoU": report["mIoU"],
-                                    **{f"IoU/{k}": v for k, v in report["per_class"].items() if v is not None}},
-                        prefix=f"{tag}/")
+    sc.observer.log(
+        f"{tag}: mIoU {report['mIoU']:.2f}" + (f" (13-class {report['mIoU13']:.2f})" if "mIoU13" in report else "")
+    )
+    sc.observer.scalars(
+        iteration,
+        {"mIoU": report["mIoU"], **{f"IoU/{k}": v for k, v in report["per_class"].items() if v is not None}},
+        prefix=f"{tag}/",
+    )
     module.train(was_training)
     return report

@@ -20,7 +20,9 @@ from sdca_dist.engine.distributed import DistContext, broadcast_tensors
 from sdca_dist.engine.schedule import apply_lr
 
 
-def build_optimizer(model: nn.Module, momentum: float, weight_decay: float, classifier_lr_mult: float) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, momentum: float, weight_decay: float, classifier_lr_mult: float
+) -> torch.optim.Optimizer:
     """SGD over the model's groups; each group remembers its LR multiplier (classifier 10x)."""
     groups = [g for g in model.param_groups(1.0) if g["params"]]
     for g in groups:
@@ -74,8 +76,9 @@ class ModelEngine:
 
 
 class DDPEngine(ModelEngine):
-    def __init__(self, model: nn.Module, ctx: DistContext, optimizer: torch.optim.Optimizer, micro_steps: int,
-                 freeze_bn: bool) -> None:
+    def __init__(
+        self, model: nn.Module, ctx: DistContext, optimizer: torch.optim.Optimizer, micro_steps: int, freeze_bn: bool
+    ) -> None:
         self.module = model.to(ctx.device)
         self.ctx = ctx
         self.optimizer = optimizer
@@ -85,7 +88,9 @@ class DDPEngine(ModelEngine):
         # Frozen BN (src/sdca) has nothing to sync; trainable BN is SyncBN on GPUs. On CPU (no
         # SyncBN there) rank 0's running statistics are broadcast so every rank holds the same model.
         sync_buffers = (not freeze_bn) and ctx.device.type != "cuda"
-        self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=sync_buffers)
+        self.wrapped = nn.parallel.DistributedDataParallel(
+            model, device_ids=device_ids, forward_sync_buffers=sync_buffers
+        )
         self._last = True
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +99,7 @@ class DDPEngine(ModelEngine):
     @contextlib.contextmanager
     def micro_step(self, index: int) -> Iterator[None]:
         last = index == self.micro_steps - 1
-        with (contextlib.nullcontext() if last else self.wrapped.no_sync()):
+        with contextlib.nullcontext() if last else self.wrapped.no_sync():
             yield
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -117,8 +122,17 @@ class DDPEngine(ModelEngine):
 class DeepSpeedEngine(ModelEngine):
     """DeepSpeed (ZeRO 0-3, optional bf16) with our SGD and poly schedule."""
 
-    def __init__(self, model: nn.Module, ctx: DistContext, optimizer: torch.optim.Optimizer, micro_steps: int,
-                 micro_batch: int, zero_stage: int, bf16: bool, freeze_bn: bool) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        ctx: DistContext,
+        optimizer: torch.optim.Optimizer,
+        micro_steps: int,
+        micro_batch: int,
+        zero_stage: int,
+        bf16: bool,
+        freeze_bn: bool,
+    ) -> None:
         import deepspeed  # imported here: DDP runs must not pay DeepSpeed's start-up
 
         config: dict[str, Any] = {
@@ -203,12 +217,22 @@ def _plain_entries(state: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in state.items() if _is_plain(v)}
 
 
-def build_engine(model: nn.Module, ctx: DistContext, engine: EngineConfig, train: TrainConfig, *,
-                 micro_steps: int, micro_batch: int, freeze_bn: bool = True) -> ModelEngine:
+def build_engine(
+    model: nn.Module,
+    ctx: DistContext,
+    engine: EngineConfig,
+    train: TrainConfig,
+    *,
+    micro_steps: int,
+    micro_batch: int,
+    freeze_bn: bool = True,
+) -> ModelEngine:
     """The model wrapped for this rank group as ``engine`` says, with the SGD settings of ``train``."""
     optimizer = build_optimizer(model, train.momentum, train.weight_decay, train.classifier_lr_mult)
     if engine.name == "ddp":
         return DDPEngine(model, ctx, optimizer, micro_steps, freeze_bn)
     if engine.name == "deepspeed":
-        return DeepSpeedEngine(model, ctx, optimizer, micro_steps, micro_batch, engine.zero_stage, engine.bf16, freeze_bn)
+        return DeepSpeedEngine(
+            model, ctx, optimizer, micro_steps, micro_batch, engine.zero_stage, engine.bf16, freeze_bn
+        )
     raise ValueError(f"engine.name={engine.name!r}; valid: ddp, deepspeed")

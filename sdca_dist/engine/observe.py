@@ -47,8 +47,16 @@ def denormalize(image: torch.Tensor) -> np.ndarray:
 class StageObserver:
     """Progress, TensorBoard and memory reporting of one stage on one rank."""
 
-    def __init__(self, stage: str, folder: Path, is_main: bool, total_iters: int = 0, start_iter: int = 0,
-                 num_classes: int = 19, stream=None) -> None:
+    def __init__(
+        self,
+        stage: str,
+        folder: Path,
+        is_main: bool,
+        total_iters: int = 0,
+        start_iter: int = 0,
+        num_classes: int = 19,
+        stream=None,
+    ) -> None:
         self.stage = stage
         self.is_main = is_main
         self.total = total_iters
@@ -80,8 +88,10 @@ class StageObserver:
         eta = (self.total - iteration) / rate if rate > 0 else float("nan")
         parts = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
         eta_s = format_duration(eta) if eta == eta else "?"
-        self.log(f"it {iteration}/{self.total} ({100.0 * iteration / max(self.total, 1):.0f}%) "
-                 f"{rate:.2f} it/s eta {eta_s} mem {memory_high_water_mb():.0f}MiB {parts}")
+        self.log(
+            f"it {iteration}/{self.total} ({100.0 * iteration / max(self.total, 1):.0f}%) "
+            f"{rate:.2f} it/s eta {eta_s} mem {memory_high_water_mb():.0f}MiB {parts}"
+        )
 
     def scalars(self, iteration: int, values: Mapping[str, float], prefix: str = "") -> None:
         if self._tb is None:
@@ -89,9 +99,15 @@ class StageObserver:
         for k, v in values.items():
             self._tb.add_scalar(f"{prefix}{k}", float(v), iteration)
 
-    def images(self, iteration: int, tag: str, image: Optional[torch.Tensor] = None,
-               label: Optional[torch.Tensor] = None, pred: Optional[torch.Tensor] = None,
-               pseudo: Optional[torch.Tensor] = None) -> None:
+    def images(
+        self,
+        iteration: int,
+        tag: str,
+        image: Optional[torch.Tensor] = None,
+        label: Optional[torch.Tensor] = None,
+        pred: Optional[torch.Tensor] = None,
+        pseudo: Optional[torch.Tensor] = None,
+    ) -> None:
         """Input, ground truth, prediction and pseudo-label mask in the Cityscapes palette."""
         if self._tb is None:
             return

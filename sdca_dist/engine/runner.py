@@ -26,8 +26,10 @@ from sdca_dist.scaling import ScaleError, check_world, scaled_schedule
 from sdca_dist.stage_table import spec
 
 #: errors a rank-0-only step may raise that every rank must raise too (the CLI maps them to exit 2)
-_AGREED = {c.__name__: c for c in (MissingInputError, StageInputError, RunFolderBusy, DataConfigError, ScaleError,
-                                   FileNotFoundError)}
+_AGREED = {
+    c.__name__: c
+    for c in (MissingInputError, StageInputError, RunFolderBusy, DataConfigError, ScaleError, FileNotFoundError)
+}
 
 
 def _on_rank0(ctx: DistContext, work: Callable[[], object]):
@@ -75,9 +77,11 @@ def run_stage(cfg: DictConfig) -> dict:
             from sdca_dist.config.run_config import config_path, differing_from_preset
 
             changed = differing_from_preset(cfg)
-            observer.log(f"rank 0 of {ctx.world_size} ({ctx.backend}, {ctx.device}); conf={cfg.conf}"
-                         + (f" with {' '.join(changed)}" if changed else " as published")
-                         + f" (all settings: {config_path(run.root)})")
+            observer.log(
+                f"rank 0 of {ctx.world_size} ({ctx.backend}, {ctx.device}); conf={cfg.conf}"
+                + (f" with {' '.join(changed)}" if changed else " as published")
+                + f" (all settings: {config_path(run.root)})"
+            )
             if stage_spec.training:
                 observer.log(f"schedule: {json.dumps(scaled_schedule(cfg, stage).as_dict())}")
             observer.text("config", config_path(run.root).read_text() if config_path(run.root).is_file() else "")

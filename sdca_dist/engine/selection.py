@@ -77,8 +77,10 @@ class BestValSelection:
                     buf.copy_(saved)
             set_rng_state(rng)
         sc.observer.scalars(iteration, {"best_mIoU": float(self.best_miou)}, prefix=f"{sc.name}/selection/")
-        sc.observer.log(f"selection (best_val): iteration {iteration} mIoU {miou:.2f}; "
-                        f"best so far iteration {self.best_iteration} mIoU {self.best_miou:.2f}")
+        sc.observer.log(
+            f"selection (best_val): iteration {iteration} mIoU {miou:.2f}; "
+            f"best so far iteration {self.best_iteration} mIoU {self.best_miou:.2f}"
+        )
         self.write()
         return report
 
@@ -90,15 +92,26 @@ class BestValSelection:
     def write(self) -> None:
         if not self.sc.ctx.is_main:
             return
-        payload = {"rule": "best_val", "on": SELECTED_ON, "every": self.every, "iters": self.iters,
-                   "evaluations": self.history, "selected": self.label() if self.history else None}
+        payload = {
+            "rule": "best_val",
+            "on": SELECTED_ON,
+            "every": self.every,
+            "iters": self.iters,
+            "evaluations": self.history,
+            "selected": self.label() if self.history else None,
+        }
         atomic_write_text(self.sc.folder / SELECTION_FILE, json.dumps(payload, indent=1) + "\n")
 
     # --- checkpoint state -----------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Plain types and tensors only (checkpoints are loaded with ``weights_only=True``)."""
-        return {"history": [dict(h) for h in self.history], "best_iteration": self.best_iteration,
-                "best_miou": self.best_miou, "best_report": self.best_report, "best_weights": self.best_weights}
+        return {
+            "history": [dict(h) for h in self.history],
+            "best_iteration": self.best_iteration,
+            "best_miou": self.best_miou,
+            "best_report": self.best_report,
+            "best_weights": self.best_weights,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.history = [dict(h) for h in state["history"]]

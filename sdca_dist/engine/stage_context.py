@@ -12,12 +12,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sdca_dist.config.schema import Config
-
 from sdca_dist.engine.checkpoint import atomic_torch_save, atomic_write_text
 from sdca_dist.engine.distributed import DistContext
 from sdca_dist.engine.observe import StageObserver
 from sdca_dist.engine.run_dir import METRICS, MODEL_FINAL, RunDir, StageInputError
-from sdca_dist.scaling import StageSchedule as Schedule, scaled_schedule
+from sdca_dist.scaling import StageSchedule as Schedule
+from sdca_dist.scaling import scaled_schedule
 
 
 @dataclass
@@ -51,16 +51,22 @@ class StageContext:
 
         torch.manual_seed(int(self.cfg.seed))  # identical init on every rank
         pretrained = self.cfg.model.pretrained if init_from is None else None
-        model = build_model(self.cfg.model.name, int(self.cfg.data.num_classes), pretrained=pretrained,
-                            freeze_bn=freeze_bn)
+        model = build_model(
+            self.cfg.model.name, int(self.cfg.data.num_classes), pretrained=pretrained, freeze_bn=freeze_bn
+        )
         if init_from is not None:
             try:
                 state = torch.load(init_from, map_location="cpu", weights_only=True)
                 model.load_state_dict(state)
             except Exception as exc:  # corrupt file, or weights of another model/class count
-                detail = ("not a weights-only torch state_dict (truncated, corrupt or foreign file)"
-                          if isinstance(exc, pickle.UnpicklingError) else " ".join(str(exc).split())[:300])
-                raise StageInputError(f"cannot load model weights {init_from}: {type(exc).__name__}: {detail}") from None
+                detail = (
+                    "not a weights-only torch state_dict (truncated, corrupt or foreign file)"
+                    if isinstance(exc, pickle.UnpicklingError)
+                    else " ".join(str(exc).split())[:300]
+                )
+                raise StageInputError(
+                    f"cannot load model weights {init_from}: {type(exc).__name__}: {detail}"
+                ) from None
             self.observer.log(f"initialised from {init_from}")
         return model.to(self.ctx.device)
 

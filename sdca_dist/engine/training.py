@@ -20,8 +20,8 @@ from sdca_dist.engine.distributed import all_reduce_flag
 from sdca_dist.engine.model_engine import ModelEngine
 from sdca_dist.engine.observe import memory_high_water_mb
 from sdca_dist.engine.preemption import StopSignal
-from sdca_dist.engine.selection import BestValSelection, selection_for
 from sdca_dist.engine.schedule import poly_lr
+from sdca_dist.engine.selection import BestValSelection, selection_for
 from sdca_dist.engine.stage_context import Schedule, StageContext
 
 
@@ -56,8 +56,7 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 SELECTION_KEY = "_selection"
 
 
-def resume(sc: StageContext, plan: TrainingPlan, ckpt: Checkpointer,
-           selection: BestValSelection | None = None) -> int:
+def resume(sc: StageContext, plan: TrainingPlan, ckpt: Checkpointer, selection: BestValSelection | None = None) -> int:
     """Restore the newest whole checkpoint (if any); returns the iteration to start from."""
     path = ckpt.latest_valid()
     if path is None:
@@ -75,8 +74,9 @@ def resume(sc: StageContext, plan: TrainingPlan, ckpt: Checkpointer,
     return int(common["iteration"])
 
 
-def save_checkpoint(sc: StageContext, plan: TrainingPlan, ckpt: Checkpointer, iteration: int,
-                    selection: BestValSelection | None = None) -> None:
+def save_checkpoint(
+    sc: StageContext, plan: TrainingPlan, ckpt: Checkpointer, iteration: int, selection: BestValSelection | None = None
+) -> None:
     common_opt, rank_opt = plan.engine.optimizer_state()
     common = {
         "iteration": iteration,
@@ -128,9 +128,12 @@ def run_training(sc: StageContext, plan: TrainingPlan) -> dict:
             stop_now = all_reduce_flag(stop.requested, ctx)
             if done % log_every == 0 or done == sched.iters or stop_now:
                 wall = time.time() - window_start
-                scalars = {**scalars, "lr": lr,
-                           "images_per_s": plan.images_per_step * ctx.world_size * window_steps / max(wall, 1e-9),
-                           "data_wait_share": data_time / max(step_time, 1e-9)}
+                scalars = {
+                    **scalars,
+                    "lr": lr,
+                    "images_per_s": plan.images_per_step * ctx.world_size * window_steps / max(wall, 1e-9),
+                    "data_wait_share": data_time / max(step_time, 1e-9),
+                }
                 if plan.extra_scalars is not None:
                     scalars.update(plan.extra_scalars())
                 obs.scalars(done, scalars, prefix="train/")
@@ -146,8 +149,10 @@ def run_training(sc: StageContext, plan: TrainingPlan) -> dict:
                 obs.log("stop signal: checkpoint written, exiting for requeue")
                 stop.raise_preempted(done)
     obs.log(f"training done; memory high-water {memory_high_water_mb():.0f} MiB")
-    stats = {"final_scalars": {k: float(v) for k, v in last_scalars.items()},
-             "memory_high_water_mb": round(memory_high_water_mb(), 1)}
+    stats = {
+        "final_scalars": {k: float(v) for k, v in last_scalars.items()},
+        "memory_high_water_mb": round(memory_high_water_mb(), 1),
+    }
     if selection is not None:
         stats[SELECTION_KEY] = selection
     return stats

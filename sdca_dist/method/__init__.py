@@ -8,17 +8,24 @@ from sdca_dist.method.contrastive import pixel_contrastive_loss
 from sdca_dist.method.distribution import SemanticDistribution, update_distributions
 from sdca_dist.method.metrics import ConfusionMatrix, miou_report
 from sdca_dist.method.pixels import downsample_labels, flatten_pixels
-from sdca_dist.method.pseudo_labels import (ClassThresholds, apply_thresholds,
-                                            confidence_pseudo_labels)
-from sdca_dist.method.segmentation_loss import (lovasz_softmax, segmentation_ce, segmentation_loss,
-                                                upsample_logits)
+from sdca_dist.method.pseudo_labels import ClassThresholds, apply_thresholds, confidence_pseudo_labels
+from sdca_dist.method.segmentation_loss import lovasz_softmax, segmentation_ce, segmentation_loss, upsample_logits
 
 __all__ = [
-    "AllReduce", "default_all_reduce",
-    "SemanticDistribution", "update_distributions",
+    "AllReduce",
+    "default_all_reduce",
+    "SemanticDistribution",
+    "update_distributions",
     "pixel_contrastive_loss",
-    "flatten_pixels", "downsample_labels",
-    "confidence_pseudo_labels", "ClassThresholds", "apply_thresholds",
-    "lovasz_softmax", "segmentation_ce", "segmentation_loss", "upsample_logits",
-    "ConfusionMatrix", "miou_report",
+    "flatten_pixels",
+    "downsample_labels",
+    "confidence_pseudo_labels",
+    "ClassThresholds",
+    "apply_thresholds",
+    "lovasz_softmax",
+    "segmentation_ce",
+    "segmentation_loss",
+    "upsample_logits",
+    "ConfusionMatrix",
+    "miou_report",
 ]

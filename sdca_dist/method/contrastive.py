@@ -9,8 +9,9 @@ from torch import Tensor
 from sdca_dist.classes import IGNORE_INDEX
 
 
-def pixel_contrastive_loss(feat: Tensor, labels: Tensor, mean: Tensor, var: Tensor, tau: float = 100.0,
-                           ignore_index: int = IGNORE_INDEX) -> Tensor:
+def pixel_contrastive_loss(
+    feat: Tensor, labels: Tensor, mean: Tensor, var: Tensor, tau: float = 100.0, ignore_index: int = IGNORE_INDEX
+) -> Tensor:
     """Mean over valid pixels of
     ``L(z, y) = -z.m_y/tau + log sum_k exp(z.m_k/tau + (z*z).S_k/(2 tau^2))``
     with ``z = f/|f|``, ``m_k = mu_k/|mu_k|``, ``S_k = s_k/|s_k|`` (method doc).
@@ -22,15 +23,16 @@ def pixel_contrastive_loss(feat: Tensor, labels: Tensor, mean: Tensor, var: Tens
     no pixel is valid, a zero that still carries a (zero) gradient to ``feat``.
     """
     if feat.dim() != 2 or mean.shape != var.shape or mean.shape[1] != feat.shape[1]:
-        raise ValueError(f"expected feat [N, A], mean/var [C, A]; got {tuple(feat.shape)}, "
-                         f"{tuple(mean.shape)}, {tuple(var.shape)}")
+        raise ValueError(
+            f"expected feat [N, A], mean/var [C, A]; got {tuple(feat.shape)}, {tuple(mean.shape)}, {tuple(var.shape)}"
+        )
     compute = feat.dtype if feat.dtype in (torch.float32, torch.float64) else torch.float32
     f = feat.to(compute)
     m = F.normalize(mean.detach().to(device=f.device, dtype=compute), dim=1)
     s = F.normalize(var.detach().to(device=f.device, dtype=compute), dim=1)
     z = F.normalize(f, dim=1)
-    quad = (z * z) @ s.t() / (2.0 * tau * tau)            # [N, C]
-    logits = z @ m.t() / tau + quad                       # [N, C]
+    quad = (z * z) @ s.t() / (2.0 * tau * tau)  # [N, C]
+    logits = z @ m.t() / tau + quad  # [N, C]
     labels = labels.long()
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))

@@ -75,14 +75,18 @@ class SemanticDistribution:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Load a :meth:`state_dict`; a missing key or a shape that does not match fails by name."""
-        expected = {"count": (self.num_classes,), "mean": (self.num_classes, self.dim),
-                    "var": (self.num_classes, self.dim)}
+        expected = {
+            "count": (self.num_classes,),
+            "mean": (self.num_classes, self.dim),
+            "var": (self.num_classes, self.dim),
+        }
         for key, shape in expected.items():
             if key not in state:
                 raise KeyError(f"SemanticDistribution state is missing key {key!r} (has {sorted(state)})")
             if tuple(state[key].shape) != shape:
-                raise ValueError(f"SemanticDistribution state key {key!r} has shape {tuple(state[key].shape)}, "
-                                 f"expected {shape}")
+                raise ValueError(
+                    f"SemanticDistribution state key {key!r} has shape {tuple(state[key].shape)}, expected {shape}"
+                )
         dev = self.device
         self.count = state["count"].to(device=dev, dtype=torch.int64).clone()
         self.mean = state["mean"].to(device=dev, dtype=torch.float64).clone()
@@ -107,8 +111,9 @@ def _scatter_rows(dst: Tensor, index: Tensor, src: Tensor, one_hot: Tensor | Non
         dst.addmm_(one_hot, src)
 
 
-def _local_moments(dist: SemanticDistribution, features: Tensor, labels: Tensor,
-                   ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+def _local_moments(
+    dist: SemanticDistribution, features: Tensor, labels: Tensor, ignore_index: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """This rank's per-class (count, sum of (x-c), sum of (x-c)^2) in float64, c = running mean.
 
     Work is O(N*A) in fixed-size row chunks; temporaries O(chunk*A + C*A).
@@ -120,16 +125,19 @@ def _local_moments(dist: SemanticDistribution, features: Tensor, labels: Tensor,
         raise ValueError(f"labels must be [N] = [{features.shape[0]}], got {tuple(labels.shape)}")
     device = dist.device
     if features.device != device or labels.device != device:
-        raise ValueError(f"features ({features.device}) / labels ({labels.device}) must be on the "
-                         f"distribution's device ({device}); call .to(device) on it")
+        raise ValueError(
+            f"features ({features.device}) / labels ({labels.device}) must be on the "
+            f"distribution's device ({device}); call .to(device) on it"
+        )
     features = features.detach()
     n_pix = features.shape[0]
 
     # Ignored pixels go to a trash row C: static shapes, no boolean masking (no host sync on GPU).
     lab = labels.detach().long()
     ignored = lab == ignore_index
-    torch._assert_async((ignored | ((lab >= 0) & (lab < C))).all(),
-                        f"labels must lie in [0, {C}) or equal ignore_index={ignore_index}")
+    torch._assert_async(
+        (ignored | ((lab >= 0) & (lab < C))).all(), f"labels must lie in [0, {C}) or equal ignore_index={ignore_index}"
+    )
     idx = torch.where(ignored, torch.full_like(lab, C), lab)
 
     count = torch.bincount(idx, minlength=C + 1).to(torch.float64)
@@ -154,8 +162,8 @@ def _local_moments(dist: SemanticDistribution, features: Tensor, labels: Tensor,
     rows = max(1, (_CHUNK_ELEMS_GPU if use_matmul else _CHUNK_ELEMS_CPU) // A)
     classes = torch.arange(C + 1, device=device).unsqueeze(1) if use_matmul else None
     for start in range(0, n_pix, rows):
-        ic = idx[start:start + rows]
-        d = features[start:start + rows].to(torch.float64) - shift[ic]
+        ic = idx[start : start + rows]
+        d = features[start : start + rows].to(torch.float64) - shift[ic]
         one_hot = (ic.unsqueeze(0) == classes).to(torch.float64) if use_matmul else None
         _scatter_rows(s1, ic, d, one_hot)
         d.mul_(d)
@@ -174,8 +182,8 @@ def _merge(dist: SemanticDistribution, n_b: Tensor, t1: Tensor, t2: Tensor) -> N
     nb = n_b.unsqueeze(1)
     has = nb > 0
     safe_nb = torch.where(has, nb, torch.ones_like(nb))
-    delta = t1 / safe_nb                                   # m_b - mu_k
-    v_b = (t2 / safe_nb - delta * delta).clamp_min(0.0)    # biased batch variance
+    delta = t1 / safe_nb  # m_b - mu_k
+    v_b = (t2 / safe_nb - delta * delta).clamp_min(0.0)  # biased batch variance
     nk = dist.count.to(torch.float64).unsqueeze(1)
     w = torch.where(has, nb / (nb + nk).clamp_min(1.0), torch.zeros_like(nb))
     dist.var = ((1.0 - w) * dist.var + w * v_b + w * (1.0 - w) * delta * delta).clamp_min(0.0)
@@ -183,8 +191,9 @@ def _merge(dist: SemanticDistribution, n_b: Tensor, t1: Tensor, t2: Tensor) -> N
     dist.count = dist.count + n_b.round().to(torch.int64)
 
 
-def update_distributions(pairs: Sequence[tuple[SemanticDistribution, Tensor, Tensor]],
-                         ignore_index: int = IGNORE_INDEX) -> None:
+def update_distributions(
+    pairs: Sequence[tuple[SemanticDistribution, Tensor, Tensor]], ignore_index: int = IGNORE_INDEX
+) -> None:
     """Update several distributions (e.g. feature level and output level) with ONE all-reduce.
 
     ``pairs`` holds ``(distribution, features [N, A], labels [N])``. The local moments of all of
@@ -208,10 +217,10 @@ def update_distributions(pairs: Sequence[tuple[SemanticDistribution, Tensor, Ten
         resolve_all_reduce(pairs[0][0]._all_reduce)(buffer)
         offset = 0
         for (dist, _, _), (C, A) in zip(pairs, shapes):
-            n_b = buffer[offset:offset + C]
+            n_b = buffer[offset : offset + C]
             offset += C
-            t1 = buffer[offset:offset + C * A].view(C, A)
+            t1 = buffer[offset : offset + C * A].view(C, A)
             offset += C * A
-            t2 = buffer[offset:offset + C * A].view(C, A)
+            t2 = buffer[offset : offset + C * A].view(C, A)
             offset += C * A
             _merge(dist, n_b, t1, t2)

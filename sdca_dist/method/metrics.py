@@ -19,8 +19,9 @@ class ConfusionMatrix:
     the same numbers.
     """
 
-    def __init__(self, num_classes: int, *, device: torch.device | str = "cpu",
-                 all_reduce: AllReduce | None = None) -> None:
+    def __init__(
+        self, num_classes: int, *, device: torch.device | str = "cpu", all_reduce: AllReduce | None = None
+    ) -> None:
         self.num_classes = int(num_classes)
         self._all_reduce = all_reduce
         self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
@@ -41,8 +42,10 @@ class ConfusionMatrix:
             t = label.reshape(-1).long().to(self.mat.device)
             p = pred.reshape(-1).long().to(self.mat.device)
             valid = t != ignore_index
-            torch._assert_async((~valid | ((t >= 0) & (t < C))).all(),
-                                f"labels must lie in [0, {C}) or equal ignore_index={ignore_index}")
+            torch._assert_async(
+                (~valid | ((t >= 0) & (t < C))).all(),
+                f"labels must lie in [0, {C}) or equal ignore_index={ignore_index}",
+            )
             torch._assert_async(((p >= 0) & (p < C)).all(), f"predictions must lie in [0, {C})")
             # Ignored pixels go to an extra bin C*C: static shapes, no host sync.
             flat = torch.where(valid, t * C + p, torch.full_like(t, C * C))
@@ -87,8 +90,7 @@ def miou_report(cm: ConfusionMatrix, num_classes: int | None = None) -> dict:
     if num_classes != cm.num_classes:
         raise ValueError(f"miou_report for {num_classes} classes given a {cm.num_classes}-class matrix")
     names = class_names(num_classes)
-    report: dict = {"mIoU": cm.miou(),
-                    "per_class": {n: float(v) * 100.0 for n, v in zip(names, cm.iou().tolist())}}
+    report: dict = {"mIoU": cm.miou(), "per_class": {n: float(v) * 100.0 for n, v in zip(names, cm.iou().tolist())}}
     if num_classes == 16:
         report["mIoU13"] = cm.miou(SYNTHIA13_IN_16)
     return report

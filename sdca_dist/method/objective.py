@@ -28,8 +28,13 @@ from sdca_dist.method.segmentation_loss import segmentation_loss
 class DistributionPair:
     """Feature-level (A = backbone dim) and output-level (A = classes) semantic distributions."""
 
-    def __init__(self, num_classes: int, feature_dim: int, device: torch.device | str = "cpu",
-                 all_reduce: Optional[AllReduce] = None) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        feature_dim: int,
+        device: torch.device | str = "cpu",
+        all_reduce: Optional[AllReduce] = None,
+    ) -> None:
         self.feat = SemanticDistribution(num_classes, feature_dim, all_reduce=all_reduce).to(device)
         self.out = SemanticDistribution(num_classes, num_classes, all_reduce=all_reduce).to(device)
 
@@ -74,8 +79,10 @@ class SDCAObjective:
 
     def _contrastive(self, f: torch.Tensor, o: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d, tau = self.dists, self.method.tau
-        return (pixel_contrastive_loss(f, y, d.feat.mean, d.feat.var, tau=tau),
-                pixel_contrastive_loss(o, y, d.out.mean, d.out.var, tau=tau))
+        return (
+            pixel_contrastive_loss(f, y, d.feat.mean, d.feat.var, tau=tau),
+            pixel_contrastive_loss(o, y, d.out.mean, d.out.var, tau=tau),
+        )
 
     def source(self, feats: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> DomainTerms:
         """Segmentation + contrastive terms with true labels; updates the distributions first."""
@@ -94,6 +101,8 @@ class SDCAObjective:
         f, y = flatten_pixels(feats, pseudo)
         o, _ = flatten_pixels(logits, pseudo)
         lf, lo = self._contrastive(f, o, y)
-        return DomainTerms(m.feat_weight * lf + m.out_weight * lo,
-                           {"feat_tgt": lf, "out_tgt": lo, "pseudo_label_share": (y != 255).float().mean()},
-                           pseudo=pseudo)
+        return DomainTerms(
+            m.feat_weight * lf + m.out_weight * lo,
+            {"feat_tgt": lf, "out_tgt": lo, "pseudo_label_share": (y != 255).float().mean()},
+            pseudo=pseudo,
+        )

@@ -15,8 +15,9 @@ from sdca_dist.classes import IGNORE_INDEX
 from sdca_dist.method.collective import AllReduce, resolve_all_reduce
 
 
-def confidence_pseudo_labels(scores: Tensor, delta: float = 0.9, ignore_index: int = IGNORE_INDEX, *,
-                             from_logits: bool = True) -> Tensor:
+def confidence_pseudo_labels(
+    scores: Tensor, delta: float = 0.9, ignore_index: int = IGNORE_INDEX, *, from_logits: bool = True
+) -> Tensor:
     """Argmax label where the max softmax probability is >= ``delta``, else ``ignore_index``.
 
     ``scores [B, C, H, W]`` are logits (softmax taken over dim 1) or, with ``from_logits=False``,
@@ -47,8 +48,14 @@ class ClassThresholds:
     (2.5e-4 at the default 2000 bins), then min(., cap); 0 for a class never predicted.
     """
 
-    def __init__(self, num_classes: int, bins: int = 2000, *, all_reduce: AllReduce | None = None,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        bins: int = 2000,
+        *,
+        all_reduce: AllReduce | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
         if num_classes <= 0 or bins <= 0:
             raise ValueError(f"ClassThresholds needs num_classes > 0 and bins > 0, got {num_classes}, {bins}")
         self.num_classes = int(num_classes)
@@ -74,8 +81,8 @@ class ClassThresholds:
         """Per-class thresholds float32 [C] over all ranks' pixels (collective)."""
         counts = self.counts.clone()
         resolve_all_reduce(self._all_reduce)(counts)
-        n = counts.sum(dim=1)                                          # [C]
-        cum = counts.cumsum(dim=1)                                     # [C, bins]
+        n = counts.sum(dim=1)  # [C]
+        cum = counts.cumsum(dim=1)  # [C, bins]
         # 0-based ranks of the two middle order statistics (equal when n is odd).
         lo_rank = ((n - 1).clamp_min(0) // 2).unsqueeze(1)
         hi_rank = (n // 2).unsqueeze(1)

@@ -52,8 +52,9 @@ def lovasz_softmax(probs: Tensor, labels: Tensor, ignore_index: int = IGNORE_IND
     O(pixels), not O(pixels x classes) for the sorts.
     """
     if probs.dim() != 4 or labels.shape != (probs.shape[0], *probs.shape[2:]):
-        raise ValueError(f"expected probs [B, C, H, W] and labels [B, H, W]; got {tuple(probs.shape)}, "
-                         f"{tuple(labels.shape)}")
+        raise ValueError(
+            f"expected probs [B, C, H, W] and labels [B, H, W]; got {tuple(probs.shape)}, {tuple(labels.shape)}"
+        )
     num_classes = probs.shape[1]
     flat = probs.permute(0, 2, 3, 1).reshape(-1, num_classes)
     y = labels.reshape(-1).long()
@@ -71,8 +72,9 @@ def lovasz_softmax(probs: Tensor, labels: Tensor, ignore_index: int = IGNORE_IND
     return total / present_count.clamp_min(1.0)
 
 
-def segmentation_loss(logits: Tensor, labels: Tensor, lovasz_weight: float = 0.75,
-                      ignore_index: int = IGNORE_INDEX) -> Tensor:
+def segmentation_loss(
+    logits: Tensor, labels: Tensor, lovasz_weight: float = 0.75, ignore_index: int = IGNORE_INDEX
+) -> Tensor:
     """The source loss of the src and sdca stages: CE + ``lovasz_weight`` * Lovasz-softmax.
 
     Upsamples once and shares it between both terms.

@@ -30,8 +30,9 @@ _BACKBONES = {
 MODEL_NAMES = tuple(_BACKBONES)
 
 
-def build_model(name: str, num_classes: int, *, pretrained: str | Path | None = None,
-                freeze_bn: bool = True) -> SegmentationModel:
+def build_model(
+    name: str, num_classes: int, *, pretrained: str | Path | None = None, freeze_bn: bool = True
+) -> SegmentationModel:
     """Build ``name`` (one of :data:`MODEL_NAMES`) for ``num_classes``.
 
     ``pretrained``: path of a local torchvision-format ImageNet state_dict for the backbone
@@ -50,5 +51,11 @@ def build_model(name: str, num_classes: int, *, pretrained: str | Path | None = 
     return SegmentationModel(backbone, classifier, dim, num_classes, freeze_bn=freeze_bn)
 
 
-__all__ = ["build_model", "SegmentationModel", "ASPPClassifier", "MODEL_NAMES", "read_state_dict",
-           "load_backbone_weights"]
+__all__ = [
+    "build_model",
+    "SegmentationModel",
+    "ASPPClassifier",
+    "MODEL_NAMES",
+    "read_state_dict",
+    "load_backbone_weights",
+]

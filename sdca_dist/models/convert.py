@@ -56,8 +56,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Reference VGG16 Sequential index -> our key prefix (pool4/pool5 dropped, fc6/fc7 appended).
 VGG16_LAYERS: dict[int, str] = {
     **{i: f"features.{i}" for i in (0, 2, 5, 7, 10, 12, 14, 17, 19, 21)},
-    23: "features.24", 25: "features.26", 27: "features.28",  # conv5_x, dilated 2
-    29: "fc6", 31: "fc7",
+    23: "features.24",
+    25: "features.26",
+    27: "features.28",  # conv5_x, dilated 2
+    29: "fc6",
+    31: "fc7",
 }
 SUPPORTED = ("deeplabv2_r101", "deeplabv2_vgg16")
 _BN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
@@ -71,7 +74,7 @@ class ConvertError(ValueError):
 def _strip_module(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Drop DDP's ``module.`` prefix when every key has it (the reference's strip_prefix_if_present)."""
     if state and all(k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
+        return {k[len("module.") :]: v for k, v in state.items()}
     return dict(state)
 
 
@@ -87,8 +90,10 @@ def read_official(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Tensor
         raise ConvertError(f"cannot read checkpoint {p}: {kind}: {' '.join(str(exc).split())[:200]}") from None
     if not isinstance(obj, Mapping) or "feature_extractor" not in obj or "classifier" not in obj:
         keys = sorted(obj)[:6] if isinstance(obj, Mapping) else type(obj).__name__
-        raise ConvertError(f"checkpoint {p} is not an SDCA reference checkpoint (no 'feature_extractor' and "
-                           f"'classifier' entries; it has {keys})")
+        raise ConvertError(
+            f"checkpoint {p} is not an SDCA reference checkpoint (no 'feature_extractor' and "
+            f"'classifier' entries; it has {keys})"
+        )
     parts = []
     for name in ("feature_extractor", "classifier"):
         part = obj[name]
@@ -105,8 +110,9 @@ def _bn_prefixes(model: torch.nn.Module) -> list[str]:
 
 def _fold_frozen_bn(weight: Tensor, var: Tensor, key: str, path: Path) -> Tensor:
     if bool((var <= 0).any()):
-        raise ConvertError(f"checkpoint {path}: {key} has a non-positive running_var (the reference divides by "
-                           f"zero there)")
+        raise ConvertError(
+            f"checkpoint {path}: {key} has a non-positive running_var (the reference divides by zero there)"
+        )
     return (weight.double() * torch.sqrt((var.double() + OUR_BN_EPS) / var.double())).to(weight.dtype)
 
 
@@ -120,8 +126,9 @@ def _fold_caffe_input(weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     order = [2, 1, 0]  # our RGB channel k is the reference's BGR channel order[k]
     std = torch.tensor(IMAGENET_STD, dtype=torch.float64)
     new_w = w[:, order] * (255.0 * std)[None, :, None, None]
-    shift = torch.tensor([255.0 * IMAGENET_MEAN[order[c]] - CAFFE_BGR_MEAN[c] for c in range(3)],
-                         dtype=torch.float64)  # constant input offset per reference (BGR) channel
+    shift = torch.tensor(
+        [255.0 * IMAGENET_MEAN[order[c]] - CAFFE_BGR_MEAN[c] for c in range(3)], dtype=torch.float64
+    )  # constant input offset per reference (BGR) channel
     new_b = bias.double() + (w * shift[None, :, None, None]).sum(dim=(1, 2, 3))
     return new_w.to(weight.dtype), new_b.to(bias.dtype)
 
@@ -129,7 +136,7 @@ def _fold_caffe_input(weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
 def _reference_key(model_name: str, ours: str) -> str:
     """Our backbone key -> the reference feature_extractor key."""
     assert ours.startswith("backbone.")
-    rest = ours[len("backbone."):]
+    rest = ours[len("backbone.") :]
     if model_name == "deeplabv2_r101":
         return "backbone." + rest
     layer, _, param = rest.rpartition(".")
@@ -139,8 +146,13 @@ def _reference_key(model_name: str, ours: str) -> str:
     raise KeyError(ours)
 
 
-def convert_official(feature_extractor: Mapping[str, Tensor], classifier: Mapping[str, Tensor], model_name: str,
-                     num_classes: int, path: str | Path = "<checkpoint>") -> dict[str, Tensor]:
+def convert_official(
+    feature_extractor: Mapping[str, Tensor],
+    classifier: Mapping[str, Tensor],
+    model_name: str,
+    num_classes: int,
+    path: str | Path = "<checkpoint>",
+) -> dict[str, Tensor]:
     """Our state_dict (strictly loadable by ``build_model(model_name, num_classes)``) from the
     reference's two state dicts. Every reference key must be used and every one of ours filled."""
     path = Path(path)
@@ -161,8 +173,9 @@ def convert_official(feature_extractor: Mapping[str, Tensor], classifier: Mappin
             raise ConvertError(f"checkpoint {path}: {where} lacks {key!r}{more}; not a {model_name} checkpoint")
         value = state[key]
         if tuple(value.shape) != tuple(shape):
-            raise ConvertError(f"checkpoint {path}: {where} {key!r} has shape {tuple(value.shape)}, {model_name} "
-                               f"needs {tuple(shape)}")
+            raise ConvertError(
+                f"checkpoint {path}: {where} {key!r} has shape {tuple(value.shape)}, {model_name} needs {tuple(shape)}"
+            )
         used.add(f"{where}:{key}")
         return value.detach().float() if value.is_floating_point() else value.detach()
 
@@ -179,8 +192,9 @@ def convert_official(feature_extractor: Mapping[str, Tensor], classifier: Mappin
 
     for ours, like in target.items():
         if ours.startswith("classifier."):
-            out[ours] = take(classifier, ours.replace("classifier.branches.", "conv2d_list.", 1), like.shape,
-                             "classifier")
+            out[ours] = take(
+                classifier, ours.replace("classifier.branches.", "conv2d_list.", 1), like.shape, "classifier"
+            )
             continue
         layer, _, param = ours.rpartition(".")
         ref = _reference_key(model_name, ours)
@@ -196,18 +210,24 @@ def convert_official(feature_extractor: Mapping[str, Tensor], classifier: Mappin
     for layer in bn_layers:  # frozen BN (no num_batches_tracked): fold the missing eps into weight
         ref_count = _reference_key(model_name, f"{layer}.num_batches_tracked")
         if ref_count not in feature_extractor:
-            out[f"{layer}.weight"] = _fold_frozen_bn(out[f"{layer}.weight"], out[f"{layer}.running_var"],
-                                                     _reference_key(model_name, f"{layer}.running_var"), path)
+            out[f"{layer}.weight"] = _fold_frozen_bn(
+                out[f"{layer}.weight"],
+                out[f"{layer}.running_var"],
+                _reference_key(model_name, f"{layer}.running_var"),
+                path,
+            )
     if model_name == "deeplabv2_vgg16":
         out["backbone.features.0.weight"], out["backbone.features.0.bias"] = _fold_caffe_input(
-            out["backbone.features.0.weight"], out["backbone.features.0.bias"])
+            out["backbone.features.0.weight"], out["backbone.features.0.bias"]
+        )
 
     for where, state in (("feature_extractor", feature_extractor), ("classifier", classifier)):
         extra = [k for k in state if f"{where}:{k}" not in used]
         if extra:
             more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-            raise ConvertError(f"checkpoint {path}: {where} has {extra[0]!r}{more}, which a {model_name} does not; "
-                               f"wrong --model?")
+            raise ConvertError(
+                f"checkpoint {path}: {where} has {extra[0]!r}{more}, which a {model_name} does not; wrong --model?"
+            )
     return out
 
 
@@ -229,10 +249,13 @@ def convert_caffe_vgg16_imagenet(state: Mapping[str, Tensor], path: str | Path =
         raise ConvertError(f"weights {path} lack {missing[0]!r}: not a VGG16 in torchvision naming")
     out = {k: state[k].detach().float() for k in needed}
     if tuple(out["features.0.weight"].shape) != (64, 3, 3, 3):
-        raise ConvertError(f"weights {path}: features.0.weight has shape {tuple(out['features.0.weight'].shape)}, "
-                           f"a VGG16 has (64, 3, 3, 3)")
-    out["features.0.weight"], out["features.0.bias"] = _fold_caffe_input(out["features.0.weight"],
-                                                                         out["features.0.bias"])
+        raise ConvertError(
+            f"weights {path}: features.0.weight has shape {tuple(out['features.0.weight'].shape)}, "
+            f"a VGG16 has (64, 3, 3, 3)"
+        )
+    out["features.0.weight"], out["features.0.bias"] = _fold_caffe_input(
+        out["features.0.weight"], out["features.0.bias"]
+    )
     return out
 
 
@@ -249,13 +272,18 @@ def load_converted(path: str | Path, model_name: str, num_classes: int, *, freez
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
-        detail = "not a weights-only torch state_dict" if isinstance(exc, pickle.UnpicklingError) else \
-            " ".join(str(exc).split())[:200]
+        detail = (
+            "not a weights-only torch state_dict"
+            if isinstance(exc, pickle.UnpicklingError)
+            else " ".join(str(exc).split())[:200]
+        )
         raise ConvertError(f"cannot read model weights {p}: {type(exc).__name__}: {detail}") from None
     if isinstance(state, Mapping) and "feature_extractor" in state:
-        raise ConvertError(f"model weights {p} are a reference SDCA checkpoint: convert them first with "
-                           f"python -m sdca_dist.models.convert --from official {p} --model {model_name} "
-                           f"--num-classes {num_classes} --out OUT.pt")
+        raise ConvertError(
+            f"model weights {p} are a reference SDCA checkpoint: convert them first with "
+            f"python -m sdca_dist.models.convert --from official {p} --model {model_name} "
+            f"--num-classes {num_classes} --out OUT.pt"
+        )
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ConvertError(f"model weights {p} are not a state_dict (a mapping of names to tensors)")
     model = build_model(model_name, num_classes, freeze_bn=freeze_bn)
@@ -270,10 +298,12 @@ def load_converted(path: str | Path, model_name: str, num_classes: int, *, freez
     for k, v in target.items():
         if tuple(state[k].shape) != tuple(v.shape):
             if k.startswith("classifier.") and k.endswith("weight"):
-                raise ConvertError(f"model weights {p} have {state[k].shape[0]} classes; data.num_classes is "
-                                   f"{num_classes}")
-            raise ConvertError(f"model weights {p}: {k!r} has shape {tuple(state[k].shape)}, {model_name} needs "
-                               f"{tuple(v.shape)}")
+                raise ConvertError(
+                    f"model weights {p} have {state[k].shape[0]} classes; data.num_classes is {num_classes}"
+                )
+            raise ConvertError(
+                f"model weights {p}: {k!r} has shape {tuple(state[k].shape)}, {model_name} needs {tuple(v.shape)}"
+            )
     model.load_state_dict(state, strict=True)
     return model
 
@@ -308,10 +338,15 @@ def _unlink(path: Path) -> None:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m sdca_dist.models.convert", description=__doc__.split("\n")[0])
-    parser.add_argument("--from", dest="source_format", choices=["official", "caffe_vgg16_imagenet"], required=True,
-                        help="official = a BIT-DA/SDCA reference checkpoint (feature_extractor + classifier); "
-                             "caffe_vgg16_imagenet = the reference's VGG16 ImageNet weights (vgg16-00b39a1b.pth), "
-                             "written as a torchvision-format file for model.pretrained")
+    parser.add_argument(
+        "--from",
+        dest="source_format",
+        choices=["official", "caffe_vgg16_imagenet"],
+        required=True,
+        help="official = a BIT-DA/SDCA reference checkpoint (feature_extractor + classifier); "
+        "caffe_vgg16_imagenet = the reference's VGG16 ImageNet weights (vgg16-00b39a1b.pth), "
+        "written as a torchvision-format file for model.pretrained",
+    )
     parser.add_argument("checkpoint", help="the file to convert")
     parser.add_argument("--model", choices=SUPPORTED)
     parser.add_argument("--num-classes", type=int, choices=[19, 16])
@@ -329,8 +364,10 @@ def main(argv: list[str]) -> int:
         except ConvertError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        print(f"converted {args.checkpoint} -> {args.out} (torchvision-format VGG16 features, Caffe BGR input "
-              f"folded into conv1_1; use it as model.pretrained)")
+        print(
+            f"converted {args.checkpoint} -> {args.out} (torchvision-format VGG16 features, Caffe BGR input "
+            f"folded into conv1_1; use it as model.pretrained)"
+        )
         return 0
     if args.model is None or args.num_classes is None:
         parser.error("--from official needs --model and --num-classes")
@@ -346,8 +383,11 @@ def main(argv: list[str]) -> int:
     notes = [f"{frozen} frozen BN (eps folded)"] if frozen else []
     if args.model == "deeplabv2_vgg16":
         notes.append("Caffe BGR input folded into conv1_1")
-    print(f"converted {args.checkpoint} -> {args.out} ({args.model}, {args.num_classes} classes"
-          + (", " + ", ".join(notes) if notes else "") + ")")
+    print(
+        f"converted {args.checkpoint} -> {args.out} ({args.model}, {args.num_classes} classes"
+        + (", " + ", ".join(notes) if notes else "")
+        + ")"
+    )
     return 0
 
 

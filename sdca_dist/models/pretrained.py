@@ -33,7 +33,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise ValueError(f"pretrained weights {p} is not a state_dict (a mapping of names to tensors)")
     if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return dict(obj)
 
 
@@ -46,24 +46,29 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path, arch: str) -> N
     source = read_state_dict(path)
     random_init = tuple(getattr(backbone, "random_init_prefixes", ()))
     target = backbone.state_dict()
-    missing = [k for k in target if not k.endswith("num_batches_tracked") and not k.startswith(random_init)
-               and k not in source]
+    missing = [
+        k for k in target if not k.endswith("num_batches_tracked") and not k.startswith(random_init) and k not in source
+    ]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ValueError(f"pretrained weights {path} do not match a torchvision {arch}: missing key "
-                         f"{missing[0]!r}{more}")
+        raise ValueError(
+            f"pretrained weights {path} do not match a torchvision {arch}: missing key {missing[0]!r}{more}"
+        )
     unexpected = [k for k in source if k not in target and not k.startswith(_SKIPPED_PREFIXES)]
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise ValueError(f"pretrained weights {path} do not match a torchvision {arch}: unexpected key "
-                         f"{unexpected[0]!r}{more}")
+        raise ValueError(
+            f"pretrained weights {path} do not match a torchvision {arch}: unexpected key {unexpected[0]!r}{more}"
+        )
     new_state = {}
     for k, v in target.items():
         if k not in source:
             new_state[k] = v
             continue
         if tuple(source[k].shape) != tuple(v.shape):
-            raise ValueError(f"pretrained weights {path}: key {k!r} has shape {tuple(source[k].shape)}, "
-                             f"expected {tuple(v.shape)} for {arch}")
+            raise ValueError(
+                f"pretrained weights {path}: key {k!r} has shape {tuple(source[k].shape)}, "
+                f"expected {tuple(v.shape)} for {arch}"
+            )
         new_state[k] = source[k].to(v.dtype)
     backbone.load_state_dict(new_state, strict=True)

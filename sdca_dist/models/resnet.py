@@ -16,13 +16,15 @@ from torch import Tensor, nn
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
-                 downsample: nn.Module | None = None) -> None:
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1, downsample: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=dilation,
-                               dilation=dilation, bias=False)
+        self.conv2 = nn.Conv2d(
+            planes, planes, kernel_size=3, stride=stride, padding=dilation, dilation=dilation, bias=False
+        )
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * self.expansion, kernel_size=1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
@@ -40,8 +42,9 @@ class Bottleneck(nn.Module):
 class ResNetBackbone(nn.Module):
     """ResNet trunk without avgpool/fc; ``forward`` returns the last stage's feature map."""
 
-    def __init__(self, layers: tuple[int, int, int, int] = (3, 4, 23, 3),
-                 dilate: tuple[bool, bool, bool] = (False, True, True)) -> None:
+    def __init__(
+        self, layers: tuple[int, int, int, int] = (3, 4, 23, 3), dilate: tuple[bool, bool, bool] = (False, True, True)
+    ) -> None:
         super().__init__()
         self.inplanes = 64
         self.dilation = 1

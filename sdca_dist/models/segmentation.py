@@ -13,8 +13,9 @@ class SegmentationModel(nn.Module):
     NOT upsampled (the segmentation loss does that, see method.segmentation_loss).
     """
 
-    def __init__(self, backbone: nn.Module, classifier: nn.Module, feature_dim: int, num_classes: int,
-                 *, freeze_bn: bool = True) -> None:
+    def __init__(
+        self, backbone: nn.Module, classifier: nn.Module, feature_dim: int, num_classes: int, *, freeze_bn: bool = True
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.classifier = classifier

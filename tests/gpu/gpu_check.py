@@ -41,27 +41,67 @@ def item_dali(tmp: Path, smoke: bool) -> dict:
 
     src_size, tgt_size, n = ((192, 104), (256, 128), 8) if smoke else ((1914, 1052), (2048, 1024), 64)
     raw, shards = tmp / "raw", tmp / "shards"
-    subprocess.run([sys.executable, "-m", "sdca_dist.synth", "--out", str(raw), "--num-source", str(n),
-                    "--num-target-train", str(n), "--num-target-val", "2", "--source-size", "%dx%d" % src_size,
-                    "--target-size", "%dx%d" % tgt_size, "--workers", "8"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sdca_dist.synth",
+            "--out",
+            str(raw),
+            "--num-source",
+            str(n),
+            "--num-target-train",
+            str(n),
+            "--num-target-val",
+            "2",
+            "--source-size",
+            "%dx%d" % src_size,
+            "--target-size",
+            "%dx%d" % tgt_size,
+            "--workers",
+            "8",
+        ],
+        check=True,
+        capture_output=True,
+    )
     for layout, split, name in (("gta5", "train", "src"), ("cityscapes", "train", "tgt")):
-        subprocess.run([sys.executable, "-m", "sdca_dist.shard", "--layout", layout, "--root", str(raw / layout),
-                        "--split", split, "--out", str(shards / name), "--workers", "8", "--quiet"], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sdca_dist.shard",
+                "--layout",
+                layout,
+                "--root",
+                str(raw / layout),
+                "--split",
+                split,
+                "--out",
+                str(shards / name),
+                "--workers",
+                "8",
+                "--quiet",
+            ],
+            check=True,
+            capture_output=True,
+        )
     out = {}
     for name, resize in (("src", (720, 1280)), ("tgt", (512, 1024))):
         rates, labels = {}, {}
-        for device in (["cpu", "gpu"] if torch.cuda.is_available() else ["cpu"]):
-            loader = ShardLoader(shards / name / "manifest.json", 4, train=False, resize=resize, device=device,
-                                 num_threads=8)
+        for device in ["cpu", "gpu"] if torch.cuda.is_available() else ["cpu"]:
+            loader = ShardLoader(
+                shards / name / "manifest.json", 4, train=False, resize=resize, device=device, num_threads=8
+            )
             t0, images, got = time.time(), 0, []
             for batch in loader:
                 images += int(batch["valid"].sum())
                 got.append(batch["label"].cpu())
             rates[device] = images / (time.time() - t0)
             labels[device] = torch.cat(got)
-        out[name] = {"images_per_s": rates,
-                     "labels_byte_exact": bool(torch.equal(labels["cpu"], labels.get("gpu", labels["cpu"])))}
+        out[name] = {
+            "images_per_s": rates,
+            "labels_byte_exact": bool(torch.equal(labels["cpu"], labels.get("gpu", labels["cpu"]))),
+        }
     return out
 
 
@@ -82,8 +122,12 @@ def item_nccl() -> dict:
     for _ in range(10):
         d.update(feats, labels)
     _sync()
-    res = {"backend": dist.get_backend(), "device": str(ctx.device), "update_ms": 100 * (time.time() - t0),
-           "count_ok": int(d.count.sum()) == 11 * 14400}
+    res = {
+        "backend": dist.get_backend(),
+        "device": str(ctx.device),
+        "update_ms": 100 * (time.time() - t0),
+        "count_ok": int(d.count.sum()) == 11 * 14400,
+    }
     return res
 
 
@@ -102,9 +146,14 @@ def _sdca_step(engine_name: str, precision: str, smoke: bool, zero: int = 0, ste
     model = build_model("small" if smoke else "deeplabv2_r101", 19, freeze_bn=True)
     from sdca_dist.config.schema import EngineConfig, TrainConfig
 
-    engine = build_engine(model, ctx, EngineConfig(name=engine_name, zero_stage=zero,
-                                                   bf16=(precision == "bf16" and engine_name == "deepspeed")),
-                          TrainConfig(), micro_steps=2, micro_batch=1)
+    engine = build_engine(
+        model,
+        ctx,
+        EngineConfig(name=engine_name, zero_stage=zero, bf16=(precision == "bf16" and engine_name == "deepspeed")),
+        TrainConfig(),
+        micro_steps=2,
+        micro_batch=1,
+    )
     timing = {"allreduce": 0.0}
 
     def timed_all_reduce(t):
@@ -117,11 +166,18 @@ def _sdca_step(engine_name: str, precision: str, smoke: bool, zero: int = 0, ste
 
     dists = DistributionPair(19, model.feature_dim, ctx.device, all_reduce=timed_all_reduce)
     step = SDCAStep(dists)
-    batch = {"source": {"image": torch.randn(1, 3, sh, sw, device=ctx.device),
-                        "label": torch.randint(0, 19, (1, sh, sw), device=ctx.device)},
-             "target": {"image": torch.randn(1, 3, th, tw, device=ctx.device)}}
-    autocast = (torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16)
-                if precision == "bf16" and engine_name == "ddp" else torch.autocast(ctx.device.type, enabled=False))
+    batch = {
+        "source": {
+            "image": torch.randn(1, 3, sh, sw, device=ctx.device),
+            "label": torch.randint(0, 19, (1, sh, sw), device=ctx.device),
+        },
+        "target": {"image": torch.randn(1, 3, th, tw, device=ctx.device)},
+    }
+    autocast = (
+        torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16)
+        if precision == "bf16" and engine_name == "ddp"
+        else torch.autocast(ctx.device.type, enabled=False)
+    )
     orig_update = dists.update
 
     def timed_update(*a):
@@ -146,9 +202,12 @@ def _sdca_step(engine_name: str, precision: str, smoke: bool, zero: int = 0, ste
             engine.step(1e-4)
     _sync()
     wall = (time.time() - t0) / steps
-    res = {"step_s": wall, "estimator_share": timing["estimator"] / steps / wall,
-           "allreduce_share": timing["allreduce"] / steps / wall,
-           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
+    res = {
+        "step_s": wall,
+        "estimator_share": timing["estimator"] / steps / wall,
+        "allreduce_share": timing["allreduce"] / steps / wall,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+    }
     return res
 
 
@@ -177,8 +236,12 @@ def main() -> int:
                 results[name] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-1500:]}
         results[name]["seconds"] = round(time.time() - t0, 1)
         print(name, json.dumps({k: v for k, v in results[name].items() if k != "trace"}), flush=True)
-    est = subprocess.run([sys.executable, "-m", "sdca_dist.bench", "estimator", "--reps", "3", "--ref-reps", "1"],
-                         capture_output=True, text=True, cwd=REPO)
+    est = subprocess.run(
+        [sys.executable, "-m", "sdca_dist.bench", "estimator", "--reps", "3", "--ref-reps", "1"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     results["5_estimator_bench"] = {"rc": est.returncode, "tail": est.stdout.strip().splitlines()[-6:]}
     (a.out / "gpu_check.json").write_text(json.dumps(results, indent=1))
     lines = [f"# GPU check on {device} (torch {torch.__version__})", ""]

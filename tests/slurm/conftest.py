@@ -15,6 +15,7 @@ Several test sessions may run at once on a shared machine: each holds an flock o
 /tmp/sdca-slurm-1 (ports 17010-17014), -2, ... instead of stopping the other session's cluster.
 Setting SDCA_SLURM_DIR / SDCA_SLURM_PORT_BASE pins one slot (and waits for its lock).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -46,8 +47,9 @@ class SlurmCluster:
 
     def run(self, *args: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess:
         """Run a SLURM client command (sinfo, sacct, scancel...) against this cluster."""
-        proc = subprocess.run(list(args), env={**os.environ, **self.env}, capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            list(args), env={**os.environ, **self.env}, capture_output=True, text=True, timeout=timeout
+        )
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(args)} failed (rc={proc.returncode}): {proc.stderr.strip()}")
         return proc
@@ -83,8 +85,7 @@ class SlurmCluster:
                 if last in states:
                     return last
             time.sleep(1)
-        raise AssertionError(f"{what}: job {job_id} not in {sorted(states)} after {timeout_s:.0f}s "
-                             f"(sacct says {last})")
+        raise AssertionError(f"{what}: job {job_id} not in {sorted(states)} after {timeout_s:.0f}s (sacct says {last})")
 
     def wait_done(self, job, timeout_s: float, what: str) -> None:
         """Wait for a submitit job to finish; on timeout cancel it and fail with its log tail."""
@@ -95,8 +96,9 @@ class SlurmCluster:
             time.sleep(1)
         state = job.get_info(mode="force").get("State", "?")
         self.run("scancel", str(job.job_id), check=False)
-        raise AssertionError(f"{what}: job {job.job_id} not done after {timeout_s:.0f}s (state {state})\n"
-                             f"{log_tail(job)}")
+        raise AssertionError(
+            f"{what}: job {job.job_id} not done after {timeout_s:.0f}s (state {state})\n{log_tail(job)}"
+        )
 
 
 def log_tail(job, lines: int = 30) -> str:
@@ -113,8 +115,7 @@ def log_tail(job, lines: int = 30) -> str:
 
 
 def _script(verb: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(CLUSTER_SH), verb], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(["bash", str(CLUSTER_SH), verb], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _claim_slot(slots: int = 4) -> tuple[dict[str, str], object]:
@@ -136,8 +137,10 @@ def _claim_slot(slots: int = 4) -> tuple[dict[str, str], object]:
         env["SDCA_SLURM_PORT_BASE"] = str(base_port + 10 * slot)
         env["SDCA_SLURM_LOCK_HELD"] = "1"  # cluster.sh: we hold the slot's lock
         return env, lock
-    pytest.fail(f"all {slots} SLURM test cluster slots ({base_dir}, {base_dir}-1, ...) are held by other "
-                "test sessions", pytrace=False)
+    pytest.fail(
+        f"all {slots} SLURM test cluster slots ({base_dir}, {base_dir}-1, ...) are held by other test sessions",
+        pytrace=False,
+    )
 
 
 def _external_cluster() -> SlurmCluster:
@@ -145,7 +148,10 @@ def _external_cluster() -> SlurmCluster:
     if not conf or not Path(conf).is_file():
         raise pytest.UsageError("SDCA_SLURM_EXTERNAL=1 needs SLURM_CONF pointing at the cluster's slurm.conf")
     return SlurmCluster(
-        conf_path=Path(conf), env={"SLURM_CONF": conf}, state_dir=None, external=True,
+        conf_path=Path(conf),
+        env={"SLURM_CONF": conf},
+        state_dir=None,
+        external=True,
         low_partition=os.environ.get("SDCA_SLURM_PARTITION_LOW", "low"),
         high_partition=os.environ.get("SDCA_SLURM_PARTITION_HIGH", "high"),
     )
@@ -164,13 +170,20 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
                 if verb == "up":
                     _script("down", env, 120)  # stop whatever part of the cluster did start
                 lock.close()
-                pytest.fail(f"tests/slurm/cluster.sh {verb} failed (rc={proc.returncode}):\n"
-                            f"{proc.stdout}\n{proc.stderr}", pytrace=False)
-        exported = dict(line.removeprefix("export ").split("=", 1)
-                        for line in _script("env", env, 30).stdout.splitlines() if line.startswith("export "))
-        cluster = SlurmCluster(conf_path=Path(exported["SLURM_CONF"]),
-                               env={"SLURM_CONF": exported["SLURM_CONF"]},
-                               state_dir=Path(exported["SDCA_SLURM_DIR"]))
+                pytest.fail(
+                    f"tests/slurm/cluster.sh {verb} failed (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}",
+                    pytrace=False,
+                )
+        exported = dict(
+            line.removeprefix("export ").split("=", 1)
+            for line in _script("env", env, 30).stdout.splitlines()
+            if line.startswith("export ")
+        )
+        cluster = SlurmCluster(
+            conf_path=Path(exported["SLURM_CONF"]),
+            env={"SLURM_CONF": exported["SLURM_CONF"]},
+            state_dir=Path(exported["SDCA_SLURM_DIR"]),
+        )
     pythonpath = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)
     cluster.env["PYTHONPATH"] = pythonpath
     saved = {k: os.environ.get(k) for k in cluster.env}

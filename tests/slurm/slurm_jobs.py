@@ -4,6 +4,7 @@ They live in their own module (not in the test file) because the job unpickles t
 name: the `slurm_cluster` fixture puts this folder on the jobs' PYTHONPATH, exactly as a real
 launcher relies on the project package being importable on the compute nodes.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -80,13 +81,18 @@ class StepCounter:
     def __call__(self) -> int:
         step = self._load()
         with open(self.state_path + ".starts", "a") as log:
-            log.write(json.dumps({
-                "from_step": step,
-                "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
-                "job_id": os.environ.get("SLURM_JOB_ID", ""),
-                "node": os.environ.get("SLURMD_NODENAME", ""),
-                "time": time.time(),
-            }) + "\n")
+            log.write(
+                json.dumps(
+                    {
+                        "from_step": step,
+                        "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+                        "job_id": os.environ.get("SLURM_JOB_ID", ""),
+                        "node": os.environ.get("SLURMD_NODENAME", ""),
+                        "time": time.time(),
+                    }
+                )
+                + "\n"
+            )
         while step < self.total:
             time.sleep(self.step_s)
             step += 1

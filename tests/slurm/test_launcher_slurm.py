@@ -42,14 +42,24 @@ def test_whole_chain_on_two_nodes_of_four_tasks_takes_each_stage_its_planned_sha
     (global batch 8) and the inference stages use all 8 ranks on both nodes, sdca (4 + 4) one
     node of 4. sacct's NNodes / NTasks of every job equal the dry run's plan."""
     run = tmp_path / "run"
-    args = tiny(tmp_path / "shards", *_cluster(slurm, f"run_dir={run}", "cluster.tasks_per_node=4",
-                                               "train.scale=2", "train.iters=4"))
+    args = tiny(
+        tmp_path / "shards",
+        *_cluster(slurm, f"run_dir={run}", "cluster.tasks_per_node=4", "train.scale=2", "train.iters=4"),
+    )
     dry = run_launcher(args + ["dry_run=true"])
     assert dry.returncode == 0, dry.stderr[-2000:]
-    plan = {ln.split(":", 1)[0][len("[dry-run] "):]: json.loads(ln.split(": ", 1)[1])
-            for ln in dry.stdout.splitlines() if ln.startswith("[dry-run] ")}
+    plan = {
+        ln.split(":", 1)[0][len("[dry-run] ") :]: json.loads(ln.split(": ", 1)[1])
+        for ln in dry.stdout.splitlines()
+        if ln.startswith("[dry-run] ")
+    }
     assert {s: (p["nodes"], p["ntasks_per_node"]) for s, p in plan.items()} == {
-        "src": (2, 4), "dist_init": (2, 4), "sdca": (1, 4), "pseudo_label": (2, 4), "ssl": (2, 4)}
+        "src": (2, 4),
+        "dist_init": (2, 4),
+        "sdca": (1, 4),
+        "pseudo_label": (2, 4),
+        "ssl": (2, 4),
+    }
 
     proc = run_launcher(args + ["wait=true"])
     jobs = _job_ids(proc.stdout)
@@ -62,8 +72,10 @@ def test_whole_chain_on_two_nodes_of_four_tasks_takes_each_stage_its_planned_sha
         want = plan[stage]
         assert int(slurm.sacct(job)[-1]["NNodes"]) == want["nodes"], stage
         # the srun step that ran the ranks (JobID.0): its node and task counts are the plan's
-        steps = [ln.split("|") for ln in slurm.run("sacct", "-j", job, "-n", "-P", "-o", "JobID,NNodes,NTasks")
-                 .stdout.splitlines()]
+        steps = [
+            ln.split("|")
+            for ln in slurm.run("sacct", "-j", job, "-n", "-P", "-o", "JobID,NNodes,NTasks").stdout.splitlines()
+        ]
         srun = [st for st in steps if st[0] == f"{job}.0"]
         assert srun and (int(srun[-1][1]), int(srun[-1][2])) == (want["nodes"], want["world_size"]), (stage, steps)
         done = json.loads((run / stage / "DONE").read_text())
@@ -95,7 +107,12 @@ def test_usr2_mid_stage_checkpoints_requeues_and_resumes_bitwise(slurm, tmp_path
     run = tmp_path / "interrupted"
     launcher = subprocess.Popen(
         [sys.executable, str(REPO / "launch" / "slurm.py"), *tiny(shards, *_cluster(slurm, *common, f"run_dir={run}"))],
-        cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=REPO,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         job = None
         for line in launcher.stdout:
@@ -131,10 +148,12 @@ def test_failing_stage_stops_the_chain_and_is_reported(slurm, tmp_path):
     # a src that says it finished: the job, not the preflight, finds the file unloadable
     from sdca_dist.lineage import sha256_file
 
-    (run / "src" / "DONE").write_text(json.dumps({"stage": "src", "outputs": {
-        "model_final.pt": sha256_file(run / "src" / "model_final.pt")}}))
-    proc = run_launcher(tiny(tmp_path / "shards", *_cluster(slurm, "stages=[dist_init,sdca]", "wait=true",
-                                                            f"run_dir={run}")))
+    (run / "src" / "DONE").write_text(
+        json.dumps({"stage": "src", "outputs": {"model_final.pt": sha256_file(run / "src" / "model_final.pt")}})
+    )
+    proc = run_launcher(
+        tiny(tmp_path / "shards", *_cluster(slurm, "stages=[dist_init,sdca]", "wait=true", f"run_dir={run}"))
+    )
     jobs = _job_ids(proc.stdout)
     for j in jobs.values():
         slurm.track(j)
@@ -148,12 +167,17 @@ def test_failing_stage_stops_the_chain_and_is_reported(slurm, tmp_path):
 
 
 def test_what_the_partition_cannot_give_is_refused_before_submission(slurm, tmp_path):
-    base = tiny(tmp_path / "shards", f"run_dir={tmp_path / 'run'}", f"cluster.partition={slurm.low_partition}",
-                "cluster.time_min=30")
+    base = tiny(
+        tmp_path / "shards",
+        f"run_dir={tmp_path / 'run'}",
+        f"cluster.partition={slurm.low_partition}",
+        "cluster.time_min=30",
+    )
     gpus = run_launcher(base + ["nodes=2", "cluster.gpus_per_node=4"])
     assert gpus.returncode == 2
     assert gpus.stderr.strip().splitlines()[-1] == (
-        f"error: cluster.gpus_per_node=4 but partition {slurm.low_partition} offers 0 GPU(s) per node")
+        f"error: cluster.gpus_per_node=4 but partition {slurm.low_partition} offers 0 GPU(s) per node"
+    )
     nodes = run_launcher(base + ["nodes=3"])
     assert nodes.returncode == 2
     assert nodes.stderr.strip().splitlines()[-1] == f"error: nodes=3 but partition {slurm.low_partition} has 2 node(s)"
@@ -162,8 +186,12 @@ def test_what_the_partition_cannot_give_is_refused_before_submission(slurm, tmp_
 
 def test_seeds_run_as_one_job_array_and_are_summarised(slurm, tmp_path):
     run = tmp_path / "run"
-    proc = run_launcher(tiny(tmp_path / "shards", *_cluster(slurm, "stages=[src]", "seeds=2", "wait=true",
-                                                            f"run_dir={run}", "train.iters=2")))
+    proc = run_launcher(
+        tiny(
+            tmp_path / "shards",
+            *_cluster(slurm, "stages=[src]", "seeds=2", "wait=true", f"run_dir={run}", "train.iters=2"),
+        )
+    )
     jobs = _job_ids(proc.stdout)
     for j in jobs.values():
         slurm.track(j)

@@ -4,6 +4,7 @@ checkpoint/requeue on SIGUSR2 and on real preemption, and afterok chains that st
 
 Every wait is bounded and fails with the job's state and log tail.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-import submitit
-
 import slurm_jobs
+import submitit
 
 # submitit treats a signal within min(20% of the limit, 10 min) of the time limit as a timeout, so
 # preemption tests need a limit above 10 minutes for SIGUSR2 to count as a preemption.
@@ -25,8 +25,9 @@ pytestmark = pytest.mark.timeout(600)
 
 def executor(slurm, folder: Path, **params) -> submitit.AutoExecutor:
     ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
-    defaults = dict(slurm_partition=slurm.low_partition, timeout_min=TIMEOUT_MIN, cpus_per_task=1,
-                    nodes=1, tasks_per_node=1)
+    defaults = dict(
+        slurm_partition=slurm.low_partition, timeout_min=TIMEOUT_MIN, cpus_per_task=1, nodes=1, tasks_per_node=1
+    )
     ex.update_parameters(**{**defaults, **params})
     return ex
 
@@ -65,8 +66,10 @@ def _wait_for_step(state: Path, at_least: int, timeout_s: float, job) -> int:
             if step >= at_least:
                 return step
         time.sleep(0.2)
-    raise AssertionError(f"counter job {job.job_id} did not reach step {at_least} in {timeout_s:.0f}s "
-                         f"(state {job.get_info(mode='force').get('State', '?')})")
+    raise AssertionError(
+        f"counter job {job.job_id} did not reach step {at_least} in {timeout_s:.0f}s "
+        f"(state {job.get_info(mode='force').get('State', '?')})"
+    )
 
 
 def _check_resumed(slurm, job, state: Path, total: int, signalled_at_step: int) -> None:
@@ -108,9 +111,27 @@ def test_high_partition_preempts_low_job_which_resumes(slurm, tmp_path):
     seen = _wait_for_step(state, 3, 60, job)
     node = slurm.sacct(job.job_id)[0]["NodeList"]
     marker = tmp_path / "high.ran"
-    high = slurm.track(slurm.run(
-        "sbatch", "--parsable", "-p", slurm.high_partition, "-w", node, "-N1", "-n1", "--exclusive", "-t", "5",
-        "-o", str(tmp_path / "high.out"), "--wrap", f"echo $SLURM_JOB_ID > {marker}").stdout.strip().split(";")[0])
+    high = slurm.track(
+        slurm.run(
+            "sbatch",
+            "--parsable",
+            "-p",
+            slurm.high_partition,
+            "-w",
+            node,
+            "-N1",
+            "-n1",
+            "--exclusive",
+            "-t",
+            "5",
+            "-o",
+            str(tmp_path / "high.out"),
+            "--wrap",
+            f"echo $SLURM_JOB_ID > {marker}",
+        )
+        .stdout.strip()
+        .split(";")[0]
+    )
     slurm.wait_sacct_state(high, {"COMPLETED"}, 90, "high-priority job")
     assert marker.exists()
     _check_resumed(slurm, job, state, total, seen)
@@ -129,7 +150,9 @@ def test_afterok_chain_stops_when_a_job_fails(slurm, tmp_path):
     slurm.track(second.job_id)
 
     slurm.wait_done(first, 90, "failing job A")
-    assert slurm.wait_sacct_state(first.job_id, {"FAILED", "COMPLETED", "CANCELLED"}, 30, "job A accounting") == "FAILED"
+    assert (
+        slurm.wait_sacct_state(first.job_id, {"FAILED", "COMPLETED", "CANCELLED"}, 30, "job A accounting") == "FAILED"
+    )
     assert first.get_info(mode="force")["State"] == "FAILED"
     exc = first.exception()
     assert exc is not None and "stage A fails on purpose" in str(exc), exc

@@ -9,10 +9,18 @@ from sdca_dist.engine.model_engine import ModelEngine, build_engine
 from sdca_dist.engine.stage_context import StageContext
 
 
-def make_engine(sc: StageContext, model: torch.nn.Module, micro_steps: int, micro_batch: int,
-                freeze_bn: bool) -> ModelEngine:
-    return build_engine(model, sc.ctx, sc.settings.engine, sc.settings.train, micro_steps=micro_steps,
-                        micro_batch=micro_batch, freeze_bn=freeze_bn)
+def make_engine(
+    sc: StageContext, model: torch.nn.Module, micro_steps: int, micro_batch: int, freeze_bn: bool
+) -> ModelEngine:
+    return build_engine(
+        model,
+        sc.ctx,
+        sc.settings.engine,
+        sc.settings.train,
+        micro_steps=micro_steps,
+        micro_batch=micro_batch,
+        freeze_bn=freeze_bn,
+    )
 
 
 def finish_training(sc: StageContext, engine: ModelEngine, stats: dict, iters: int) -> dict:
@@ -47,10 +55,13 @@ def _finish_selected(sc: StageContext, selection, stats: dict, iters: int) -> di
     label = selection.label()
     last = selection.history[-1]
     path = sc.save_model_final(selection.best_weights if sc.ctx.is_main else {})
-    sc.write_metrics(selection.best_report, {"stage": sc.name, "iters": iters, "selected": label,
-                                             "last": dict(last), **stats})
+    sc.write_metrics(
+        selection.best_report, {"stage": sc.name, "iters": iters, "selected": label, "last": dict(last), **stats}
+    )
     if sc.ctx.is_main:
-        sc.observer.log(f"selected (best_val, on target val = the evaluation set): iteration {label['iteration']} "
-                        f"mIoU {label['mIoU']:.2f} (last iteration {last['iteration']}: {last['mIoU']:.2f}); "
-                        "per-class IoU:\n" + selection.best_report["table"])
+        sc.observer.log(
+            f"selected (best_val, on target val = the evaluation set): iteration {label['iteration']} "
+            f"mIoU {label['mIoU']:.2f} (last iteration {last['iteration']}: {last['mIoU']:.2f}); "
+            "per-class IoU:\n" + selection.best_report["table"]
+        )
     return {"model_final": str(path), **stats, "mIoU": label["mIoU"], "selected": label}

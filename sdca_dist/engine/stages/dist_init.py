@@ -22,8 +22,14 @@ def run(sc: StageContext) -> dict:
     cfg, ctx, obs = sc.cfg, sc.ctx, sc.observer
     model = sc.build_model(init_from=sc.run.model_of("src"), freeze_bn=True)
     model.eval()
-    loader = make_loader(cfg, ctx, manifest_path(shard_set(cfg, cfg.data.source)), int(cfg.train.eval_batch_size),
-                         train=False, resize=list(cfg.data.source_resize))
+    loader = make_loader(
+        cfg,
+        ctx,
+        manifest_path(shard_set(cfg, cfg.data.source)),
+        int(cfg.train.eval_batch_size),
+        train=False,
+        resize=list(cfg.data.source_resize),
+    )
     dists = DistributionPair(int(cfg.data.num_classes), model.feature_dim, ctx.device)
     obs.total = int(loader.steps_per_epoch)
     obs.restart_clock(0)
@@ -44,5 +50,9 @@ def run(sc: StageContext) -> dict:
     stats = dists.statistics()
     obs.scalars(0, stats)
     obs.log(f"distributions of {int(dists.feat.count.sum())} labelled pixels saved to {path}")
-    return {"distributions": str(path), "seconds": round(time.time() - t0, 2),
-            "pixels_per_class": [int(c) for c in dists.feat.count.tolist()], **stats}
+    return {
+        "distributions": str(path),
+        "seconds": round(time.time() - t0, 2),
+        "pixels_per_class": [int(c) for c in dists.feat.count.tolist()],
+        **stats,
+    }

@@ -15,8 +15,13 @@ __all__ = ["DistributionPair", "load_distributions", "save_distributions"]
 
 
 def save_distributions(dists: DistributionPair, path: Path) -> None:
-    atomic_torch_save({k: {n: t.cpu() if isinstance(t, torch.Tensor) else t for n, t in v.items()}
-                       for k, v in dists.state_dict().items()}, path)
+    atomic_torch_save(
+        {
+            k: {n: t.cpu() if isinstance(t, torch.Tensor) else t for n, t in v.items()}
+            for k, v in dists.state_dict().items()
+        },
+        path,
+    )
 
 
 def load_distributions(dists: DistributionPair, path: Path) -> None:

@@ -14,17 +14,23 @@ import time
 
 import torch
 
-from sdca_dist.engine.distributed import all_gather_object, all_reduce_sum
 from sdca_dist.engine.data import make_loader, manifest_path, shard_set
+from sdca_dist.engine.distributed import all_gather_object, all_reduce_sum
 from sdca_dist.engine.run_dir import PSEUDO_SHARDS, THRESHOLDS
 from sdca_dist.engine.stage_context import StageContext
 
 
 def _loader(sc: StageContext):
     cfg = sc.cfg
-    return make_loader(cfg, sc.ctx, manifest_path(shard_set(cfg, cfg.data.target_train)),
-                       int(cfg.train.eval_batch_size), train=False, resize=list(cfg.data.target_resize),
-                       target_labels=True)
+    return make_loader(
+        cfg,
+        sc.ctx,
+        manifest_path(shard_set(cfg, cfg.data.target_train)),
+        int(cfg.train.eval_batch_size),
+        train=False,
+        resize=list(cfg.data.target_resize),
+        target_labels=True,
+    )
 
 
 def _probabilities(model, image: torch.Tensor, size) -> torch.Tensor:
@@ -62,8 +68,10 @@ def run(sc: StageContext) -> dict:
             obs.progress(step, {})
     thr = thresholds.compute(cap=float(cfg.method.pseudo_label_cap)).cpu()
     names = class_names(num_classes)
-    sc.write_json(THRESHOLDS, {"thresholds": {n: float(v) for n, v in zip(names, thr.tolist())},
-                               "cap": float(cfg.method.pseudo_label_cap)})
+    sc.write_json(
+        THRESHOLDS,
+        {"thresholds": {n: float(v) for n, v in zip(names, thr.tolist())}, "cap": float(cfg.method.pseudo_label_cap)},
+    )
     obs.log("class thresholds: " + ", ".join(f"{n}={v:.3f}" for n, v in zip(names, thr.tolist())))
 
     # pass 2: label and write this rank's part files
@@ -86,12 +94,19 @@ def run(sc: StageContext) -> dict:
                 continue
             sample = reader.read(int(batch["index"][i]))
             lab = labels[i].to(torch.uint8).cpu().numpy()
-            writer.add(sample["key"], sample["image"], sample["image_ext"], lab,
-                       {"path": sample["meta"].get("path"), "source_index": int(batch["index"][i])})
+            writer.add(
+                sample["key"],
+                sample["image"],
+                sample["image_ext"],
+                lab,
+                {"path": sample["meta"].get("path"), "source_index": int(batch["index"][i])},
+            )
             confident = labels[i] != 255
             # only confident pixels are scored: elsewhere the GT is masked to ignore
-            quality.update(torch.where(confident, labels[i], torch.zeros_like(labels[i]))[None],
-                           torch.where(confident, gt[i], torch.full_like(gt[i], 255))[None])
+            quality.update(
+                torch.where(confident, labels[i], torch.zeros_like(labels[i]))[None],
+                torch.where(confident, gt[i], torch.full_like(gt[i], 255))[None],
+            )
             kept += int(confident.sum())
             total += int(lab.size)
         step += 1
@@ -108,10 +123,16 @@ def run(sc: StageContext) -> dict:
     ctx.barrier()
     report = miou_report(quality, num_classes)
     share = float(counts[0] / max(float(counts[1]), 1.0))
-    obs.log(f"pseudo labels: {100 * share:.1f}% of pixels kept; mIoU of kept pixels vs ground truth "
-            f"{report['mIoU']:.2f} (diagnostic only: ground truth is never used for training)")
-    summary = {"thresholds": [float(v) for v in thr.tolist()], "kept_pixel_share": share,
-               "pseudo_label_mIoU_vs_gt": report["mIoU"], "manifest": str(out / "manifest.json"),
-               "seconds": round(time.time() - t0, 2)}
+    obs.log(
+        f"pseudo labels: {100 * share:.1f}% of pixels kept; mIoU of kept pixels vs ground truth "
+        f"{report['mIoU']:.2f} (diagnostic only: ground truth is never used for training)"
+    )
+    summary = {
+        "thresholds": [float(v) for v in thr.tolist()],
+        "kept_pixel_share": share,
+        "pseudo_label_mIoU_vs_gt": report["mIoU"],
+        "manifest": str(out / "manifest.json"),
+        "seconds": round(time.time() - t0, 2),
+    }
     sc.write_json("pseudo_label_quality.json", {**summary, "per_class": report["per_class"]})
     return summary

@@ -47,8 +47,9 @@ class SDCAStep:
             engine.backward(tgt.loss)
         if self.observer is not None and (it + 1) % self.image_every == 0:
             self.observer.images(it + 1, "sdca/source", s["image"][0], s["label"][0], pred=logits[0].detach().argmax(0))
-            self.observer.images(it + 1, "sdca/target", t["image"][0], pred=logits_t[0].detach().argmax(0),
-                                 pseudo=tgt.pseudo[0])
+            self.observer.images(
+                it + 1, "sdca/target", t["image"][0], pred=logits_t[0].detach().argmax(0), pseudo=tgt.pseudo[0]
+            )
         scalars = {"loss": float((src.loss + tgt.loss).detach())}
         scalars.update({k: float(v.detach()) for k, v in {**src.parts, **tgt.parts}.items()})
         return scalars
@@ -72,15 +73,36 @@ def _run(sc: StageContext, method: MethodConfig) -> dict:
     dists = DistributionPair(cfg.data.num_classes, model.feature_dim, ctx.device)
     load_distributions(dists, sc.run.distributions_of("dist_init"))
     engine = make_engine(sc, model, micro_steps=2, micro_batch=src_batch, freeze_bn=True)
-    source = make_loader(cfg, ctx, manifest_path(shard_set(cfg, cfg.data.source)), src_batch, train=True,
-                         resize=list(cfg.data.source_resize), photometric=True,
-                         class_balanced=bool(cfg.data.class_balanced), seed_offset=1)
-    target = make_loader(cfg, ctx, manifest_path(shard_set(cfg, cfg.data.target_train)), tgt_batch, train=True,
-                         resize=list(cfg.data.target_resize), seed_offset=2)
+    source = make_loader(
+        cfg,
+        ctx,
+        manifest_path(shard_set(cfg, cfg.data.source)),
+        src_batch,
+        train=True,
+        resize=list(cfg.data.source_resize),
+        photometric=True,
+        class_balanced=bool(cfg.data.class_balanced),
+        seed_offset=1,
+    )
+    target = make_loader(
+        cfg,
+        ctx,
+        manifest_path(shard_set(cfg, cfg.data.target_train)),
+        tgt_batch,
+        train=True,
+        resize=list(cfg.data.target_resize),
+        seed_offset=2,
+    )
     step = SDCAStep(dists, method, observer=sc.observer, image_every=sched.image_every)
-    plan = TrainingPlan(schedule=sched, engine=engine, loaders={"source": source, "target": target}, step=step,
-                        shared_state={"distributions": dists}, extra_scalars=dists.statistics,
-                        images_per_step=src_batch + tgt_batch)
+    plan = TrainingPlan(
+        schedule=sched,
+        engine=engine,
+        loaders={"source": source, "target": target},
+        step=step,
+        shared_state={"distributions": dists},
+        extra_scalars=dists.statistics,
+        images_per_step=src_batch + tgt_batch,
+    )
     stats = run_training(sc, plan)
     if ctx.is_main:
         save_distributions(dists, sc.folder / "distributions_final.pt")

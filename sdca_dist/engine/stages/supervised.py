@@ -14,18 +14,43 @@ from sdca_dist.engine.stages.common import finish_training, make_engine
 from sdca_dist.engine.training import TrainingPlan, run_training
 
 
-def _run_supervised(sc: StageContext, manifest, *, init_from=None, freeze_bn: bool, lovasz_weight: float,
-                    resize, crop=None, scale=None, flip=False, photometric=False, class_balanced=False,
-                    target_labels=False, crop_policy: str = "pad") -> dict:
+def _run_supervised(
+    sc: StageContext,
+    manifest,
+    *,
+    init_from=None,
+    freeze_bn: bool,
+    lovasz_weight: float,
+    resize,
+    crop=None,
+    scale=None,
+    flip=False,
+    photometric=False,
+    class_balanced=False,
+    target_labels=False,
+    crop_policy: str = "pad",
+) -> dict:
     sched = sc.schedule()
     batch = per_rank(sched.global_batch, sc.ctx, f"{sc.name}.batch_size")
     model = sc.build_model(init_from=init_from, freeze_bn=freeze_bn)
     if not freeze_bn and sc.ctx.world_size > 1 and sc.ctx.device.type == "cuda":
         model = model.to_sync_bn()  # SyncBN needs a GPU backend; on CPU each rank keeps its own BN stats
     engine = make_engine(sc, model, micro_steps=1, micro_batch=batch, freeze_bn=freeze_bn)
-    loader = make_loader(sc.cfg, sc.ctx, manifest, batch, train=True, resize=resize, crop=crop, scale=scale,
-                         flip=flip, photometric=photometric, class_balanced=class_balanced,
-                         target_labels=target_labels, crop_policy=crop_policy)
+    loader = make_loader(
+        sc.cfg,
+        sc.ctx,
+        manifest,
+        batch,
+        train=True,
+        resize=resize,
+        crop=crop,
+        scale=scale,
+        flip=flip,
+        photometric=photometric,
+        class_balanced=class_balanced,
+        target_labels=target_labels,
+        crop_policy=crop_policy,
+    )
 
     from sdca_dist.method import segmentation_loss
 
@@ -38,12 +63,12 @@ def _run_supervised(sc: StageContext, manifest, *, init_from=None, freeze_bn: bo
             loss = segmentation_loss(logits, b["label"], lovasz_weight)
             engine.backward(loss)
         if (it + 1) % image_every == 0:  # input, (pseudo) label and prediction, Cityscapes palette
-            sc.observer.images(it + 1, f"{sc.name}/train", b["image"][0], b["label"][0],
-                               pred=logits[0].detach().argmax(0))
+            sc.observer.images(
+                it + 1, f"{sc.name}/train", b["image"][0], b["label"][0], pred=logits[0].detach().argmax(0)
+            )
         return {"loss": float(loss.detach())}
 
-    plan = TrainingPlan(schedule=sched, engine=engine, loaders={"train": loader}, step=step,
-                        images_per_step=batch)
+    plan = TrainingPlan(schedule=sched, engine=engine, loaders={"train": loader}, step=step, images_per_step=batch)
     stats = run_training(sc, plan)
     return finish_training(sc, engine, stats, sched.iters)
 
@@ -61,17 +86,27 @@ def run_src(sc: StageContext) -> dict:
     cfg = sc.cfg
     if cfg.init.src:
         return _import_src(sc, Path(cfg.init.src))
-    return _run_supervised(sc, manifest_path(shard_set(cfg, cfg.data.source)), freeze_bn=_freeze_bn_from_scratch(cfg),
-                           lovasz_weight=float(cfg.method.lovasz_weight), resize=list(cfg.data.source_resize),
-                           class_balanced=bool(cfg.data.class_balanced))
+    return _run_supervised(
+        sc,
+        manifest_path(shard_set(cfg, cfg.data.source)),
+        freeze_bn=_freeze_bn_from_scratch(cfg),
+        lovasz_weight=float(cfg.method.lovasz_weight),
+        resize=list(cfg.data.source_resize),
+        class_balanced=bool(cfg.data.class_balanced),
+    )
 
 
 def run_oracle(sc: StageContext) -> dict:
     """Reference upper bound: the same recipe on the target's own labels."""
     cfg = sc.cfg
-    return _run_supervised(sc, manifest_path(shard_set(cfg, cfg.data.target_train)), freeze_bn=_freeze_bn_from_scratch(cfg),
-                           lovasz_weight=float(cfg.method.lovasz_weight), resize=list(cfg.data.target_resize),
-                           target_labels=True)
+    return _run_supervised(
+        sc,
+        manifest_path(shard_set(cfg, cfg.data.target_train)),
+        freeze_bn=_freeze_bn_from_scratch(cfg),
+        lovasz_weight=float(cfg.method.lovasz_weight),
+        resize=list(cfg.data.target_resize),
+        target_labels=True,
+    )
 
 
 def run_ssl(sc: StageContext) -> dict:
@@ -79,9 +114,19 @@ def run_ssl(sc: StageContext) -> dict:
     labels with a random scale of the ORIGINAL target image and a crop that never pads."""
     cfg = sc.cfg
     init_from = sc.run.model_of("sdca") if cfg.ssl.init == "sdca" else None
-    return _run_supervised(sc, sc.run.pseudo_manifest(), init_from=init_from, freeze_bn=False,
-                           lovasz_weight=0.0, resize=None, crop=list(cfg.data.ssl_crop),
-                           scale=list(cfg.data.ssl_scale), flip=True, photometric=True, crop_policy="fit")
+    return _run_supervised(
+        sc,
+        sc.run.pseudo_manifest(),
+        init_from=init_from,
+        freeze_bn=False,
+        lovasz_weight=0.0,
+        resize=None,
+        crop=list(cfg.data.ssl_crop),
+        scale=list(cfg.data.ssl_scale),
+        flip=True,
+        photometric=True,
+        crop_policy="fit",
+    )
 
 
 def _import_src(sc: StageContext, weights: Path) -> dict:
