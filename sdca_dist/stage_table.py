@@ -149,7 +149,7 @@ def inputs_of(name: str, cfg=None) -> tuple[StageInput, ...]:
     the model ``eval.model_from`` names (none when it names a weights file); ssl started from
     ImageNet (``ssl.init=imagenet``) reads no sdca model."""
     if name == "eval":
-        model_from = str(cfg.eval.model_from) if cfg is not None else "ssl"
+        model_from = cfg.eval.model_from if cfg is not None else "ssl"
         return () if model_from.endswith(".pt") else (StageInput(model_from, MODEL_FINAL),)
     if name == "ssl" and cfg is not None and cfg.ssl.init == "imagenet":
         return tuple(i for i in spec(name).inputs if i.producer != "sdca")
@@ -164,9 +164,9 @@ def weights_read(name: str, cfg) -> list[tuple[str, str]]:
         out.append(("init.src", str(init_src)))
     elif name in ("src", "oracle") or (name == "ssl" and cfg.ssl.init == "imagenet"):
         if cfg.model.pretrained:
-            out.append(("model.pretrained", str(cfg.model.pretrained)))
-    if name == "eval" and str(cfg.eval.model_from).endswith(".pt"):
-        out.append(("eval.model_from", str(cfg.eval.model_from)))
+            out.append(("model.pretrained", cfg.model.pretrained))
+    if name == "eval" and cfg.eval.model_from.endswith(".pt"):
+        out.append(("eval.model_from", cfg.eval.model_from))
     return out
 
 

@@ -71,7 +71,7 @@ def ensure_synthetic_shards(cfg: DictConfig, log=print) -> None:
                     "--out",
                     str(raw),
                     "--seed",
-                    str(cfg.data.synthetic_seed),
+                    str(cfg.data.synthetic_seed),  # a command-line argument
                     "--num-source",
                     str(n_src),
                     "--num-target-train",
@@ -177,8 +177,8 @@ def make_loader(
         photometric=photometric,
         class_balanced=class_balanced,
         label_map=label_map,
-        seed=int(cfg.seed) * 1000 + seed_offset,
-        num_threads=int(cfg.data.num_threads),
+        seed=cfg.seed * 1000 + seed_offset,
+        num_threads=cfg.data.num_threads,
         device="auto",
         crop_policy=crop_policy,
     )

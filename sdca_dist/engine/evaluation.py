@@ -17,12 +17,12 @@ def evaluate(sc: StageContext, module: torch.nn.Module, tag: str = "eval", itera
     from sdca_dist.method import ConfusionMatrix, miou_report
 
     cfg, ctx = sc.cfg, sc.ctx
-    num_classes = int(cfg.data.num_classes)
+    num_classes = cfg.data.num_classes
     loader = make_loader(
         cfg,
         ctx,
         manifest_path(shard_set(cfg, cfg.data.target_val)),
-        int(cfg.train.eval_batch_size),
+        cfg.train.eval_batch_size,
         train=False,
         resize=list(cfg.data.eval_resize),
         target_labels=True,

@@ -50,12 +50,12 @@ def _on_rank0(ctx: DistContext, work: Callable[[], object]):
 
 def run_stage(cfg: DictConfig) -> dict:
     """Run ``cfg.stage``; returns its summary. Raises ``Preempted`` after a stop-signal checkpoint."""
-    stage = str(cfg.stage)
+    stage = cfg.stage
     stage_spec = spec(stage)
     run = RunDir(Path(cfg.run_dir))
     lineage = Lineage(run.root)
     lock = StageLock(run.stage(stage))
-    ctx = init_distributed(str(cfg.engine.backend))
+    ctx = init_distributed(cfg.engine.backend)
     try:
         _on_rank0(ctx, lock.acquire)
         check_world(cfg, stage, ctx.world_size)
@@ -70,7 +70,7 @@ def run_stage(cfg: DictConfig) -> dict:
 
         record = _on_rank0(ctx, begin)
         ctx.barrier()
-        observer = StageObserver(stage, run.stage(stage), ctx.is_main, num_classes=int(cfg.data.num_classes))
+        observer = StageObserver(stage, run.stage(stage), ctx.is_main, num_classes=cfg.data.num_classes)
         for line in logs:
             observer.log(line)
         if ctx.is_main:

@@ -124,6 +124,6 @@ class BestValSelection:
 
 def selection_for(sc: StageContext, schedule) -> Optional[BestValSelection]:
     """The stage's selection rule: None for ``train.select=final`` (nothing changes)."""
-    if str(sc.cfg.train.select) != "best_val":
+    if sc.cfg.train.select != "best_val":
         return None
     return BestValSelection(sc, schedule.select_every, schedule.iters)

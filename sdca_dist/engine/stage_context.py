@@ -49,11 +49,9 @@ class StageContext:
         """The configured model, random/ImageNet init or the weights of an earlier stage."""
         from sdca_dist.models import build_model
 
-        torch.manual_seed(int(self.cfg.seed))  # identical init on every rank
+        torch.manual_seed(self.cfg.seed)  # identical init on every rank
         pretrained = self.cfg.model.pretrained if init_from is None else None
-        model = build_model(
-            self.cfg.model.name, int(self.cfg.data.num_classes), pretrained=pretrained, freeze_bn=freeze_bn
-        )
+        model = build_model(self.cfg.model.name, self.cfg.data.num_classes, pretrained=pretrained, freeze_bn=freeze_bn)
         if init_from is not None:
             try:
                 state = torch.load(init_from, map_location="cpu", weights_only=True)

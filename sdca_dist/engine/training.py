@@ -99,7 +99,7 @@ def run_training(sc: StageContext, plan: TrainingPlan) -> dict:
     """Train to ``schedule.iters`` (resuming if possible); returns the loop's final statistics."""
     cfg, ctx, obs = sc.cfg, sc.ctx, sc.observer
     sched = plan.schedule
-    ckpt = Checkpointer(sc.folder / "checkpoints", ctx, keep=int(cfg.train.keep_checkpoints), log=obs.log)
+    ckpt = Checkpointer(sc.folder / "checkpoints", ctx, keep=cfg.train.keep_checkpoints, log=obs.log)
     selection = selection_for(sc, sched)
     start = resume(sc, plan, ckpt, selection)
     obs.total = sched.iters
@@ -116,7 +116,7 @@ def run_training(sc: StageContext, plan: TrainingPlan) -> dict:
             t0 = time.time()
             batches = {n: _to_device(next(iterators[n]), ctx.device) for n in plan.loaders}
             t1 = time.time()
-            lr = poly_lr(sched.lr, it, sched.schedule_iters, float(cfg.train.poly_power), sched.warmup_iters)
+            lr = poly_lr(sched.lr, it, sched.schedule_iters, cfg.train.poly_power, sched.warmup_iters)
             plan.engine.train(True)
             scalars = plan.step(plan.engine, batches, it)
             plan.engine.step(lr)

@@ -26,11 +26,11 @@ def run(sc: StageContext) -> dict:
         cfg,
         ctx,
         manifest_path(shard_set(cfg, cfg.data.source)),
-        int(cfg.train.eval_batch_size),
+        cfg.train.eval_batch_size,
         train=False,
         resize=list(cfg.data.source_resize),
     )
-    dists = DistributionPair(int(cfg.data.num_classes), model.feature_dim, ctx.device)
+    dists = DistributionPair(cfg.data.num_classes, model.feature_dim, ctx.device)
     obs.total = int(loader.steps_per_epoch)
     obs.restart_clock(0)
     t0 = time.time()
@@ -41,7 +41,7 @@ def run(sc: StageContext) -> dict:
         f, y = flatten_pixels(feats, label)
         o, _ = flatten_pixels(logits, label)
         dists.update(f, o, y)  # one all-reduce for both levels; every rank calls it every step
-        if step % max(1, int(cfg.train.log_every)) == 0 or step == obs.total:
+        if step % cfg.train.log_every == 0 or step == obs.total:
             obs.progress(step, {})
     path = sc.folder / DISTRIBUTIONS
     if ctx.is_main:

@@ -12,7 +12,7 @@ from sdca_dist.engine.stage_context import StageContext
 
 
 def run(sc: StageContext) -> dict:
-    source = str(sc.cfg.eval.model_from)
+    source = sc.cfg.eval.model_from
     weights = Path(source) if source.endswith(".pt") else sc.run.model_of(source)
     model = sc.build_model(init_from=weights, freeze_bn=True)
     tag = f"eval_{Path(source).stem if source.endswith('.pt') else source}"

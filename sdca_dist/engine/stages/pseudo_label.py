@@ -26,7 +26,7 @@ def _loader(sc: StageContext):
         cfg,
         sc.ctx,
         manifest_path(shard_set(cfg, cfg.data.target_train)),
-        int(cfg.train.eval_batch_size),
+        cfg.train.eval_batch_size,
         train=False,
         resize=list(cfg.data.target_resize),
         target_labels=True,
@@ -47,7 +47,7 @@ def run(sc: StageContext) -> dict:
     from sdca_dist.method import ClassThresholds, ConfusionMatrix, apply_thresholds, miou_report
 
     cfg, ctx, obs = sc.cfg, sc.ctx, sc.observer
-    num_classes = int(cfg.data.num_classes)
+    num_classes = cfg.data.num_classes
     model = sc.build_model(init_from=sc.run.model_of("sdca"), freeze_bn=True)
     model.eval()
     t0 = time.time()
@@ -56,7 +56,7 @@ def run(sc: StageContext) -> dict:
     loader = _loader(sc)
     obs.total = 2 * int(loader.steps_per_epoch)
     obs.restart_clock(0)
-    thresholds = ClassThresholds(num_classes, bins=int(cfg.method.threshold_bins), device=ctx.device)
+    thresholds = ClassThresholds(num_classes, bins=cfg.method.threshold_bins, device=ctx.device)
     step = 0
     for batch in loader:
         valid = batch["valid"]
@@ -64,13 +64,13 @@ def run(sc: StageContext) -> dict:
         if bool(valid.any()):
             thresholds.update(probs[valid.to(ctx.device)])
         step += 1
-        if step % max(1, int(cfg.train.log_every)) == 0:
+        if step % cfg.train.log_every == 0:
             obs.progress(step, {})
-    thr = thresholds.compute(cap=float(cfg.method.pseudo_label_cap)).cpu()
+    thr = thresholds.compute(cap=cfg.method.pseudo_label_cap).cpu()
     names = class_names(num_classes)
     sc.write_json(
         THRESHOLDS,
-        {"thresholds": {n: float(v) for n, v in zip(names, thr.tolist())}, "cap": float(cfg.method.pseudo_label_cap)},
+        {"thresholds": {n: float(v) for n, v in zip(names, thr.tolist())}, "cap": cfg.method.pseudo_label_cap},
     )
     obs.log("class thresholds: " + ", ".join(f"{n}={v:.3f}" for n, v in zip(names, thr.tolist())))
 
@@ -110,7 +110,7 @@ def run(sc: StageContext) -> dict:
             kept += int(confident.sum())
             total += int(lab.size)
         step += 1
-        if step % max(1, int(cfg.train.log_every)) == 0:
+        if step % cfg.train.log_every == 0:
             obs.progress(step, {})
     infos = writer.close()
     gathered = all_gather_object(infos, ctx)

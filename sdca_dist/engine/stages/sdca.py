@@ -81,7 +81,7 @@ def _run(sc: StageContext, method: MethodConfig) -> dict:
         train=True,
         resize=list(cfg.data.source_resize),
         photometric=True,
-        class_balanced=bool(cfg.data.class_balanced),
+        class_balanced=cfg.data.class_balanced,
         seed_offset=1,
     )
     target = make_loader(

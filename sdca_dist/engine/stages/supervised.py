@@ -90,9 +90,9 @@ def run_src(sc: StageContext) -> dict:
         sc,
         manifest_path(shard_set(cfg, cfg.data.source)),
         freeze_bn=_freeze_bn_from_scratch(cfg),
-        lovasz_weight=float(cfg.method.lovasz_weight),
+        lovasz_weight=cfg.method.lovasz_weight,
         resize=list(cfg.data.source_resize),
-        class_balanced=bool(cfg.data.class_balanced),
+        class_balanced=cfg.data.class_balanced,
     )
 
 
@@ -103,7 +103,7 @@ def run_oracle(sc: StageContext) -> dict:
         sc,
         manifest_path(shard_set(cfg, cfg.data.target_train)),
         freeze_bn=_freeze_bn_from_scratch(cfg),
-        lovasz_weight=float(cfg.method.lovasz_weight),
+        lovasz_weight=cfg.method.lovasz_weight,
         resize=list(cfg.data.target_resize),
         target_labels=True,
     )
