@@ -310,6 +310,23 @@ def _complete_prefix(out: Path) -> Iterator[ShardInfo]:
         yield info
 
 
+def _add_result(writer: ShardWriter, res: dict) -> None:
+    """One encoded job result into the writer: a packed sample, or a skipped pair's provenance."""
+    if "image" not in res:
+        writer.note_source({"key": res["key"], **res["source"]})
+        return
+    writer.add_encoded(
+        res["key"],
+        res["image"],
+        res["ext"],
+        res["label_png"],
+        res["pixels"],
+        tuple(res["size"]),
+        res["meta"],
+        source=res["source"],
+    )
+
+
 def pack(opts: PackOptions) -> Manifest:
     """Shard ``opts.root`` (layout + split) into ``opts.out``; returns the written manifest."""
     lay = get_layout(opts.layout)
@@ -335,19 +352,7 @@ def pack(opts: PackOptions) -> Manifest:
     try:
         for res in _ordered(jobs, opts.workers):
             n += 1
-            if "image" not in res:
-                writer.note_source({"key": res["key"], **res["source"]})
-            else:
-                writer.add_encoded(
-                    res["key"],
-                    res["image"],
-                    res["ext"],
-                    res["label_png"],
-                    res["pixels"],
-                    tuple(res["size"]),
-                    res["meta"],
-                    source=res["source"],
-                )
+            _add_result(writer, res)
             progress(n, f"shards {writer.next_index}")
         written = writer.close()
         all_shards = kept + written
@@ -491,19 +496,7 @@ def repair(out: Path, root: Path, workers: int = 1) -> list[str]:
             ]
             try:
                 for res in _ordered(jobs, workers):
-                    if "image" not in res:
-                        writer.note_source({"key": res["key"], **res["source"]})
-                    else:
-                        writer.add_encoded(
-                            res["key"],
-                            res["image"],
-                            res["ext"],
-                            res["label_png"],
-                            res["pixels"],
-                            tuple(res["size"]),
-                            res["meta"],
-                            source=res["source"],
-                        )
+                    _add_result(writer, res)
                 infos = writer.close()
             except BaseException:
                 writer.abort()
