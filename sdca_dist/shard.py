@@ -30,6 +30,26 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def shard_command(layout: str, root: Path | str, split: str, out: Path | str, workers: int = 1) -> list[str]:
+    """The command line that packs one split (``python -m sdca_dist.shard ...``), for callers that
+    run the tool as a subprocess (the synthetic benchmark's first use, the benchmarks, the GPU check)."""
+    return [
+        sys.executable,
+        "-m",
+        "sdca_dist.shard",
+        "--layout",
+        layout,
+        "--root",
+        str(root),
+        "--split",
+        split,
+        "--out",
+        str(out),
+        "--workers",
+        str(workers),
+    ]
+
+
 def _int(text: str) -> int:
     try:
         return int(text)

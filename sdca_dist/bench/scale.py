@@ -46,6 +46,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sdca_dist.bench.step import TimedAllReduce
+from sdca_dist.shard import shard_command
 
 #: per-rank phase names, in step order (seconds summed over the timed steps)
 PHASES = ("data", "step", "optimizer", "flag")
@@ -374,23 +375,7 @@ def _synthetic_shards(root: Path, count: int) -> None:
         ]
     ]
     for layout, split, name in (("gta5", "train", "gta5_train"), ("cityscapes", "train", "cityscapes_train")):
-        cmds.append(
-            [
-                sys.executable,
-                "-m",
-                "sdca_dist.shard",
-                "--layout",
-                layout,
-                "--root",
-                str(raw / layout),
-                "--split",
-                split,
-                "--out",
-                str(root / name),
-                "--workers",
-                "1",
-            ]
-        )
+        cmds.append(shard_command(layout, raw / layout, split, root / name, workers=1))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     for cmd in cmds:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

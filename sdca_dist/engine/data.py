@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from sdca_dist.classes import target_label_map
 from sdca_dist.engine.distributed import DistContext
+from sdca_dist.shard import shard_command
 
 #: shard sets of the synthetic benchmark: name -> (layout, split)
 SYNTHETIC_SETS = {
@@ -100,23 +101,7 @@ def ensure_synthetic_shards(cfg: DictConfig, log=print) -> None:
                 continue
             layout, split = SYNTHETIC_SETS[name]
             log(f"sharding synthetic {layout}/{split} -> {out}")
-            _run(
-                [
-                    sys.executable,
-                    "-m",
-                    "sdca_dist.shard",
-                    "--layout",
-                    layout,
-                    "--root",
-                    str(raw / layout),
-                    "--split",
-                    split,
-                    "--out",
-                    str(out),
-                    "--workers",
-                    "1",
-                ]
-            )
+            _run(shard_command(layout, raw / layout, split, out, workers=1))
 
 
 def _run(cmd: list[str]) -> None:

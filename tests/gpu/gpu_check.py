@@ -38,6 +38,7 @@ def _sync() -> None:
 
 def item_dali(tmp: Path, smoke: bool) -> dict:
     from sdca_dist.data.loader import ShardLoader
+    from sdca_dist.shard import shard_command
 
     src_size, tgt_size, n = ((192, 104), (256, 128), 8) if smoke else ((1914, 1052), (2048, 1024), 64)
     raw, shards = tmp / "raw", tmp / "shards"
@@ -66,22 +67,7 @@ def item_dali(tmp: Path, smoke: bool) -> dict:
     )
     for layout, split, name in (("gta5", "train", "src"), ("cityscapes", "train", "tgt")):
         subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "sdca_dist.shard",
-                "--layout",
-                layout,
-                "--root",
-                str(raw / layout),
-                "--split",
-                split,
-                "--out",
-                str(shards / name),
-                "--workers",
-                "8",
-                "--quiet",
-            ],
+            shard_command(layout, raw / layout, split, shards / name, workers=8) + ["--quiet"],
             check=True,
             capture_output=True,
         )
