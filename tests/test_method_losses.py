@@ -164,3 +164,55 @@ def test_segmentation_ce_upsamples_and_handles_all_ignored():
     total = segmentation_loss(logits, labels, lovasz_weight=0.75)
     lov = lovasz_softmax(up.softmax(1), labels)
     torch.testing.assert_close(total, F.cross_entropy(up, labels, ignore_index=IGNORE) + 0.75 * lov)
+
+
+def _lovasz_one_class_at_a_time(probs, labels):
+    """The earlier implementation's arithmetic: one sort per class over all pooled pixels."""
+    c = probs.shape[1]
+    p = probs.permute(0, 2, 3, 1).reshape(-1, c)
+    y = labels.reshape(-1)
+    valid = (y != IGNORE).to(p.dtype)
+    total, present = p.sum() * 0.0, 0.0
+    for k in range(c):
+        fg = (y == k).to(p.dtype)
+        err, perm = torch.sort((fg - p[:, k]).abs() * valid, descending=True)
+        g = fg[perm]
+        inter = g.sum() - g.cumsum(0)
+        union = g.sum() + (1 - g).cumsum(0)
+        jac = 1 - inter / union
+        total = total + (fg.sum() > 0) * torch.dot(err, torch.cat([jac[:1], jac[1:] - jac[:-1]]))
+        present += float(fg.sum() > 0)
+    return total / max(present, 1.0)
+
+
+def test_lovasz_sorts_classes_in_blocks_with_the_same_value_and_gradient():
+    # Issue 10: the per-class Python loop (19 sorts, ~30 operator calls each, and a backward that
+    # zero-filled a [pixels, classes] gradient once PER class) was a per-step cost that does not
+    # shrink with the batch. Every block size gives the one-class-at-a-time value and gradient.
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(2, 19, 16, 24, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 17, (2, 16, 24), generator=g)  # classes 17, 18 absent
+    labels[:, :3] = IGNORE
+    x0 = logits.clone().requires_grad_()
+    want = _lovasz_one_class_at_a_time(x0.softmax(1), labels)
+    want.backward()
+    pixels = labels.numel()
+    for block in (1, pixels, 5 * pixels, 19 * pixels, 1 << 22):
+        x = logits.clone().requires_grad_()
+        got = lovasz_softmax(x.softmax(1), labels, block_elems=block)
+        got.backward()
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(x.grad, x0.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_lovasz_at_the_synthetic_size_is_one_sort_and_no_per_class_fill():
+    from torch.profiler import profile
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 19, 64, 128, generator=g).requires_grad_()
+    labels = torch.randint(0, 19, (2, 64, 128), generator=g)
+    with profile() as prof:
+        lovasz_softmax(x.softmax(1), labels).backward()
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert calls.get("aten::sort", 0) == 1, calls.get("aten::sort")
+    assert calls.get("aten::fill_", 0) < 19, calls.get("aten::fill_")  # was one zero-fill per class

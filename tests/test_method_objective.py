@@ -59,3 +59,39 @@ def test_target_terms_use_only_confident_pixels():
     # no confident pixel: the target terms are zero, never NaN
     flat = objective.target(feats_t, torch.zeros_like(logits_t))
     assert float(flat.loss) == 0.0 and float(flat.parts["pseudo_label_share"]) == 0.0
+
+
+def test_source_terms_compute_the_segmentation_loss_while_the_estimator_all_reduce_travels(monkeypatch):
+    # Issue 10: the estimator all-reduce blocked the step before the segmentation loss, which does
+    # not read the distributions. It is now started first and waited for only before the
+    # contrastive terms, which do: same values, less time blocked on 2+ ranks.
+    import sdca_dist.method.objective as objective_module
+
+    events: list[str] = []
+
+    class Seam:
+        def __call__(self, tensor):  # the synchronous face: must not be used by the sdca step
+            events.append("blocking all-reduce")
+
+        def start(self, tensor):
+            events.append("start")
+
+            class Waiting:
+                def wait(self):
+                    events.append("wait")
+
+            return Waiting()
+
+    real_seg = objective_module.segmentation_loss
+
+    def seg(*args, **kwargs):
+        events.append("segmentation loss")
+        return real_seg(*args, **kwargs)
+
+    monkeypatch.setattr(objective_module, "segmentation_loss", seg)
+    feats, logits, labels = _batch(3)
+    method = MethodConfig(tau=2.0, feat_weight=0.5, out_weight=0.25)
+    overlapped = SDCAObjective(DistributionPair(5, 8, all_reduce=Seam()), method).source(feats, logits, labels)
+    assert events == ["start", "segmentation loss", "wait"]
+    plain = SDCAObjective(DistributionPair(5, 8), method).source(feats, logits, labels)
+    assert torch.equal(overlapped.loss, plain.loss)

@@ -10,11 +10,17 @@ Each timed step is the sdca stage's loop body (``engine.training.run_training``)
 and target batches from DALI ``ShardLoader``s over synthetic shards (class-balanced, photometric
 source; uniform target), the real ``SDCAStep`` (two micro-steps on the DDP engine, gradients
 all-reduced once after the second; the estimators updated with the GLOBAL batch through ONE
-all-reduce), the SGD step with the poly LR, and the loop's stop-flag all-reduce. Warm-up steps
+all-reduce, launched before the segmentation loss and awaited after it), the SGD step with the
+poly LR, and the loop's stop vote (asynchronous, read one step later: ``StopVote``). Warm-up steps
 (pipeline build, first allocations) are excluded. The step is split into phases per rank (data,
 forward+backward, optimiser, collectives) so a miss of the goal can be attributed; ``--profile``
 also times the DDP gradient all-reduce through a comm hook that does what DDP's built-in hook
 does (average over ranks), with a stopwatch.
+
+Resources per rank: each rank (its main thread and its DALI and gloo threads) is bound to one core
+of its own (``--no-pin`` leaves them unbound), as ``srun --cpu-bind=cores`` binds the tasks of a
+CPU job. Unbound, the 1-rank run also uses the idle second core for its DALI threads, so its
+baseline has more than one core's worth of CPU (about 1.07) and the ratio understates scaling.
 
 Attribution: per rank, the main thread's wall time per step is split (Linux schedstat) into time
 on a CPU, time runnable but waiting for a CPU, and time blocked (collectives, data); the CPU used
@@ -179,9 +185,12 @@ def _run_rank(rank: int, world: int, init_file: str, args: dict, results) -> Non
     # one compute thread per rank; OMP_NUM_THREADS=1 is already in the environment (set by the
     # parent before spawning, so it holds from the moment torch is imported here)
     torch.set_num_threads(1)
+    if args["pin"]:  # before gloo and DALI start their threads: they inherit the rank's one core
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[rank % len(cores)]})
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     from sdca_dist.data.loader import ShardLoader
-    from sdca_dist.engine.distributed import DistContext, all_reduce_flag
+    from sdca_dist.engine.distributed import DistContext, StopVote
     from sdca_dist.engine.model_engine import build_engine
     from sdca_dist.engine.schedule import poly_lr
     from sdca_dist.engine.stages.sdca import SDCAStep
@@ -203,6 +212,7 @@ def _run_rank(rank: int, world: int, init_file: str, args: dict, results) -> Non
         grad_timer = _GradHookTimer()
         engine.wrapped.register_comm_hook(None, grad_timer.hook)
     est_timer = TimedAllReduce()
+    vote = StopVote(ctx)
     # the method's defaults (tau 100, delta 0.9, ...) are conf=synthetic's settings
     step = SDCAStep(DistributionPair(19, model.feature_dim, ctx.device, all_reduce=est_timer))
     shards, size = Path(args["shards"]), tuple(args["size"])
@@ -245,12 +255,13 @@ def _run_rank(rank: int, world: int, init_file: str, args: dict, results) -> Non
         t2 = time.perf_counter()
         engine.step(poly_lr(0.005, it, 300))
         t3 = time.perf_counter()
-        all_reduce_flag(False, ctx)
+        vote.vote(False)
         t4 = time.perf_counter()
         for name, a, b in zip(PHASES, (t0, t1, t2, t3), (t1, t2, t3, t4)):
             spent[name] += b - a
         images += sum(int(b["image"].shape[0]) for b in batches.values())
     wall = time.perf_counter() - t_start
+    vote.close()
     proc_cpu = time.process_time() - proc_cpu
     sched = [b - a for a, b in zip(sched, _main_thread_sched())]
     if args["profile"]:
@@ -438,8 +449,9 @@ def _machine_header(a) -> list[str]:
         f"machine: {platform.machine()} {platform.processor() or ''}".rstrip() + f", {cores} cores "
         f"({affinity} usable), python {platform.python_version()}, torch {torch.__version__}, "
         f"DALI {nvidia.dali.__version__}, gloo",
-        f"threads per rank: torch 1 (OMP_NUM_THREADS=1), DALI {a.dali_threads} per loader x 2 loaders; "
-        f"{a.warmup} warm-up + {a.iters} timed steps; small model, {a.size[0]}x{a.size[1]} inputs",
+        f"threads per rank: torch 1 (OMP_NUM_THREADS=1), DALI {a.dali_threads} per loader x 2 loaders, "
+        + ("each rank bound to one core; " if a.pin else "ranks not bound to cores; ")
+        + f"{a.warmup} warm-up + {a.iters} timed steps; small model, {a.size[0]}x{a.size[1]} inputs",
     ]
 
 
@@ -465,6 +477,12 @@ def main(argv: list[str]) -> int:
         help="fixed: reuse the first batches (isolates the step from data loading)",
     )
     ap.add_argument("--profile", action="store_true", help="also time the DDP gradient all-reduce (comm hook)")
+    ap.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bind each rank (and its DALI and gloo threads) to one core of its own (default; --no-pin: unbound)",
+    )
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds before a hung run is ended")
     ap.add_argument("--kill-rank", type=int, default=-1, help=argparse.SUPPRESS)  # fault injection for the tests
     a = ap.parse_args(argv)
@@ -491,6 +509,7 @@ def main(argv: list[str]) -> int:
                             "dali_threads": a.dali_threads,
                             "data": a.data,
                             "profile": a.profile,
+                            "pin": a.pin,
                             "kill_rank": a.kill_rank if world == 2 else -1,
                         }
                         s = _summary(_measure(world, args, a.timeout))

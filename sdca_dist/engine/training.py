@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Protocol
 import torch
 
 from sdca_dist.engine.checkpoint import Checkpointer, rng_state, set_rng_state
-from sdca_dist.engine.distributed import all_reduce_flag
+from sdca_dist.engine.distributed import StopVote
 from sdca_dist.engine.model_engine import ModelEngine
 from sdca_dist.engine.observe import memory_high_water_mb
 from sdca_dist.engine.preemption import StopSignal
@@ -111,6 +111,7 @@ def run_training(sc: StageContext, plan: TrainingPlan) -> dict:
     window_start = time.time()
     window_steps = 0
     last_scalars: dict[str, float] = {}
+    vote = StopVote(ctx)
     with StopSignal() as stop:
         for it in range(start, sched.iters):
             t0 = time.time()
@@ -125,7 +126,9 @@ def run_training(sc: StageContext, plan: TrainingPlan) -> dict:
             step_time += t2 - t0
             window_steps += 1
             done = it + 1
-            stop_now = all_reduce_flag(stop.requested, ctx)
+            stop_now = vote.vote(stop.requested)
+            if stop_now:
+                vote.close()  # nothing in flight while the ranks checkpoint together
             if done % log_every == 0 or done == sched.iters or stop_now:
                 wall = time.time() - window_start
                 scalars = {
@@ -148,6 +151,7 @@ def run_training(sc: StageContext, plan: TrainingPlan) -> dict:
             if stop_now:
                 obs.log("stop signal: checkpoint written, exiting for requeue")
                 stop.raise_preempted(done)
+        vote.close()
     obs.log(f"training done; memory high-water {memory_high_water_mb():.0f} MiB")
     stats = {
         "final_scalars": {k: float(v) for k, v in last_scalars.items()},

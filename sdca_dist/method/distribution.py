@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from sdca_dist.classes import IGNORE_INDEX
-from sdca_dist.method.collective import AllReduce, resolve_all_reduce
+from sdca_dist.method.collective import AllReduce, Pending, start_all_reduce
 
 #: Elements (rows x dim) per scatter chunk: small on CPU to stay in cache and keep the float64
 #: temporaries tiny; large on GPU where launch count matters more than a 128 MB temporary.
@@ -191,6 +191,61 @@ def _merge(dist: SemanticDistribution, n_b: Tensor, t1: Tensor, t2: Tensor) -> N
     dist.count = dist.count + n_b.round().to(torch.int64)
 
 
+class PendingUpdate:
+    """Local moments of one or more distributions, their all-reduce in flight.
+
+    :meth:`finish` waits for the sum and merges it into every distribution; until then the
+    distributions are unchanged, so work that does not read them (the segmentation loss) can run
+    while the collective travels. Returned by :func:`start_update`.
+    """
+
+    def __init__(self, dists: list[SemanticDistribution], buffer: Tensor, pending: Pending) -> None:
+        self._dists = dists
+        self._buffer = buffer
+        self._pending: Pending | None = pending
+
+    def finish(self) -> None:
+        """Wait for the all-reduce and merge (idempotent)."""
+        if self._pending is None:
+            return
+        self._pending.wait()
+        self._pending = None
+        offset, buffer = 0, self._buffer
+        with torch.no_grad():
+            for dist in self._dists:
+                C, A = dist.num_classes, dist.dim
+                n_b = buffer[offset : offset + C]
+                offset += C
+                t1 = buffer[offset : offset + C * A].view(C, A)
+                offset += C * A
+                t2 = buffer[offset : offset + C * A].view(C, A)
+                offset += C * A
+                _merge(dist, n_b, t1, t2)
+
+
+def start_update(
+    pairs: Sequence[tuple[SemanticDistribution, Tensor, Tensor]], ignore_index: int = IGNORE_INDEX
+) -> PendingUpdate:
+    """First half of :func:`update_distributions`: local moments packed into one float64 buffer,
+    its all-reduce LAUNCHED (asynchronously where the seam allows); ``finish()`` merges.
+
+    Collective: every rank must start (and finish) the same updates in the same order.
+    """
+    if not pairs:
+        raise ValueError("start_update needs at least one (distribution, features, labels) pair")
+    with torch.no_grad():
+        parts: list[Tensor] = []
+        for dist, feats, labels in pairs:
+            n, t1, t2 = _local_moments(dist, feats, labels, ignore_index)
+            parts += [n, t1.reshape(-1), t2.reshape(-1)]
+        devices = {p.device for p in parts}
+        if len(devices) != 1:
+            raise ValueError(f"all distributions updated together must live on one device, got {devices}")
+        buffer = torch.cat(parts)
+    pending = start_all_reduce(pairs[0][0]._all_reduce, buffer)
+    return PendingUpdate([d for d, _, _ in pairs], buffer, pending)
+
+
 def update_distributions(
     pairs: Sequence[tuple[SemanticDistribution, Tensor, Tensor]], ignore_index: int = IGNORE_INDEX
 ) -> None:
@@ -201,26 +256,5 @@ def update_distributions(
     with identical arithmetic, so all ranks end bit-identical. The all-reduce of the first
     distribution is used (they are meant to share one process group).
     """
-    if not pairs:
-        return
-    with torch.no_grad():
-        parts: list[Tensor] = []
-        shapes: list[tuple[int, int]] = []
-        for dist, feats, labels in pairs:
-            n, t1, t2 = _local_moments(dist, feats, labels, ignore_index)
-            parts += [n, t1.reshape(-1), t2.reshape(-1)]
-            shapes.append((dist.num_classes, dist.dim))
-        devices = {p.device for p in parts}
-        if len(devices) != 1:
-            raise ValueError(f"all distributions updated together must live on one device, got {devices}")
-        buffer = torch.cat(parts)
-        resolve_all_reduce(pairs[0][0]._all_reduce)(buffer)
-        offset = 0
-        for (dist, _, _), (C, A) in zip(pairs, shapes):
-            n_b = buffer[offset : offset + C]
-            offset += C
-            t1 = buffer[offset : offset + C * A].view(C, A)
-            offset += C * A
-            t2 = buffer[offset : offset + C * A].view(C, A)
-            offset += C * A
-            _merge(dist, n_b, t1, t2)
+    if pairs:
+        start_update(pairs, ignore_index).finish()

@@ -19,7 +19,7 @@ import torch
 from sdca_dist.config.schema import MethodConfig
 from sdca_dist.method.collective import AllReduce
 from sdca_dist.method.contrastive import pixel_contrastive_loss
-from sdca_dist.method.distribution import SemanticDistribution, update_distributions
+from sdca_dist.method.distribution import PendingUpdate, SemanticDistribution, start_update
 from sdca_dist.method.pixels import flatten_pixels
 from sdca_dist.method.pseudo_labels import confidence_pseudo_labels
 from sdca_dist.method.segmentation_loss import segmentation_loss
@@ -41,7 +41,13 @@ class DistributionPair:
     @torch.no_grad()
     def update(self, feats: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """Both levels from the same labelled pixels, in one all-reduce."""
-        update_distributions([(self.feat, feats.detach().float(), labels), (self.out, logits.detach().float(), labels)])
+        self.start_update(feats, logits, labels).finish()
+
+    @torch.no_grad()
+    def start_update(self, feats: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> PendingUpdate:
+        """:meth:`update` with the all-reduce launched and not yet waited for: the distributions
+        change only at ``finish()``, so the caller can compute what does not read them first."""
+        return start_update([(self.feat, feats.detach().float(), labels), (self.out, logits.detach().float(), labels)])
 
     def state_dict(self) -> dict:
         return {"feat": self.feat.state_dict(), "out": self.out.state_dict()}
@@ -85,12 +91,18 @@ class SDCAObjective:
         )
 
     def source(self, feats: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> DomainTerms:
-        """Segmentation + contrastive terms with true labels; updates the distributions first."""
+        """Segmentation + contrastive terms with true labels; updates the distributions first.
+
+        The update's all-reduce is launched first and the segmentation loss (which does not read
+        the distributions) computed while it is in flight; the contrastive terms then use the
+        updated distributions, as in the reference. Same arithmetic as update-then-loss.
+        """
         m = self.method
-        seg = segmentation_loss(logits, labels, m.lovasz_weight)
         f, y = flatten_pixels(feats, labels)
         o, _ = flatten_pixels(logits, labels)
-        self.dists.update(f, o, y)
+        update = self.dists.start_update(f, o, y)
+        seg = segmentation_loss(logits, labels, m.lovasz_weight)
+        update.finish()
         lf, lo = self._contrastive(f, o, y)
         return DomainTerms(seg + m.feat_weight * lf + m.out_weight * lo, {"seg": seg, "feat_src": lf, "out_src": lo})
 
