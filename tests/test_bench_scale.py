@@ -33,9 +33,16 @@ def _bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 def test_smoke_output_and_equal_images():
     iters = 2
-    proc = _bench("--iters", str(iters), "--warmup", "1", "--batches", "2")
+    proc = _bench("--iters", str(iters), "--warmup", "1", "--batches", "2", "--repeats", "2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
+    # machine noise: every repeat's pair is shown, the median pair counts, and the ranks are bound
+    assert "each rank bound to one core" in lines[1]
+    each = [ln for ln in lines if "efficiency of each repeat" in ln]
+    assert len(each) == 1 and re.fullmatch(
+        r"2\+2, efficiency of each repeat: \d+% \d+%; median (\d+)% \(range \d+-\d+%\)", each[0]
+    ), each
+    assert re.search(r"median (\d+)%", each[0]).group(1) + "%" == lines[-1].split(": ")[1]
     assert lines[0].startswith("machine: ") and " cores " in lines[0] and "torch " in lines[0]
     assert "OMP_NUM_THREADS=1" in lines[1]
     assert re.fullmatch(r"scaling efficiency: \d+%", lines[-1]), lines[-1]
@@ -54,7 +61,7 @@ def test_smoke_output_and_equal_images():
 
 def test_a_dying_rank_fails_fast_with_one_line():
     t0 = time.monotonic()
-    proc = _bench("--iters", "2", "--warmup", "1", "--batches", "2", "--kill-rank", "1", timeout=120)
+    proc = _bench("--iters", "2", "--warmup", "1", "--batches", "2", "--repeats", "1", "--kill-rank", "1", timeout=120)
     assert proc.returncode == 1
     err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert err == [err[-1]] and re.fullmatch(r"error: rank 1 of 2 exited with code 3 \(global batch 2\+2\)", err[-1]), (
