@@ -81,12 +81,30 @@ def eval_image(fn, types, image, size):
     return normalize(fn, types, resized)
 
 
+def own_size_rows(label: torch.Tensor, sizes: torch.Tensor | None) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``(batch rows, their labels at their OWN size)`` for an eval batch (see ``ShardLoader``).
+
+    Eval labels are padded with 255 to the largest in the batch, while every image is resized to
+    one size: a prediction must be upsampled to ITS label's size, never to the padded one (that
+    would stretch a smaller image's prediction over padding). When every label fills the padded
+    batch (one image size, e.g. Cityscapes) this is the whole batch at once; otherwise one row at
+    a time. ``sizes`` int64 [B, 2] (H, W); None = the batch is uniform.
+    """
+    height, width = label.shape[-2:]
+    if sizes is None or bool(((sizes[:, 0] == height) & (sizes[:, 1] == width)).all()):
+        yield slice(0, label.shape[0]), label
+        return
+    for i, (h, w) in enumerate(sizes.tolist()):
+        yield slice(i, i + 1), label[i : i + 1, :h, :w]
+
+
 class ShardLoader:
     """Batches ``{"image": float [B,3,H,W], "label": int64 [B,H,W], "valid": bool [B], "index": int64 [B]}``.
 
     ``train=True`` iterates forever (epoch after epoch, reshuffled); ``train=False`` makes one
     pass. Eval labels stay at their original resolution (padded with 255 to the largest in the
-    batch) while images are resized to ``resize``. Training: ``resize`` (or, if None, the image's
+    batch; ``"label_size"`` int64 [B, 2] gives each one's (H, W): use :func:`own_size_rows`) while
+    images are resized to ``resize``. Training: ``resize`` (or, if None, the image's
     own size) times a random scale from ``scale_range``, then ``crop_size`` under ``crop_policy``.
     """
 
@@ -371,7 +389,11 @@ class ShardLoader:
         valid = torch.as_tensor(valid)
         if not bool(valid.all()):  # padding samples carry no label: no consumer can count them by mistake
             lbl[~valid.to(lbl.device)] = 255
-        return {"image": img, "label": lbl, "valid": valid, "index": torch.as_tensor(got, dtype=torch.int64)}
+        batch = {"image": img, "label": lbl, "valid": valid, "index": torch.as_tensor(got, dtype=torch.int64)}
+        if not self.train:  # image and label sizes are equal in a shard set (packing checks it)
+            wh = [self.manifest.samples[int(i)]["size"] for i in got]
+            batch["label_size"] = torch.tensor([[h, w] for w, h in wh], dtype=torch.int64)
+        return batch
 
     def _explain(self, g: int, err: Exception) -> Exception:
         """The one-line error for a failed batch: the sample (shard + key) that does not decode."""

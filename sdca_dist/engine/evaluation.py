@@ -7,6 +7,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from sdca_dist.data.loader import own_size_rows
 from sdca_dist.engine.data import make_loader, manifest_path, shard_set
 from sdca_dist.engine.stage_context import StageContext
 
@@ -39,14 +40,15 @@ def evaluate(sc: StageContext, module: torch.nn.Module, tag: str = "eval", itera
         valid = batch["valid"].to(ctx.device)
         dtype = next(module.parameters()).dtype
         _, logits = module(image.to(dtype))
-        logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=True)
-        pred = logits.argmax(1)
         label = torch.where(valid[:, None, None], label, torch.full_like(label, 255))
-        cm.update(pred, label)
+        for rows, own in own_size_rows(label, batch.get("label_size")):
+            up = F.interpolate(logits[rows].float(), size=own.shape[-2:], mode="bilinear", align_corners=True)
+            pred = up.argmax(1)
+            cm.update(pred, own)
+            if not shown:
+                sc.observer.images(iteration, f"{tag}/val", image[rows][0], own[0], pred[0])
+                shown = True
         images += int(valid.sum())
-        if not shown:
-            sc.observer.images(iteration, f"{tag}/val", image[0], label[0], pred[0])
-            shown = True
     cm.all_reduce()
     from sdca_dist.classes import class_names
 

@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from sdca_dist.data.loader import own_size_rows
 from sdca_dist.engine.data import make_loader, manifest_path, shard_set
 from sdca_dist.engine.run_dir import DISTRIBUTIONS
 from sdca_dist.engine.stage_context import StageContext
@@ -38,8 +39,15 @@ def run(sc: StageContext) -> dict:
         image = batch["image"].to(ctx.device)
         label = batch["label"].to(ctx.device)  # padding samples arrive as 255 (the loader masks them)
         feats, logits = model(image)
-        f, y = flatten_pixels(feats, label)
-        o, _ = flatten_pixels(logits, label)
+        # each label at its own size, resized to the features (a smaller image's label is not
+        # stretched over the padding); rows then concatenated: one update per batch as before
+        parts = [
+            (flatten_pixels(feats[rows], own), flatten_pixels(logits[rows], own)[0])
+            for rows, own in own_size_rows(label, batch.get("label_size"))
+        ]
+        f = torch.cat([fy[0] for fy, _ in parts])
+        y = torch.cat([fy[1] for fy, _ in parts])
+        o = torch.cat([o for _, o in parts])
         dists.update(f, o, y)  # one all-reduce for both levels; every rank calls it every step
         if step % cfg.train.log_every == 0 or step == obs.total:
             obs.progress(step, {})

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from sdca_dist.data.loader import own_size_rows
 from sdca_dist.engine.data import make_loader, manifest_path, shard_set
 from sdca_dist.engine.distributed import all_gather_object, all_reduce_sum
 from sdca_dist.engine.run_dir import PSEUDO_SHARDS, THRESHOLDS
@@ -33,11 +34,16 @@ def _loader(sc: StageContext):
     )
 
 
-def _probabilities(model, image: torch.Tensor, size) -> torch.Tensor:
+def _probabilities(model, batch: dict, device) -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """``(batch rows, softmax probabilities, labels)``, both at those labels' OWN size
+    (``own_size_rows``: a smaller image's prediction is never stretched over padding)."""
     from sdca_dist.method import upsample_logits
 
-    _, logits = model(image)
-    return upsample_logits(logits.float(), tuple(size)).softmax(dim=1)
+    _, logits = model(batch["image"].to(device))
+    return [
+        (rows, upsample_logits(logits[rows].float(), tuple(own.shape[-2:])).softmax(dim=1), own.to(device))
+        for rows, own in own_size_rows(batch["label"], batch.get("label_size"))
+    ]
 
 
 @torch.no_grad()
@@ -59,10 +65,10 @@ def run(sc: StageContext) -> dict:
     thresholds = ClassThresholds(num_classes, bins=cfg.method.threshold_bins, device=ctx.device)
     step = 0
     for batch in loader:
-        valid = batch["valid"]
-        probs = _probabilities(model, batch["image"].to(ctx.device), batch["label"].shape[-2:])
-        if bool(valid.any()):
-            thresholds.update(probs[valid.to(ctx.device)])
+        for rows, probs, _ in _probabilities(model, batch, ctx.device):
+            valid = batch["valid"][rows]
+            if bool(valid.any()):
+                thresholds.update(probs[valid.to(ctx.device)])
         step += 1
         if step % cfg.train.log_every == 0:
             obs.progress(step, {})
@@ -86,14 +92,15 @@ def run(sc: StageContext) -> dict:
     quality = ConfusionMatrix(num_classes, device=ctx.device)  # pseudo label vs the held-back GT
     kept = total = 0
     for batch in _loader(sc):
-        probs = _probabilities(model, batch["image"].to(ctx.device), batch["label"].shape[-2:])
-        labels = apply_thresholds(probs, thr.to(ctx.device))
-        gt = batch["label"].to(ctx.device)
-        for i in range(labels.shape[0]):
+        per_image = []  # (batch row, pseudo label at its own size, ground truth at its own size)
+        for rows, probs, gts in _probabilities(model, batch, ctx.device):
+            labels = apply_thresholds(probs, thr.to(ctx.device))
+            per_image += [(rows.start + j, labels[j], gts[j]) for j in range(labels.shape[0])]
+        for i, label_i, gt_i in per_image:
             if not bool(batch["valid"][i]):
                 continue
             sample = reader.read(int(batch["index"][i]))
-            lab = labels[i].to(torch.uint8).cpu().numpy()
+            lab = label_i.to(torch.uint8).cpu().numpy()
             writer.add(
                 sample["key"],
                 sample["image"],
@@ -101,11 +108,11 @@ def run(sc: StageContext) -> dict:
                 lab,
                 {"path": sample["meta"].get("path"), "source_index": int(batch["index"][i])},
             )
-            confident = labels[i] != 255
+            confident = label_i != 255
             # only confident pixels are scored: elsewhere the GT is masked to ignore
             quality.update(
-                torch.where(confident, labels[i], torch.zeros_like(labels[i]))[None],
-                torch.where(confident, gt[i], torch.full_like(gt[i], 255))[None],
+                torch.where(confident, label_i, torch.zeros_like(label_i))[None],
+                torch.where(confident, gt_i, torch.full_like(gt_i, 255))[None],
             )
             kept += int(confident.sum())
             total += int(lab.size)
