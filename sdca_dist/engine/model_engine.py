@@ -88,10 +88,8 @@ class DDPEngine(ModelEngine):
         # Frozen BN (src/sdca) has nothing to sync; trainable BN is SyncBN on GPUs. On CPU (no
         # SyncBN there) rank 0's running statistics are broadcast so every rank holds the same model.
         sync_buffers = (not freeze_bn) and ctx.device.type != "cuda"
-        # gradient_as_bucket_view: the .grad tensors ARE views into DDP's all-reduce buckets, so no
-        # copy into and out of the buckets every step (and one model's worth less memory)
         self.wrapped = nn.parallel.DistributedDataParallel(
-            model, device_ids=device_ids, forward_sync_buffers=sync_buffers, gradient_as_bucket_view=True
+            model, device_ids=device_ids, forward_sync_buffers=sync_buffers
         )
         self._last = True
 
