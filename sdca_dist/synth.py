@@ -450,6 +450,30 @@ def _progress(on: bool, n: int, total: int, t0: float) -> None:
         print(f"\rsynth: {n}/{total} images, {el:.0f}s elapsed, ETA {eta:.0f}s", end="", file=sys.stderr, flush=True)
 
 
+def synth_command(
+    out: Path | str,
+    counts: tuple[int, int, int],
+    source_wh: tuple[int, int],
+    target_wh: tuple[int, int],
+    *,
+    seed: int | None = None,
+    workers: int = 1,
+    knobs: dict[str, float] | None = None,
+) -> list[str]:
+    """The command line that generates a synthetic benchmark (``python -m sdca_dist.synth ...``),
+    for callers that run the tool as a subprocess (the synthetic preset's first use, the
+    benchmarks, the GPU check, tests). ``counts`` = (source, target train, target val) images;
+    sizes are (W, H); ``seed`` None = the tool's default; ``knobs`` are domain-gap settings by field
+    name (``gap``, ...)."""
+    cmd = [sys.executable, "-m", "sdca_dist.synth", "--out", str(out)]
+    cmd += [] if seed is None else ["--seed", str(seed)]
+    cmd += ["--num-source", str(counts[0]), "--num-target-train", str(counts[1]), "--num-target-val", str(counts[2])]
+    cmd += ["--source-size", "%dx%d" % tuple(source_wh), "--target-size", "%dx%d" % tuple(target_wh)]
+    for name, value in (knobs or {}).items():
+        cmd += ["--" + str(name).replace("_", "-"), str(float(value))]
+    return cmd + ["--workers", str(workers)]
+
+
 def _size(text: str) -> tuple[int, int]:
     try:
         w, h = text.lower().split("x")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from PIL import Image
 from sdca_dist.data.loader import own_size_rows
 from sdca_dist.data.shard_reader import iter_samples
 from sdca_dist.shard import shard_command
+from sdca_dist.synth import synth_command
 
 SMALL_WH = (96, 48)  # every second image and its label; the others stay 128x64 (source 144x72)
 
@@ -39,13 +39,7 @@ def _shrink(image: Path, label: Path) -> None:
 def mixed_shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mixed")
     raw = root / "raw"
-    subprocess.run(
-        [sys.executable, "-m", "sdca_dist.synth", "--out", str(raw), "--seed", "5"]
-        + ["--num-source", "12", "--num-target-train", "12", "--num-target-val", "9"]
-        + ["--source-size", "144x72", "--target-size", "128x64"],
-        check=True,
-        capture_output=True,
-    )
+    subprocess.run(synth_command(raw, (12, 12, 9), (144, 72), (128, 64), seed=5), check=True, capture_output=True)
     for n, image in enumerate(sorted((raw / "gta5" / "images").glob("*.png"))):
         if n % 2:
             _shrink(image, raw / "gta5" / "labels" / image.name)

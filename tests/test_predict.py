@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 
 from sdca_dist.predict import PredictError, parse_args, stem_of
+from sdca_dist.shard import shard_command
+from sdca_dist.synth import synth_command
 
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = ["conf=synthetic", "model=small", "data.eval_resize=[48,96]", "train.eval_batch_size=2"]
@@ -48,40 +50,10 @@ def valset(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("predict")
     raw = root / "raw"
     for cmd in (
-        [
-            "sdca_dist.synth",
-            "--out",
-            str(raw),
-            "--num-source",
-            "1",
-            "--num-target-train",
-            "1",
-            "--num-target-val",
-            "5",
-            "--source-size",
-            "96x48",
-            "--target-size",
-            "160x80",
-            "--workers",
-            "1",
-        ],
-        [
-            "sdca_dist.shard",
-            "--layout",
-            "cityscapes",
-            "--root",
-            str(raw / "cityscapes"),
-            "--split",
-            "val",
-            "--out",
-            str(root / "val"),
-            "--workers",
-            "1",
-            "--lossless",
-            "--quiet",
-        ],
+        synth_command(raw, (1, 1, 5), (96, 48), (160, 80)),
+        shard_command("cityscapes", raw / "cityscapes", "val", root / "val") + ["--lossless", "--quiet"],
     ):
-        proc = subprocess.run([sys.executable, "-m", *cmd], cwd=REPO, env=_env(), capture_output=True, text=True)
+        proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
     from sdca_dist.models import build_model
 

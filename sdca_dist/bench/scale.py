@@ -53,6 +53,7 @@ import torch.multiprocessing as mp
 
 from sdca_dist.bench.step import TimedAllReduce
 from sdca_dist.shard import shard_command
+from sdca_dist.synth import synth_command
 
 #: per-rank phase names, in step order (seconds summed over the timed steps)
 PHASES = ("data", "step", "optimizer", "flag")
@@ -364,27 +365,7 @@ def _synthetic_shards(root: Path, count: int) -> None:
     Through the two command-line tools rather than the config: the benchmark measures the step, and
     must not depend on how presets are composed."""
     raw = root / "raw"
-    cmds = [
-        [
-            sys.executable,
-            "-m",
-            "sdca_dist.synth",
-            "--out",
-            str(raw),
-            "--seed",
-            "0",
-            "--num-source",
-            str(count),
-            "--num-target-train",
-            str(count),
-            "--num-target-val",
-            "4",
-            "--source-size",
-            "144x72",
-            "--target-size",
-            "128x64",
-        ]
-    ]
+    cmds = [synth_command(raw, (count, count, 4), (144, 72), (128, 64), seed=0)]
     for layout, split, name in (("gta5", "train", "gta5_train"), ("cityscapes", "train", "cityscapes_train")):
         cmds.append(shard_command(layout, raw / layout, split, root / name, workers=1))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}

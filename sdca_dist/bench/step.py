@@ -43,12 +43,7 @@ class TimedAllReduce:
         self.bytes = 0
 
     def __call__(self, tensor: torch.Tensor) -> None:
-        t0 = time.perf_counter()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(tensor)
-        self.seconds += time.perf_counter() - t0
-        self.calls += 1
-        self.bytes = tensor.numel() * tensor.element_size()
+        self.start(tensor).wait()
 
     def start(self, tensor: torch.Tensor):
         t0 = time.perf_counter()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import fcntl
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +17,7 @@ from omegaconf import DictConfig
 from sdca_dist.classes import target_label_map
 from sdca_dist.engine.distributed import DistContext
 from sdca_dist.shard import shard_command
+from sdca_dist.synth import synth_command
 
 #: shard sets of the synthetic benchmark: name -> (layout, split)
 SYNTHETIC_SETS = {
@@ -62,33 +62,16 @@ def ensure_synthetic_shards(cfg: DictConfig, log=print) -> None:
         raw = root / "raw"
         if not (raw / ".complete").is_file():
             log(f"generating the synthetic benchmark under {raw} (seed {cfg.data.synthetic_seed})")
-            n_src, n_tr, n_val = (int(x) for x in cfg.data.synthetic_counts)
             (sh, sw), (th, tw) = cfg.data.synthetic_source_size, cfg.data.synthetic_target_size
             _run(
-                [
-                    sys.executable,
-                    "-m",
-                    "sdca_dist.synth",
-                    "--out",
-                    str(raw),
-                    "--seed",
-                    str(cfg.data.synthetic_seed),  # a command-line argument
-                    "--num-source",
-                    str(n_src),
-                    "--num-target-train",
-                    str(n_tr),
-                    "--num-target-val",
-                    str(n_val),
-                    "--source-size",
-                    f"{sw}x{sh}",
-                    "--target-size",
-                    f"{tw}x{th}",
-                    *(
-                        a
-                        for k, v in dict(cfg.data.get("synthetic_gap") or {}).items()
-                        for a in ("--" + str(k).replace("_", "-"), str(float(v)))
-                    ),
-                ]
+                synth_command(
+                    raw,
+                    tuple(int(x) for x in cfg.data.synthetic_counts),
+                    (sw, sh),
+                    (tw, th),
+                    seed=cfg.data.synthetic_seed,
+                    knobs=dict(cfg.data.get("synthetic_gap") or {}),
+                )
             )
             (raw / ".complete").write_text("ok\n")
         for name in wanted:

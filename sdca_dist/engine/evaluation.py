@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 
 from sdca_dist.data.loader import own_size_rows
 from sdca_dist.engine.data import make_loader, manifest_path, shard_set
 from sdca_dist.engine.stage_context import StageContext
+from sdca_dist.method.segmentation_loss import upsample_logits
 
 
 @torch.no_grad()
@@ -42,7 +42,7 @@ def evaluate(sc: StageContext, module: torch.nn.Module, tag: str = "eval", itera
         _, logits = module(image.to(dtype))
         label = torch.where(valid[:, None, None], label, torch.full_like(label, 255))
         for rows, own in own_size_rows(label, batch.get("label_size")):
-            up = F.interpolate(logits[rows].float(), size=own.shape[-2:], mode="bilinear", align_corners=True)
+            up = upsample_logits(logits[rows].float(), tuple(own.shape[-2:]))
             pred = up.argmax(1)
             cm.update(pred, own)
             if not shown:

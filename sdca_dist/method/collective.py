@@ -24,13 +24,18 @@ import torch.distributed as dist
 AllReduce = Callable[[torch.Tensor], None]
 
 
+def _in_group() -> bool:
+    """A process group of more than one rank exists (looked up at call time)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def default_all_reduce(tensor: torch.Tensor) -> None:
     """SUM-all-reduce ``tensor`` in place when a process group exists, else leave it as is.
 
     Looked up at call time (not at construction) so an estimator built before
     ``init_process_group`` still reduces once the group exists.
     """
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _in_group():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
@@ -56,7 +61,7 @@ def start_all_reduce(all_reduce: AllReduce | None, tensor: torch.Tensor) -> Pend
     order, as with the synchronous seam.
     """
     if all_reduce is None:
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if _in_group():
             return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
         return _Done()
     start = getattr(all_reduce, "start", None)

@@ -39,29 +39,12 @@ def _sync() -> None:
 def item_dali(tmp: Path, smoke: bool) -> dict:
     from sdca_dist.data.loader import ShardLoader
     from sdca_dist.shard import shard_command
+    from sdca_dist.synth import synth_command
 
     src_size, tgt_size, n = ((192, 104), (256, 128), 8) if smoke else ((1914, 1052), (2048, 1024), 64)
     raw, shards = tmp / "raw", tmp / "shards"
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sdca_dist.synth",
-            "--out",
-            str(raw),
-            "--num-source",
-            str(n),
-            "--num-target-train",
-            str(n),
-            "--num-target-val",
-            "2",
-            "--source-size",
-            "%dx%d" % src_size,
-            "--target-size",
-            "%dx%d" % tgt_size,
-            "--workers",
-            "8",
-        ],
+        synth_command(raw, (n, n, 2), src_size, tgt_size, workers=8),
         check=True,
         capture_output=True,
     )

@@ -42,12 +42,10 @@ def run(sc: StageContext) -> dict:
         # each label at its own size, resized to the features (a smaller image's label is not
         # stretched over the padding); rows then concatenated: one update per batch as before
         parts = [
-            (flatten_pixels(feats[rows], own), flatten_pixels(logits[rows], own)[0])
+            (*flatten_pixels(feats[rows], own), flatten_pixels(logits[rows], own)[0])
             for rows, own in own_size_rows(label, batch.get("label_size"))
         ]
-        f = torch.cat([fy[0] for fy, _ in parts])
-        y = torch.cat([fy[1] for fy, _ in parts])
-        o = torch.cat([o for _, o in parts])
+        f, y, o = parts[0] if len(parts) == 1 else (torch.cat(p) for p in zip(*parts))
         dists.update(f, o, y)  # one all-reduce for both levels; every rank calls it every step
         if step % cfg.train.log_every == 0 or step == obs.total:
             obs.progress(step, {})

@@ -35,13 +35,14 @@ def _loader(sc: StageContext):
 
 
 def _probabilities(model, batch: dict, device) -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
-    """``(batch rows, softmax probabilities, labels)``, both at those labels' OWN size
-    (``own_size_rows``: a smaller image's prediction is never stretched over padding)."""
+    """``(batch rows, softmax probabilities on ``device``, labels as loaded)``, both at those
+    labels' OWN size (``own_size_rows``: a smaller image's prediction is never stretched over
+    padding)."""
     from sdca_dist.method import upsample_logits
 
     _, logits = model(batch["image"].to(device))
     return [
-        (rows, upsample_logits(logits[rows].float(), tuple(own.shape[-2:])).softmax(dim=1), own.to(device))
+        (rows, upsample_logits(logits[rows].float(), tuple(own.shape[-2:])).softmax(dim=1), own)
         for rows, own in own_size_rows(batch["label"], batch.get("label_size"))
     ]
 
@@ -95,6 +96,7 @@ def run(sc: StageContext) -> dict:
         per_image = []  # (batch row, pseudo label at its own size, ground truth at its own size)
         for rows, probs, gts in _probabilities(model, batch, ctx.device):
             labels = apply_thresholds(probs, thr.to(ctx.device))
+            gts = gts.to(ctx.device)
             per_image += [(rows.start + j, labels[j], gts[j]) for j in range(labels.shape[0])]
         for i, label_i, gt_i in per_image:
             if not bool(batch["valid"][i]):
