@@ -3,8 +3,12 @@ preflight, the lineage and the tests read.
 
 A stage is a ``StageSpec``: the function that runs it (imported lazily, so the launcher never
 imports torch), the shard sets it reads directly, the files it needs from earlier stages, the
-files it leaves for later ones, its schedule section (training stages) and whether a failure of
-it stops the chain. Adding a stage is one entry here plus one function.
+files it leaves for later ones, its schedule section (training stages), whether a failure of
+it stops the chain and, for a reference stage, the launcher key that adds it and the stage it is
+paired with in the summary. Everything else that lists stages is derived from this table: the
+schema's schedule sections and launcher keys (``sdca_dist.config.schema``), their checks
+(``sdca_dist.config.compose``), the launcher's plan and summary (``sdca_dist.launch``). Adding a
+stage is one entry here, one function and (training stages) its preset schedule values.
 """
 
 from __future__ import annotations
@@ -50,6 +54,13 @@ class StageSpec:
     gates_chain: bool = True
     #: global batch keys the job shape must split (training stages)
     batch_keys: tuple[str, ...] = field(default=())
+    #: a reference stage outside the chain: the launcher key (a bool of ``LaunchConfig``) that
+    #: adds it to a launch, e.g. ``with_oracle=true``; None for stages planned by name only
+    launch_flag: Optional[str] = None
+    #: an ablation of stage ``paired_with``: the summary reports ``paired_with`` minus this stage
+    #: per seed (same inputs and seed: a paired difference) under the name ``effect``
+    paired_with: Optional[str] = None
+    effect: Optional[str] = None
 
     @property
     def training(self) -> bool:
@@ -72,6 +83,7 @@ TABLE: tuple[StageSpec, ...] = (
         in_chain=False,
         gates_chain=False,
         batch_keys=("batch_size",),
+        launch_flag="with_oracle",
     ),
     StageSpec(
         "src",
@@ -97,8 +109,8 @@ TABLE: tuple[StageSpec, ...] = (
         schedule="sdca",
         batch_keys=("batch_size", "target_batch_size"),
     ),
-    # the one-command ablation (launcher with_ablation=true): sdca with the four contrastive terms
-    # off, from the same src model, distributions and seed; a reference, gates nothing
+    # the one-command ablation: sdca with the four contrastive terms off, from the same src model,
+    # distributions and seed; a reference, gates nothing
     StageSpec(
         "sdca_no_align",
         f"{_STAGES}.sdca:run_no_align",
@@ -109,6 +121,9 @@ TABLE: tuple[StageSpec, ...] = (
         in_chain=False,
         gates_chain=False,
         batch_keys=("batch_size", "target_batch_size"),
+        launch_flag="with_ablation",
+        paired_with="sdca",
+        effect="alignment effect",
     ),
     StageSpec(
         "pseudo_label",
@@ -135,6 +150,13 @@ CHAIN: tuple[str, ...] = tuple(s.name for s in TABLE if s.in_chain)
 TRAINING_STAGES: tuple[str, ...] = tuple(s.name for s in TABLE if s.training)
 #: stages with a model_final.pt that ``eval.model_from`` may name
 MODEL_STAGES: tuple[str, ...] = tuple(s.name for s in TABLE if MODEL_FINAL in s.outputs)
+#: the config sections holding a StageSchedule (one per training stage; an ablation shares its
+#: stage's), the chain's first, in chain order, then the references'
+SCHEDULE_SECTIONS: tuple[str, ...] = tuple(
+    dict.fromkeys(s.schedule for s in sorted(TABLE, key=lambda s: not s.in_chain) if s.schedule)
+)
+#: launcher key -> the reference stage it adds
+LAUNCH_FLAGS: dict[str, str] = {s.launch_flag: s.name for s in TABLE if s.launch_flag}
 
 
 def spec(name: str) -> StageSpec:

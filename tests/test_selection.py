@@ -15,7 +15,6 @@ Specifications (the real CLI, one process, the tiny synthetic benchmark):
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import signal
@@ -26,6 +25,8 @@ import pytest
 import torch
 from engine_fixtures import REPO, child_env, run_train, tiny, train_cmd
 from omegaconf import OmegaConf
+
+from sdca_dist.launch.summary import write_summary
 
 ITERS = 9
 EVERY = 3
@@ -163,19 +164,11 @@ def test_invalid_select_settings_are_one_line_errors(tmp_path):
         assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-1000:]
 
 
-def _launcher():
-    spec = importlib.util.spec_from_file_location("launch_slurm", REPO / "launch" / "slurm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_summary_labels_rows_selected_on_the_evaluation_set(best_run: Path, final_run: Path, tmp_path):
-    slurm = _launcher()
     cfg = OmegaConf.create({"conf": "synthetic"})
     for run, selected in ((best_run, True), (final_run, False)):
         out = tmp_path / run.name
-        assert slurm.write_summary(cfg, out, [(0, run)], ["src"]) is not None
+        assert write_summary(cfg, out, [(0, run)], ["src"]) is not None
         row = json.loads((out / "summary.json").read_text())["stages"]["src"]
         md = (out / "summary.md").read_text()
         assert row["selected_on_val"] is selected

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sdca_dist.config.schema import Config, LaunchConfig
-from sdca_dist.stage_table import STAGE_NAMES
+from sdca_dist.stage_table import SCHEDULE_SECTIONS, STAGE_NAMES, TABLE
 
 CONFIG_NAME = "sdca"
 #: dict-valued settings that take keys of the user's choosing (``+cluster.extra.reservation=x``);
@@ -145,7 +145,7 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(f"unknown stage={cfg.stage!r}; valid stages: {', '.join(STAGE_NAMES)}")
     _check(bool(str(cfg.run_dir).strip()), "run_dir is empty; name the run folder (run_dir=runs/NAME)")
     _check(cfg.seed >= 0, f"seed={cfg.seed} must be >= 0")
-    for name in ("src", "sdca", "ssl", "oracle"):
+    for name in SCHEDULE_SECTIONS:
         s = cfg[name]
         _check(s.iters >= 1, f"{name}.iters={s.iters} must be >= 1")
         _check(
@@ -156,7 +156,9 @@ def _validate(cfg: DictConfig) -> None:
         _check(s.lr > 0, f"{name}.lr={s.lr} must be > 0")
         _check(s.batch_size >= 1, f"{name}.batch_size={s.batch_size} must be >= 1")
         _check(s.target_batch_size >= 0, f"{name}.target_batch_size={s.target_batch_size} must be >= 0")
-    _check(cfg.sdca.target_batch_size >= 1, f"sdca.target_batch_size={cfg.sdca.target_batch_size} must be >= 1")
+    for name in dict.fromkeys(st.schedule for st in TABLE if "target_batch_size" in st.batch_keys):
+        n = cfg[name].target_batch_size
+        _check(n >= 1, f"{name}.target_batch_size={n} must be >= 1")
     t = cfg.train
     _check(t.iters is None or t.iters >= 1, f"train.iters={t.iters} must be >= 1")
     for key in ("checkpoint_every", "keep_checkpoints", "log_every", "image_every", "eval_batch_size", "select_every"):
@@ -186,7 +188,9 @@ def _validate(cfg: DictConfig) -> None:
         _check(m[key] >= 0, f"method.{key}={m[key]} must be >= 0")
     _check(m.threshold_bins >= 2, f"method.threshold_bins={m.threshold_bins} must be >= 2")
     c = cfg.cluster
-    _check(c.name in ("local", "slurm"), f"cluster.name={c.name!r}; valid: local, slurm")
+    from sdca_dist.launch.backends import backend_names
+
+    _check(c.name in backend_names(), f"cluster.name={c.name!r}; valid: {', '.join(backend_names())}")
     _check(c.tasks_per_node >= 1, f"cluster.tasks_per_node={c.tasks_per_node} must be >= 1")
     _check(c.gpus_per_node >= 0, f"cluster.gpus_per_node={c.gpus_per_node} must be >= 0")
     _check(c.cpus_per_task >= 1, f"cluster.cpus_per_task={c.cpus_per_task} must be >= 1")

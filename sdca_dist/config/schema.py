@@ -3,14 +3,19 @@
 Hydra YAML under ``conf/`` fills these dataclasses; because the schema is registered as the
 structured base of the primary config, a misspelt key or a wrong type fails when the config is
 composed, before anything runs or is submitted.
+
+The per-stage parts come from the stage table (``sdca_dist.stage_table``): ``Config`` has one
+schedule section per ``SCHEDULE_SECTIONS`` entry (a ``StageSchedule``, or the class
+``SCHEDULE_TYPES`` names for a section with settings of its own), ``LaunchConfig`` one bool per
+reference stage's ``launch_flag``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Optional
 
-from sdca_dist.stage_table import CHAIN
+from sdca_dist.stage_table import CHAIN, LAUNCH_FLAGS, SCHEDULE_SECTIONS
 
 
 @dataclass
@@ -175,11 +180,9 @@ class EvalConfig:
 
 
 @dataclass
-class Config:
-    """The whole run. ``conf`` names the preset (synthetic, gta2city, synthia2city).
-
-    ``stage`` and ``run_dir`` say which job this is, not how the run behaves: they are never part
-    of the frozen run configuration's comparison (``sdca_dist.config.run_config``)."""
+class RunSettings:
+    """The run's sections that every stage shares; ``Config`` adds one schedule section per
+    training stage."""
 
     conf: str = "???"
     stage: str = "src"
@@ -193,16 +196,37 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     init: InitConfig = field(default_factory=InitConfig)
-    src: StageSchedule = field(default_factory=StageSchedule)
-    sdca: StageSchedule = field(default_factory=StageSchedule)
-    ssl: SSLSchedule = field(default_factory=SSLSchedule)
-    oracle: StageSchedule = field(default_factory=StageSchedule)
+
+
+#: schedule sections whose stage has settings beyond ``StageSchedule``
+SCHEDULE_TYPES: dict[str, type] = {"ssl": SSLSchedule}
+
+
+def _schedule_field(section: str) -> tuple[str, type, Any]:
+    cls = SCHEDULE_TYPES.get(section, StageSchedule)
+    return (section, cls, field(default_factory=cls))
+
+
+Config = make_dataclass(
+    "Config",
+    [_schedule_field(section) for section in SCHEDULE_SECTIONS],
+    bases=(RunSettings,),
+    namespace={
+        "__module__": __name__,
+        "__doc__": """The whole run. ``conf`` names the preset (synthetic, gta2city, synthia2city);
+    ``src``, ``sdca``, ``ssl``, ``oracle`` (``SCHEDULE_SECTIONS``) are the stages' schedules.
+
+    ``stage`` and ``run_dir`` say which job this is, not how the run behaves: they are never part
+    of the frozen run configuration's comparison (``sdca_dist.config.run_config``).""",
+    },
+)
 
 
 @dataclass
-class LaunchConfig:
-    """Settings of one launch (``launch/slurm.py``), not of the run: they never enter the frozen
-    run configuration, so relaunching with other values is always allowed."""
+class LaunchSettings:
+    """The launcher's own settings; ``LaunchConfig`` adds one bool per reference stage's
+    ``launch_flag`` (``with_oracle``: the target-label oracle, ``with_ablation``: sdca with the
+    contrastive terms off, ``sdca_no_align``, and the paired difference)."""
 
     #: the most nodes the user grants; each stage's job takes what its plan needs (README "Scaling out")
     nodes: int = 1
@@ -210,8 +234,17 @@ class LaunchConfig:
     wait: bool = False
     dry_run: bool = False
     seeds: int = 1
-    with_oracle: bool = False
-    #: also train sdca with the contrastive terms off (stage sdca_no_align) and report the difference
-    with_ablation: bool = False
     #: stages to run again although DONE; every stage after them becomes stale and reruns too
     redo: list[str] = field(default_factory=list)
+
+
+LaunchConfig = make_dataclass(
+    "LaunchConfig",
+    [(flag, bool, field(default=False)) for flag in LAUNCH_FLAGS],
+    bases=(LaunchSettings,),
+    namespace={
+        "__module__": __name__,
+        "__doc__": """Settings of one launch (``python -m sdca_dist.launch``), not of the run: they
+    never enter the frozen run configuration, so relaunching with other values is always allowed.""",
+    },
+)

@@ -1,0 +1,91 @@
+"""``cluster=local``: the chain on this machine, stage after stage, one torchrun (or plain python)
+process group per stage with its planned world size.
+
+This machine is one node: a launch with ``nodes > 1`` is refused (use more
+``cluster.tasks_per_node`` for more local ranks). A stage that fails and gates the chain stops
+the launch at once (exit 2, no summary); a reference stage's failure is reported and the chain
+goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig
+
+from sdca_dist.config.schema import LaunchConfig
+from sdca_dist.launch.backends.base import Backend
+from sdca_dist.launch.plan import LaunchError, Todo
+from sdca_dist.stage_table import spec
+
+
+def run_local(todo: Todo, plan: dict[str, dict], model_from: str) -> list[dict]:
+    """The chain on this machine: one torchrun (or plain python) process group per stage, each
+    with its planned world size."""
+    records = []
+    for seed, run_dir, stages in todo:
+        for stage, why in stages:
+            ranks = int(plan[stage]["world_size"])
+            args = [f"stage={stage}", f"run_dir={run_dir}"] + (
+                [f"eval.model_from={model_from}"] if stage == "eval" else []
+            )
+            if ranks > 1:
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    f"--nproc_per_node={ranks}",
+                    "-m",
+                    "sdca_dist.train",
+                    *args,
+                ]
+            else:
+                cmd = [sys.executable, "-m", "sdca_dist.train", *args]
+            print(f"[launch] seed {seed} {stage} ({why}): {' '.join(cmd[1:])}", flush=True)
+            t0 = time.time()
+            rc = subprocess.call(cmd, cwd=os.getcwd())
+            done = (run_dir / stage / "DONE").is_file()
+            state = "COMPLETED" if rc == 0 and done else f"FAILED(rc={rc})"
+            records.append(
+                {
+                    "seed": seed,
+                    "stage": stage,
+                    "state": state,
+                    "run_dir": str(run_dir),
+                    "seconds": round(time.time() - t0, 1),
+                }
+            )
+            if state != "COMPLETED":
+                if not spec(stage).gates_chain:
+                    print(f"[launch] seed {seed} {stage} failed (exit {rc}); it gates nothing, going on", flush=True)
+                    continue
+                raise LaunchError(
+                    f"stage {stage} (seed {seed}) failed with exit code {rc}; see its output above "
+                    f"and {run_dir / stage}"
+                )
+    return records
+
+
+class LocalBackend(Backend):
+    name = "local"
+
+    def check_shape(self, cfg: DictConfig, launch: LaunchConfig) -> None:
+        if launch.nodes > 1:
+            raise LaunchError(
+                f"nodes={launch.nodes} with cluster=local: this machine is one node; use "
+                f"cluster.tasks_per_node={launch.nodes * cfg.cluster.tasks_per_node} for as many local ranks"
+            )
+
+    def run(
+        self, cfg: DictConfig, launch: LaunchConfig, root: Path, todo: Todo, plan: dict[str, dict], stages: list[str]
+    ) -> Optional[list[dict]]:
+        return run_local(todo, plan, str(cfg.eval.model_from))
+
+
+BACKEND = LocalBackend()

@@ -1,0 +1,188 @@
+"""``cluster=slurm``: one submitit job per stage (a job array over the seeds that need it), each
+with its planned shape, chained with ``afterok`` dependencies on the last chain stage's job.
+
+Before submitting, the partition must offer ``nodes`` nodes with ``cluster.gpus_per_node`` GPUs
+each (``sinfo``). With ``wait=true`` the launch follows every job to a terminal ``sacct`` state
+and exits 2, after writing the summary, naming the first failed job's error line from its log;
+without it the launch ends once everything is queued.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig
+
+from sdca_dist.config.schema import LaunchConfig
+from sdca_dist.launch.backends.base import Backend
+from sdca_dist.launch.plan import LaunchError, Todo
+from sdca_dist.stage_table import spec
+
+
+def check_partition(cfg: DictConfig, launch: LaunchConfig) -> None:
+    """Fail when the partition cannot give ``nodes`` nodes with ``gpus_per_node`` GPUs each."""
+    part = cfg.cluster.partition
+    args = ["sinfo", "-h", "-o", "%D %G %P"] + (["-p", str(part)] if part else [])
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise LaunchError(f"cannot query SLURM with sinfo ({exc}); is SLURM_CONF set?") from None
+    rows = [r.split() for r in out.strip().splitlines() if r.strip()]
+    if part:
+        rows = [r for r in rows if r[2].rstrip("*") == part]
+    if not rows:
+        raise LaunchError(f"partition {part!r} does not exist (sinfo lists none)")
+    nodes = sum(int(r[0]) for r in rows)
+    if launch.nodes > nodes:
+        raise LaunchError(f"nodes={launch.nodes} but partition {part or '(default)'} has {nodes} node(s)")
+    want = int(cfg.cluster.gpus_per_node)
+    if want > 0:
+        have = 0
+        for r in rows:
+            for gres in r[1].split(","):
+                bits = gres.split("(")[0].split(":")
+                if bits[0] == "gpu" and bits[-1].isdigit():
+                    have = max(have, int(bits[-1]))
+        if want > have:
+            raise LaunchError(
+                f"cluster.gpus_per_node={want} but partition {part or '(default)'} offers {have} GPU(s) per node"
+            )
+
+
+def slurm_parameters(cfg: DictConfig, stage: str, row: dict) -> dict[str, Any]:
+    """sbatch parameters of ``stage``'s job: its planned shape, one GPU per task."""
+    c = cfg.cluster
+    params: dict[str, Any] = {
+        "job_name": f"sdca-{cfg.conf}-{stage}",
+        "nodes": int(row["nodes"]),
+        "ntasks_per_node": int(row["ntasks_per_node"]),
+        "cpus_per_task": int(c.cpus_per_task),
+        "time": int(c.time_min),
+        "signal_delay_s": int(c.signal_delay_s),
+    }
+    if int(c.gpus_per_node) > 0:
+        params["gpus_per_node"] = int(row["ntasks_per_node"])
+    for key in ("partition", "account", "qos", "constraint"):
+        if c[key]:
+            params[key] = str(c[key])
+    if c.mem_gb:
+        params["mem"] = f"{int(c.mem_gb)}GB"
+    if c.extra:
+        params["additional_parameters"] = dict(c.extra)
+    return params
+
+
+def submit_slurm(
+    cfg: DictConfig, root: Path, todo: Todo, plan: dict[str, dict], stages: list[str]
+) -> list[tuple[str, list[Any]]]:
+    """One job (an array over the seeds that need it) per stage, each with its planned shape and
+    depending afterok on the previous chain stage's job."""
+    import submitit
+
+    from sdca_dist.jobs import StageJob
+
+    previous: Optional[str] = None
+    submitted = []
+    for stage in stages:
+        runs = [(seed, rd) for seed, rd, st in todo if stage in dict(st)]
+        if not runs:
+            continue
+        executor = submitit.SlurmExecutor(
+            folder=str(root / "slurm" / stage / "%j"), max_num_timeout=int(cfg.cluster.max_requeues)
+        )
+        params = slurm_parameters(cfg, stage, plan[stage])
+        if previous and spec(stage).gates_chain:
+            params["dependency"] = f"afterok:{previous}"
+        executor.update_parameters(**params)
+        jobs = []
+        with executor.batch():
+            for seed, rd in runs:
+                jobs.append(executor.submit(StageJob(str(rd), stage, str(cfg.eval.model_from))))
+        base = str(jobs[0].job_id).split("_")[0]
+        if spec(stage).gates_chain:
+            previous = base
+        submitted.append((stage, jobs))
+        shape = f"{params['nodes']}x{params['ntasks_per_node']}"
+        print(
+            f"[launch] {stage}: job {base} ({len(jobs)} seed(s), {shape} ranks) logs {root / 'slurm' / stage}",
+            flush=True,
+        )
+    return submitted
+
+
+def job_error(job: Any) -> str:
+    """The exception line of a failed job's log (rank 0), else its last line, else its state."""
+    err = Path(job.paths.stderr)
+    lines = err.read_text(errors="replace").strip().splitlines() if err.is_file() else []
+    lines = [re.sub(r"^\[rank\d+\]:\s?", "", ln) for ln in lines]  # torch's per-rank prefix
+    errors = [ln.strip() for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Preempted)\b.*: ", ln.strip())]
+    if errors:
+        return errors[-1]
+    return lines[-1].strip() if lines else f"no log at {err} (the job never started)"
+
+
+#: sacct states after which a job never runs again (PREEMPTED/REQUEUED jobs come back)
+TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
+
+
+def job_state(job: Any) -> str:
+    """The job's state from sacct (forced refresh: submitit's cached view can lag behind)."""
+    return str(job.get_info(mode="force").get("State", "UNKNOWN")).split()[0]
+
+
+def wait_slurm(submitted: list[tuple[str, list[Any]]], poll_s: float = 5.0) -> list[dict]:
+    """Wait until every job reaches a terminal sacct state; SLURM itself cancels the dependants
+    of a failed stage (kill_invalid_depend), so a failure never leaves the wait hanging. Only a
+    failed stage that gates the chain makes its pending dependants be cancelled here."""
+    records = []
+    failed = False
+    for stage, jobs in submitted:
+        for job in jobs:
+            state = job_state(job)
+            if failed and state == "PENDING":
+                # clusters without kill_invalid_depend keep such jobs pending forever
+                subprocess.run(["scancel", str(job.job_id)], capture_output=True, timeout=60)
+            while state not in TERMINAL_STATES:
+                time.sleep(poll_s)
+                state = job_state(job)
+            failed = failed or (state != "COMPLETED" and spec(stage).gates_chain)
+            rec = {"stage": stage, "job_id": str(job.job_id), "state": state}
+            if state != "COMPLETED":
+                rec["error"] = job_error(job)
+            records.append(rec)
+            print(f"[launch] {stage}: job {job.job_id} {state}", flush=True)
+    return records
+
+
+class SlurmBackend(Backend):
+    name = "slurm"
+
+    def job_parameters(self, cfg: DictConfig, stage: str, row: dict) -> dict[str, Any]:
+        return {"sbatch": slurm_parameters(cfg, stage, row)}
+
+    def run(
+        self, cfg: DictConfig, launch: LaunchConfig, root: Path, todo: Todo, plan: dict[str, dict], stages: list[str]
+    ) -> Optional[list[dict]]:
+        check_partition(cfg, launch)
+        submitted = submit_slurm(cfg, root, todo, plan, stages)
+        if not launch.wait:
+            print("[launch] submitted; watch with: squeue --me / sacct", flush=True)
+            return None
+        return wait_slurm(submitted)
+
+    def failure(self, records: list[dict]) -> Optional[str]:
+        failed = [r for r in records if r["state"] != "COMPLETED"]
+        if not failed:
+            return None
+        first = failed[0]
+        later = ", ".join(f"{r['stage']} ({r['state']})" for r in failed[1:])
+        return f"stage {first['stage']} job {first['job_id']} ended {first['state']}: {first['error']}" + (
+            f"; not run: {later}" if later else ""
+        )
+
+
+BACKEND = SlurmBackend()

@@ -1,0 +1,104 @@
+"""The launcher's command line: plan, check, freeze, run on the backend ``cluster.name`` names,
+summarise (the contract: ``sdca_dist.launch``).
+
+Exit codes: 0 when the plan ran (or, without ``wait=true`` on a cluster, was queued); 2 with one
+line naming the key, file or job at fault when a setting, an input or a stage was wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import sdca_dist.launch
+from sdca_dist.config import ConfigError
+from sdca_dist.config.run_config import freeze, parse_launch, split_overrides
+from sdca_dist.launch.backends import backend
+from sdca_dist.launch.plan import (
+    LaunchError,
+    Todo,
+    _arg,
+    check_shape,
+    planned_stages,
+    preflight,
+    run_configs,
+    stage_plan,
+    stages_to_run,
+)
+from sdca_dist.launch.summary import write_summary
+from sdca_dist.scaling import ScaleError, parse_scale
+from sdca_dist.stage_table import spec
+
+
+def main(argv: Sequence[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(sdca_dist.launch.__doc__)
+        return 0
+    user = [a for a in argv if a not in ("--dry-run",)]
+    if "--dry-run" in argv:
+        user.append("dry_run=true")
+    try:
+        run_overrides, launch_overrides = split_overrides(user)
+        launch = parse_launch(launch_overrides)
+        stages = planned_stages(launch)
+        runs = run_configs(run_overrides, launch, stages)
+        cfg = runs[0][2]
+        root = Path(_arg(run_overrides, "run_dir") or "runs/default") if launch.seeds > 1 else runs[0][1]
+        check_shape(cfg, launch, stages)
+        where = backend(cfg.cluster.name)
+        plan = stage_plan(cfg, launch, stages)
+        problems = [p for _, folder, c, _ in runs for p in preflight(c, folder, stages)]
+        if problems:
+            raise LaunchError("; ".join(dict.fromkeys(problems)))
+        from sdca_dist.config.run_config import differing_from_preset
+
+        changed = differing_from_preset(cfg)
+        print(f"[launch] conf={cfg.conf}" + (f" with {' '.join(changed)}" if changed else " as published"), flush=True)
+        for stage in stages:
+            row = dict(plan[stage])
+            row.update(where.job_parameters(cfg, stage, plan[stage]))
+            prefix = "[dry-run]" if launch.dry_run else "[plan]"
+            print(f"{prefix} {stage}: {json.dumps(row)}", flush=True)
+        granted = launch.nodes * int(cfg.cluster.tasks_per_node)
+        idle = [s for s in stages if spec(s).training and plan[s]["world_size"] < granted]
+        if idle and parse_scale(cfg.train.scale) == 1:
+            uses = ", ".join(f"{s} uses {plan[s]['world_size']}" for s in idle)
+            print(
+                f"[launch] note: {uses} of {granted} ranks (published global batches); train.scale=auto uses "
+                "them all (README 'Scaling out')",
+                flush=True,
+            )
+        if launch.dry_run:
+            return 0
+        from sdca_dist.lineage import Lineage
+
+        for seed, folder, c, new in runs:
+            if new:
+                freeze(
+                    folder,
+                    c,
+                    [o for o in run_overrides if o.split("=", 1)[0] not in ("seed", "run_dir")] + [f"seed={seed}"],
+                )
+            (folder / "plan.json").write_text(json.dumps({"nodes": launch.nodes, "stages": plan}, indent=1) + "\n")
+            for stage in launch.redo:
+                Lineage(folder).invalidate(stage)
+        if cfg.data.synthetic:
+            from sdca_dist.engine.data import ensure_synthetic_shards
+
+            ensure_synthetic_shards(cfg, log=lambda m: print(f"[launch] {m}", flush=True))
+        todo: Todo = [(seed, folder, stages_to_run(c, folder, stages)) for seed, folder, c, _ in runs]
+        print(f"[launch] run folder {root.resolve()}; follow with: tensorboard --logdir {root}", flush=True)
+        seed_folders = [(seed, folder) for seed, folder, _, _ in runs]
+        records = where.run(cfg, launch, root, todo, plan, stages)
+        if records is None:
+            return 0
+        write_summary(cfg, root, seed_folders, stages)
+        failure = where.failure(records)
+        if failure:
+            raise LaunchError(failure)
+        return 0
+    except (ConfigError, LaunchError, ScaleError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,170 @@
+"""The launch's results as files: ``<root>/summary.json`` and ``summary.md``.
+
+Per stage: each seed's mIoU, their mean and sample std, per-class IoU (mean over seeds) and wall
+time, read from each run folder's ``<stage>/DONE`` and ``metrics.json``. Papers report 3-seed
+means; single-seed numbers are hard to reproduce. Rows whose weights were selected on the
+evaluation set (``train.select=best_val``) are marked. Each ablation stage (``StageSpec.paired_with``)
+is also reported as a paired difference, its stage minus the ablation seed by seed, under the
+name its ``effect`` gives (``alignment_effect``: sdca - sdca_no_align); an unpaired reference
+stage (the oracle) is also reported at summary.json's top level.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig
+
+from sdca_dist.stage_table import TABLE, spec
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_summary(cfg: DictConfig, root: Path, runs: list[tuple[int, Path]], stages: list[str]) -> Optional[Path]:
+    """summary.json + summary.md: per stage, each seed's mIoU, mean and std, per-class IoU (mean over
+    seeds) and wall time. Papers report 3-seed means; single-seed numbers are hard to reproduce."""
+    table: dict[str, dict] = {}
+    for stage in stages:
+        per_seed, walls, per_class = [], [], []
+        for seed, rd in runs:
+            done = _read_json(rd / stage / "DONE")
+            if done is None:
+                continue
+            walls.append(float(done.get("wall_seconds", float("nan"))))
+            metrics = _read_json(rd / stage / "metrics.json")
+            if metrics is not None:
+                row = {"seed": seed, "mIoU": float(metrics["mIoU"])}
+                if "mIoU13" in metrics:
+                    row["mIoU13"] = float(metrics["mIoU13"])
+                selected = _selected_on_val(rd, stage, metrics)  # train.select=best_val
+                if selected is not None:
+                    row["selected_iteration"] = selected.get("iteration")
+                per_seed.append(row)
+                per_class.append(metrics["per_class"])
+        if not walls:
+            continue
+        entry: dict[str, Any] = {"wall_seconds": walls, "wall_seconds_mean": sum(walls) / len(walls)}
+        if per_seed:
+            ious = [r["mIoU"] for r in per_seed]
+            mean = sum(ious) / len(ious)
+            std = math.sqrt(sum((x - mean) ** 2 for x in ious) / (len(ious) - 1)) if len(ious) > 1 else 0.0
+            names = list(per_class[0])
+            entry.update(
+                {
+                    "per_seed": per_seed,
+                    "mIoU": ious,
+                    "mean": mean,
+                    "std": std,
+                    "per_class_mean": {n: _mean([pc.get(n) for pc in per_class]) for n in names},
+                }
+            )
+            entry["selected_on_val"] = any("selected_iteration" in r for r in per_seed)
+        table[stage] = entry
+    if not table:
+        return None
+    lines = [
+        f"# {cfg.conf}: {len(runs)} seed(s), run folder {root}",
+        "",
+        "| stage | mIoU mean ± std | per seed | wall time (s, mean) |",
+        "|---|---|---|---|",
+    ]
+    for stage, row in table.items():
+        if "mean" in row:
+            per = ", ".join(f"{v['seed']}: {v['mIoU']:.2f}" for v in row["per_seed"])
+            mark = " †" if row.get("selected_on_val") else ""
+            lines.append(
+                f"| {stage}{mark} | {row['mean']:.2f} ± {row['std']:.2f} | {per} | {row['wall_seconds_mean']:.0f} |"
+            )
+        else:
+            lines.append(f"| {stage} | - | - | {row['wall_seconds_mean']:.0f} |")
+    if any(row.get("selected_on_val") for row in table.values()):
+        lines += [
+            "",
+            "† selected on the evaluation set (train.select=best_val: the weights with the best target-val "
+            "mIoU among those evaluated every train.select_every iterations, as the reference code does); "
+            "optimistic, not comparable with final-iteration numbers",
+        ]
+    effects = paired_effects(table)
+    for ablation, effect in effects.items():
+        s = spec(ablation)
+        name = str(s.effect)
+        lines += [
+            "",
+            f"{name[:1].upper() + name[1:]} ({s.paired_with} - {ablation}, paired by seed): {effect['mean']:+.2f} ± "
+            f"{effect['std']:.2f} mIoU ({', '.join(f'{k}: {v:+.2f}' for k, v in effect['per_seed'].items())})",
+        ]
+    scored = [s for s in table if "per_class_mean" in table[s]]
+    if scored:
+        lines += [
+            "",
+            "Per-class IoU (mean over seeds):",
+            "",
+            "| class | " + " | ".join(scored) + " |",
+            "|---|" + "---|" * len(scored),
+        ]
+        for name in table[scored[0]]["per_class_mean"]:
+            vals = [table[s]["per_class_mean"].get(name) for s in scored]
+            lines.append(f"| {name} | " + " | ".join("n/a" if v is None else f"{v:.1f}" for v in vals) + " |")
+    lines += ["", f"TensorBoard: tensorboard --logdir {root}"]
+    root.mkdir(parents=True, exist_ok=True)
+    payload = {"conf": cfg.conf, "seeds": [s for s, _ in runs], "stages": table}
+    for stage in table:
+        if spec(stage).launch_flag and not spec(stage).paired_with:
+            payload[stage] = table[stage]
+    for ablation, effect in effects.items():
+        payload[str(spec(ablation).effect).replace(" ", "_")] = effect
+    (root / "summary.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (root / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+    return root / "summary.md"
+
+
+def _selected_on_val(rd: Path, stage: str, metrics: dict) -> Optional[dict]:
+    """The ``selected`` record (train.select=best_val) behind a stage's number, or None: a training
+    stage's own, or for eval that of the stage whose model it scored."""
+    selected = metrics.get("selected")
+    model_from = str(metrics.get("model_from") or "")
+    if selected is None and stage == "eval" and model_from and not model_from.endswith(".pt"):
+        selected = (_read_json(rd / model_from / "metrics.json") or {}).get("selected")
+    return selected if isinstance(selected, dict) and selected.get("rule") == "best_val" else None
+
+
+def paired_effects(table: dict[str, dict]) -> dict[str, dict]:
+    """ablation stage -> its paired difference, for each ablation in ``table`` whose stage is
+    there too (in table order)."""
+    out = {}
+    for s in TABLE:
+        if s.paired_with and s.name in table:
+            effect = paired_difference(table, s.paired_with, s.name)
+            if effect is not None:
+                out[s.name] = effect
+    return out
+
+
+def paired_difference(table: dict[str, dict], stage: str, ablation: str) -> Optional[dict]:
+    """``stage`` minus ``ablation`` per seed (same inputs and seed: a paired difference), with
+    mean and sample std; None without both stages' scores."""
+    a, b = table.get(stage, {}), table.get(ablation, {})
+    if "per_seed" not in a or "per_seed" not in b:
+        return None
+    off = {r["seed"]: r["mIoU"] for r in b["per_seed"]}
+    diffs = {r["seed"]: r["mIoU"] - off[r["seed"]] for r in a["per_seed"] if r["seed"] in off}
+    if not diffs:
+        return None
+    vals = list(diffs.values())
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((x - mean) ** 2 for x in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return {"per_seed": diffs, "mean": mean, "std": std}
+
+
+def _mean(values: list[Optional[float]]) -> Optional[float]:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
