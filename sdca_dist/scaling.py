@@ -59,7 +59,7 @@ def default_warmup(scale: int, iters: int) -> int:
 
 
 @dataclass(frozen=True)
-class StageSchedule:
+class ScaledSchedule:
     """A training stage's schedule after scaling: what the engine runs and the dry run prints."""
 
     iters: int
@@ -83,7 +83,7 @@ def _div(n: int, k: int) -> int:
     return max(1, math.ceil(n / k))
 
 
-def scaled_schedule(cfg: Any, stage: str) -> StageSchedule:
+def scaled_schedule(cfg: Any, stage: str) -> ScaledSchedule:
     """The schedule of training stage ``stage`` under ``cfg.train.scale`` (an integer by then);
     ``train.iters`` overrides the stage's own count (keeping its horizon ratio) before scaling."""
     k = parse_scale(cfg.train.scale)
@@ -98,7 +98,7 @@ def scaled_schedule(cfg: Any, stage: str) -> StageSchedule:
     iters = _div(base_iters, k)
     t = cfg.train
     warm = int(t.warmup_iters)
-    return StageSchedule(
+    return ScaledSchedule(
         iters=iters,
         schedule_iters=max(iters, _div(horizon, k)),
         lr=float(s.lr) * k,

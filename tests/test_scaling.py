@@ -1,7 +1,7 @@
-"""Scale-out (issue 10): per-stage job shapes, the scaled recipe and the refusals.
+"""Scale-out: per-stage job shapes, the scaled recipe and the refusals.
 
-On the old main ``conf=gta2city nodes=4`` planned 16 ranks for every stage and the src job died
-after its queue wait ("src.batch_size=8 does not split evenly over 16 ranks"). Now each stage
+``conf=gta2city nodes=4`` must not plan 16 ranks for every stage (the src job would die after its
+queue wait: "src.batch_size=8 does not split evenly over 16 ranks"). Each stage
 gets the shape its global batch allows, ``train.scale`` makes every rank useful, and every plan
 that cannot run is refused before anything is written or queued, naming the fix.
 """

@@ -33,7 +33,7 @@ class DataConfig:
     #: ssl stage: random scale range and crop on the target
     ssl_scale: list[float] = field(default_factory=lambda: [0.5, 1.5])
     ssl_crop: list[int] = field(default_factory=lambda: [512, 1024])
-    #: class-balanced source sampling (method doc: "Source sampling")
+    #: class-balanced source sampling (docs/method.md, "Source sampling")
     class_balanced: bool = True
     #: DALI CPU threads per rank
     num_threads: int = 2
@@ -59,7 +59,7 @@ class ModelConfig:
 
 @dataclass
 class StageSchedule:
-    """Per-stage optimisation settings (method doc "Stages")."""
+    """Per-stage optimisation settings (docs/method.md, "Stages")."""
 
     iters: int = 1000
     #: poly schedule length (the reference decays over a longer horizon than it trains)
@@ -128,7 +128,7 @@ class TrainConfig:
 
 @dataclass
 class MethodConfig:
-    """SDCA hyper-parameters (method doc)."""
+    """SDCA hyper-parameters (docs/method.md, "Published settings")."""
 
     tau: float = 100.0
     delta: float = 0.9
