@@ -95,7 +95,7 @@ class TrainConfig:
     """Settings shared by the training stages; ``iters`` overrides the stage's own count."""
 
     iters: Optional[int] = None
-    #: scaled recipe for more ranks than the published batch (README "Scaling out"): global
+    #: scaled recipe for more ranks than the published batch (docs/scaling.md): global
     #: batches and LR x K, iterations, poly horizon and cadences / K. An integer >= 1, or "auto"
     #: (the launcher picks the smallest K with which every training stage uses every rank; the
     #: frozen run configuration records the integer it chose)
@@ -204,7 +204,7 @@ class LaunchConfig:
     """Settings of one launch (``launch/slurm.py``), not of the run: they never enter the frozen
     run configuration, so relaunching with other values is always allowed."""
 
-    #: the most nodes the user grants; each stage's job takes what its plan needs (README "Scaling out")
+    #: the most nodes the user grants; each stage's job takes what its plan needs (docs/scaling.md)
     nodes: int = 1
     stages: list[str] = field(default_factory=lambda: list(CHAIN))
     wait: bool = False

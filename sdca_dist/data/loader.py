@@ -326,8 +326,8 @@ class ShardLoader:
         Brightness and contrast as torchvision/PIL define them: ``b * (m + c * (x - m))`` with m the
         mean grey level of the image (DALI's own contrast pivots on 128, mid-range). Saturation
         blends with the per-pixel grey level (``color_twist`` in YIQ: the same up to rounding); hue
-        is DALI's rotation about the grey axis (torchvision shifts HSV hue: see the README's
-        differences). Written as arithmetic so it runs on the GPU, where DALI takes no tensor
+        is DALI's rotation about the grey axis (torchvision shifts HSV hue: see
+        docs/differences.md). Written as arithmetic so it runs on the GPU, where DALI takes no tensor
         arguments from GPU data.
         """
         b, c = prm["brightness"], prm["contrast"]
