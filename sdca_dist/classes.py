@@ -3,7 +3,7 @@
 The Cityscapes/GTA5 label-id -> trainId table comes from ``cityscapesscripts`` (the dataset
 authors' own ``labels.py``) rather than a hand copy, so there is a single source of truth.
 SYNTHIA's ids are not covered by cityscapesscripts; its table is the one the SDCA method
-uses (see docs/sdca-method.md).
+uses (docs/method.md, "Classes").
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def parse_scale(value: Any) -> int | str:
 
 
 #: fraction of the scaled stage over which ``train.warmup_iters=-1`` ramps the LR up (K > 1).
-#: Measured on the synthetic benchmark (README "Accuracy of the scaled recipe"; K = 4, src, seed 0,
+#: Measured on the synthetic benchmark (benchmarks/2026-11-27-scaled-recipe-accuracy.md; K = 4, src, seed 0,
 #: K = 1 scores 24.27): no warm-up 18.00, 5% 16.33, 25% 21.91, 50% 25.53 mIoU.
 WARMUP_FRACTION = 0.5
 
@@ -52,14 +52,14 @@ def default_warmup(scale: int, iters: int) -> int:
     otherwise the first half of the scaled stage (``WARMUP_FRACTION``), at least 1 step per unit
     of K. Goyal et al. warm up over ~5 of 90 epochs, but on the short synthetic stages the K x
     learning rate makes the src loss spike in the first steps and sdca diverge; only a long ramp
-    avoids it (measurements in the README)."""
+    avoids it (benchmarks/2026-11-27-scaled-recipe-accuracy.md)."""
     if scale <= 1:
         return 0
     return min(iters, max(scale, round(WARMUP_FRACTION * iters)))
 
 
 @dataclass(frozen=True)
-class StageSchedule:
+class ScaledSchedule:
     """A training stage's schedule after scaling: what the engine runs and the dry run prints."""
 
     iters: int
@@ -83,7 +83,7 @@ def _div(n: int, k: int) -> int:
     return max(1, math.ceil(n / k))
 
 
-def scaled_schedule(cfg: Any, stage: str) -> StageSchedule:
+def scaled_schedule(cfg: Any, stage: str) -> ScaledSchedule:
     """The schedule of training stage ``stage`` under ``cfg.train.scale`` (an integer by then);
     ``train.iters`` overrides the stage's own count (keeping its horizon ratio) before scaling."""
     k = parse_scale(cfg.train.scale)
@@ -98,7 +98,7 @@ def scaled_schedule(cfg: Any, stage: str) -> StageSchedule:
     iters = _div(base_iters, k)
     t = cfg.train
     warm = int(t.warmup_iters)
-    return StageSchedule(
+    return ScaledSchedule(
         iters=iters,
         schedule_iters=max(iters, _div(horizon, k)),
         lr=float(s.lr) * k,

@@ -18,7 +18,7 @@ IGNORE = 255
 def reference_running_merge(
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]], num_classes: int, ignore_index: int = IGNORE
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The method doc's running merge, literally, in float64 with two-pass batch statistics."""
+    """docs/method.md's running merge, literally, in float64 with two-pass batch statistics."""
     dim = batches[0][0].shape[1]
     count = torch.zeros(num_classes, dtype=torch.float64)
     mean = torch.zeros(num_classes, dim, dtype=torch.float64)

@@ -40,8 +40,8 @@ def test_eval_labels_byte_exact_and_each_sample_once(shard_sets):
 
 
 def test_padding_samples_carry_no_label(shard_sets):
-    """Issue 13: the loader masks the samples that pad the last batch; consumers (dist_init's
-    estimator, evaluation) used to mask them by hand, and one that forgot would count them."""
+    """The loader masks the samples that pad the last batch, so no consumer (dist_init's
+    estimator, evaluation) has to mask them by hand, and none can forget to."""
     m = shard_sets["gta5"]  # 14 samples, batch 4 over 1 rank: the last batch has 2 padding samples
     batches = list(ShardLoader(m, 4, train=False, resize=(16, 32), device="cpu", num_threads=1))
     padded = [(b, j) for b in batches for j in range(4) if not b["valid"][j]]

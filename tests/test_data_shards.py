@@ -38,7 +38,7 @@ def test_manifest_and_labels_byte_exact(shard_sets, synth_root):
             present = sorted(int(c) for c in np.unique(want) if c < m.num_classes)
             assert s["meta"]["classes"] == m.samples[i]["classes"] == present
             pixels += np.bincount(want.ravel(), minlength=256)[: m.num_classes]
-            # Cityscapes-layout sets are lossless by default (issue 11), the synthetic sources JPEG
+            # Cityscapes-layout sets are lossless by default, the synthetic sources JPEG
             assert Image.open(io.BytesIO(s["image"])).format == ("PNG" if layout == "cityscapes" else "JPEG")
         assert m.class_pixels == pixels.tolist()
     assert len(load_manifest(shard_sets["gta5"]).shards) >= 3  # the small shard size really cut shards
@@ -199,7 +199,7 @@ def test_missing_or_corrupt_manifest_is_one_line(tmp_path):
 
 
 def test_cityscapes_val_is_pixel_exact_through_the_loader(shard_sets, synth_root):
-    """Issue 11: evaluation sees the dataset's own pixels (PNG in the tar, DALI decode, no resize)."""
+    """Evaluation sees the dataset's own pixels (PNG in the tar, DALI decode, no resize)."""
     import torch
 
     from sdca_dist.data.loader import IMAGENET_MEAN, IMAGENET_STD, ShardLoader

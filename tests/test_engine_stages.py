@@ -75,8 +75,8 @@ def test_chain_writes_every_stage_output(chain: Path):
     assert f"[ssl] initialised from {chain}/sdca/model_final.pt" in log
     summary = (chain / "summary.md").read_text()
     assert "| src |" in summary and "| ssl |" in summary
-    # quiet output (issue 13): each stage names the settings that differ from the preset once, and
-    # the whole configuration is in the run folder, not printed (it used to be ~100 lines, twice)
+    # quiet output: each stage names the settings that differ from the preset once, and the
+    # whole configuration (~100 lines) is in the run folder, not printed
     assert "tau: 100.0" not in log and "tau: 100.0" in (chain / "config.yaml").read_text()
     for stage in STAGES:
         assert log.count(f"[{stage}] rank 0 of 2 (gloo, cpu); conf=synthetic with ") == 1, stage

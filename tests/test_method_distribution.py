@@ -1,4 +1,4 @@
-"""SemanticDistribution: the running merge of the method doc, exact and numerically safe."""
+"""SemanticDistribution: the running merge of docs/method.md, exact and numerically safe."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from sdca_dist.method import (
 
 
 def _direct_contrastive(feat, labels, mean, var, tau):
-    """The method doc's formula, pixel by pixel, in float64 Python arithmetic."""
+    """docs/method.md's formula, pixel by pixel, in float64 Python arithmetic."""
     f, mu, s = feat.double(), mean.double(), var.double()
     total, n = 0.0, 0
     for i in range(f.shape[0]):
@@ -167,7 +167,7 @@ def test_segmentation_ce_upsamples_and_handles_all_ignored():
 
 
 def _lovasz_one_class_at_a_time(probs, labels):
-    """The earlier implementation's arithmetic: one sort per class over all pooled pixels."""
+    """The straightforward arithmetic: one sort per class over all pooled pixels."""
     c = probs.shape[1]
     p = probs.permute(0, 2, 3, 1).reshape(-1, c)
     y = labels.reshape(-1)
@@ -186,9 +186,9 @@ def _lovasz_one_class_at_a_time(probs, labels):
 
 
 def test_lovasz_sorts_classes_in_blocks_with_the_same_value_and_gradient():
-    # Issue 10: the per-class Python loop (19 sorts, ~30 operator calls each, and a backward that
-    # zero-filled a [pixels, classes] gradient once PER class) was a per-step cost that does not
-    # shrink with the batch. Every block size gives the one-class-at-a-time value and gradient.
+    # A per-class Python loop (19 sorts, ~30 operator calls each, and a backward that zero-fills a
+    # [pixels, classes] gradient once PER class) is a per-step cost that does not shrink with the
+    # batch, so the classes are sorted in blocks. Every block size gives the one-class-at-a-time value and gradient.
     g = torch.Generator().manual_seed(7)
     logits = torch.randn(2, 19, 16, 24, generator=g, dtype=torch.float64)
     labels = torch.randint(0, 17, (2, 16, 24), generator=g)  # classes 17, 18 absent

@@ -1,4 +1,4 @@
-"""The SDCA objective as method code (issue 13): unit-tested with no process group.
+"""The SDCA objective as method code: unit-tested with no process group.
 
 Specification: the source terms are seg + w_f * L_feat + w_o * L_out with TRUE labels, computed
 against distributions that already include this batch (the estimator update comes first, as in
@@ -62,9 +62,9 @@ def test_target_terms_use_only_confident_pixels():
 
 
 def test_source_terms_compute_the_segmentation_loss_while_the_estimator_all_reduce_travels(monkeypatch):
-    # Issue 10: the estimator all-reduce blocked the step before the segmentation loss, which does
-    # not read the distributions. It is now started first and waited for only before the
-    # contrastive terms, which do: same values, less time blocked on 2+ ranks.
+    # The segmentation loss does not read the distributions, so the estimator all-reduce is
+    # started first and waited for only before the contrastive terms, which do: same values,
+    # less time blocked on 2+ ranks.
     import sdca_dist.method.objective as objective_module
 
     events: list[str] = []

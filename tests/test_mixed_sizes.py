@@ -1,12 +1,12 @@
 """Data sets whose images differ in size (GTA5 has some; custom sets often do).
 
 Evaluation-mode batches resize every image to one size but keep each label at its own size,
-padded with 255 to the largest in the batch. The defect: evaluation, pseudo_label and dist_init
-upsampled (or downsampled) the predictions to the PADDED batch size, so a smaller image's
-prediction was stretched over the padding and scored or written against misaligned labels; its
-pseudo label was even written at the padded size. The results then depended on which images
-shared a batch. Now every prediction is resized to its own label's size (``own_size_rows``):
-batch size 3 and batch size 1 give the same mIoU, distributions and pseudo labels.
+padded with 255 to the largest in the batch. Resizing the predictions to the PADDED batch size in
+evaluation, pseudo_label or dist_init would stretch a smaller image's prediction over the padding,
+score or write it against misaligned labels, write its pseudo label at the padded size, and make
+the results depend on which images share a batch. Every prediction is resized to its own label's
+size (``own_size_rows``): batch size 3 and batch size 1 give the same mIoU, distributions and
+pseudo labels.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""A run folder has one configuration and a lineage (issue 13), exercised through the real CLI.
+"""A run folder has one configuration and a lineage, exercised through the real CLI.
 
-Specifications (each reproduced a defect of the old main):
+Specifications:
 * a stage stopped by a signal and resumed with another setting is refused, naming the key with
   its old and new value; config.yaml is unchanged; resuming with no settings continues;
-* a finished run relaunched with other settings is refused (it used to skip every stage and
-  report the old numbers), nothing written;
-* ``redo=[src]`` reruns src AND every stage after it (they used to stay DONE on the old model);
+* a finished run relaunched with other settings is refused (skipping every stage would report
+  the numbers of the other settings), nothing written;
+* ``redo=[src]`` reruns src AND every stage after it (none stays DONE on the replaced model);
 * an input file corrupted after its producer finished is refused by its consumer, naming it, and
   the launcher reruns the producer instead of using it;
 * two runs in one stage folder: the second gets one line naming the holder; a lock left by a
@@ -43,7 +43,7 @@ def finished(shards, tmp_path_factory) -> Path:
 
 
 def test_with_ablation_trains_sdca_without_alignment_from_the_same_inputs(finished):
-    """Issue 11: the one-command ablation is a stage of the table, reported beside sdca."""
+    """The one-command ablation is a stage of the table, reported beside sdca."""
     sdca = json.loads((finished / "sdca" / "DONE").read_text())
     off = json.loads((finished / "sdca_no_align" / "DONE").read_text())
     assert off["lineage"]["inputs"] == sdca["lineage"]["inputs"]  # same src model, distributions, shards
@@ -188,7 +188,7 @@ def test_second_run_in_a_stage_folder_is_refused_and_a_dead_holder_is_taken_over
 
 
 def test_ssl_from_imagenet_reads_no_sdca_model(finished, tmp_path):
-    """Issue 11: the published ssl starts from ImageNet weights (model.pretrained), not from the sdca
+    """The published ssl starts from ImageNet weights (model.pretrained), not from the sdca
     model; its lineage then holds only the pseudo labels (and the shard sets)."""
     run = tmp_path / "run"
     run.mkdir()

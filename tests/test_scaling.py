@@ -1,7 +1,7 @@
-"""Scale-out (issue 10): per-stage job shapes, the scaled recipe and the refusals.
+"""Scale-out: per-stage job shapes, the scaled recipe and the refusals.
 
-On the old main ``conf=gta2city nodes=4`` planned 16 ranks for every stage and the src job died
-after its queue wait ("src.batch_size=8 does not split evenly over 16 ranks"). Now each stage
+``conf=gta2city nodes=4`` must not plan 16 ranks for every stage (the src job would die after its
+queue wait: "src.batch_size=8 does not split evenly over 16 ranks"). Each stage
 gets the shape its global batch allows, ``train.scale`` makes every rank useful, and every plan
 that cannot run is refused before anything is written or queued, naming the fix.
 """
@@ -60,7 +60,7 @@ def test_scaled_recipe_is_the_linear_scaling_rule_with_warmup():
     )
     assert (k4.global_batch, k4.lr, k4.iters, k4.schedule_iters) == (32, 2e-3, 5000, 7813)
     assert (k4.checkpoint_every, k4.log_every, k4.image_every) == (500, 13, 250)
-    assert k4.warmup_iters == 2500  # the first half of the scaled stage (README: measured)
+    assert k4.warmup_iters == 2500  # the first half of the scaled stage (benchmarks/: measured)
     assert k4.global_batch * k4.iters == base.global_batch * base.iters  # equal images seen
     sd = scaled_schedule(_gta(train__scale=2), "sdca")
     assert (sd.global_batch, sd.global_target_batch, sd.iters) == (8, 8, 20000)
@@ -73,7 +73,7 @@ def test_scaled_recipe_is_the_linear_scaling_rule_with_warmup():
 
 def test_default_warmup_is_half_the_scaled_stage_and_none_at_k1():
     """On the synthetic benchmark (K = 4, src, seed 0) a 5% warm-up scored 16.33 mIoU, none 18.00,
-    25% 21.91 and 50% 25.53 (K = 1: 24.27); README "Accuracy of the scaled recipe"."""
+    25% 21.91 and 50% 25.53 (K = 1: 24.27): benchmarks/2026-11-27-scaled-recipe-accuracy.md."""
     syn = compose_config(["conf=synthetic"])
     for stage, k1_iters in (("src", 400), ("sdca", 300), ("ssl", 600)):
         k1 = scaled_schedule(syn, stage)

@@ -1,4 +1,4 @@
-"""Checkpoint selection (issue 11 item 4): ``train.select=final | best_val``.
+"""Checkpoint selection: ``train.select=final | best_val``.
 
 Specifications (the real CLI, one process, the tiny synthetic benchmark):
 * best_val evaluates every ``select_every`` iterations and at the end, lists each evaluation in

@@ -1,8 +1,8 @@
-"""Strict settings (issue 14): nothing the schema does not know, no value that cannot run.
+"""Strict settings: nothing the schema does not know, no value that cannot run.
 
-Each case was accepted on the old main (a typo added as a new key, a zero-iteration stage marked
-DONE with an untrained model, an empty run_dir writing into the current folder, an empty stage
-list exiting 0); now each is one line naming the key, exit 2, before anything is written.
+Each case (a typo that would add a new key, a zero-iteration stage that would be marked DONE with
+an untrained model, an empty run_dir that would write into the current folder, an empty stage
+list) is one line naming the key, exit 2, before anything is written.
 """
 
 from __future__ import annotations

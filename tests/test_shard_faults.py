@@ -1,4 +1,4 @@
-"""Fault injection on python -m sdca_dist.shard (issue 14): kill -9, no space, flipped bytes, foreign
+"""Fault injection on python -m sdca_dist.shard: kill -9, no space, flipped bytes, foreign
 shards, resumed manifests, every bad option. Real processes, real tmpfs mounts, real tars."""
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""The training step's collectives off the critical path (issue 10, 2-rank efficiency).
+"""The training step's collectives off the critical path (2-rank efficiency).
 
-Real gloo process groups (``run_distributed``). Before: every step blocked three times (estimator
-all-reduce, gradient all-reduce, stop flag). Now the estimator all-reduce travels while the
-segmentation loss is computed, and the stop vote is read one step later; both must keep their
-contracts: identical distributions to the synchronous update, and every rank stopping at the
-same step boundary.
+Real gloo process groups (``run_distributed``). A step would block three times if each
+collective were waited for at once (estimator all-reduce, gradient all-reduce, stop flag); the
+estimator all-reduce travels while the segmentation loss is computed, and the stop vote is read
+one step later; both must keep their contracts: identical distributions to the synchronous
+update, and every rank stopping at the same step boundary.
 """
 
 from __future__ import annotations

@@ -153,22 +153,8 @@ def _worker(rank: int, world: int, init_file: str, args: dict, results) -> None:
 
 
 def _ddp_engine(build_engine, model, ctx, per_rank: int):
-    """The sdca stage's DDP engine (SGD momentum 0.9, weight decay 5e-4, classifier LR x10, two
-    micro-steps), through either face of ``build_engine``: typed configs (issue 13) or keywords."""
-    import inspect
-
-    if "momentum" in inspect.signature(build_engine).parameters:
-        return build_engine(
-            "ddp",
-            model,
-            ctx,
-            momentum=0.9,
-            weight_decay=5e-4,
-            classifier_lr_mult=10.0,
-            micro_steps=2,
-            micro_batch=per_rank,
-            freeze_bn=True,
-        )
+    """The sdca stage's DDP engine: SGD momentum 0.9, weight decay 5e-4, classifier LR x10, two
+    micro-steps (one source, one target) with frozen BN, as the sdca stage builds it."""
     from sdca_dist.config.schema import EngineConfig, TrainConfig
 
     return build_engine(
@@ -195,12 +181,8 @@ def _run_rank(rank: int, world: int, init_file: str, args: dict, results) -> Non
     from sdca_dist.engine.model_engine import build_engine
     from sdca_dist.engine.schedule import poly_lr
     from sdca_dist.engine.stages.sdca import SDCAStep
-
-    try:  # the objective's home since issue 13 (method/); engine/stages before
-        from sdca_dist.method.objective import DistributionPair
-    except ImportError:
-        from sdca_dist.engine.stages.distributions import DistributionPair
     from sdca_dist.engine.training import _to_device
+    from sdca_dist.method.objective import DistributionPair
     from sdca_dist.models import build_model
 
     ctx = DistContext(rank, world, rank, torch.device("cpu"), "gloo")

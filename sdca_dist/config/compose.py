@@ -163,7 +163,7 @@ def _validate(cfg: DictConfig) -> None:
     _check(t.iters is None or t.iters >= 1, f"train.iters={t.iters} must be >= 1")
     for key in ("checkpoint_every", "keep_checkpoints", "log_every", "image_every", "eval_batch_size", "select_every"):
         _check(t[key] >= 1, f"train.{key}={t[key]} must be >= 1")
-    # checkpoint selection (issue 11 item 4): best_val evaluates during training, so it needs the evaluation
+    # checkpoint selection: best_val evaluates during training, so it needs the evaluation
     _check(t.select in ("final", "best_val"), f"train.select={t.select!r}; valid: final, best_val")
     _check(
         t.select != "best_val" or t.eval_at_end,

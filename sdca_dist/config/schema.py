@@ -38,7 +38,7 @@ class DataConfig:
     #: ssl stage: random scale range and crop on the target
     ssl_scale: list[float] = field(default_factory=lambda: [0.5, 1.5])
     ssl_crop: list[int] = field(default_factory=lambda: [512, 1024])
-    #: class-balanced source sampling (method doc: "Source sampling")
+    #: class-balanced source sampling (docs/method.md, "Source sampling")
     class_balanced: bool = True
     #: DALI CPU threads per rank
     num_threads: int = 2
@@ -64,7 +64,7 @@ class ModelConfig:
 
 @dataclass
 class StageSchedule:
-    """Per-stage optimisation settings (method doc "Stages")."""
+    """Per-stage optimisation settings (docs/method.md, "Stages")."""
 
     iters: int = 1000
     #: poly schedule length (the reference decays over a longer horizon than it trains)
@@ -100,7 +100,7 @@ class TrainConfig:
     """Settings shared by the training stages; ``iters`` overrides the stage's own count."""
 
     iters: Optional[int] = None
-    #: scaled recipe for more ranks than the published batch (README "Scaling out"): global
+    #: scaled recipe for more ranks than the published batch (docs/scaling.md): global
     #: batches and LR x K, iterations, poly horizon and cadences / K. An integer >= 1, or "auto"
     #: (the launcher picks the smallest K with which every training stage uses every rank; the
     #: frozen run configuration records the integer it chose)
@@ -133,7 +133,7 @@ class TrainConfig:
 
 @dataclass
 class MethodConfig:
-    """SDCA hyper-parameters (method doc)."""
+    """SDCA hyper-parameters (docs/method.md, "Published settings")."""
 
     tau: float = 100.0
     delta: float = 0.9
@@ -228,7 +228,7 @@ class LaunchSettings:
     ``launch_flag`` (``with_oracle``: the target-label oracle, ``with_ablation``: sdca with the
     contrastive terms off, ``sdca_no_align``, and the paired difference)."""
 
-    #: the most nodes the user grants; each stage's job takes what its plan needs (README "Scaling out")
+    #: the most nodes the user grants; each stage's job takes what its plan needs (docs/scaling.md)
     nodes: int = 1
     stages: list[str] = field(default_factory=lambda: list(CHAIN))
     wait: bool = False

@@ -5,8 +5,8 @@ feeds their encoded bytes to DALI through an external source; the order is ours:
 - evaluation: rank r reads its contiguous part ``shard_bounds(n, W, r)`` in manifest order;
 - uniform training: a FULL permutation of the set per epoch (``epoch_order``), the same on every
   rank, each rank its contiguous part of it (every sample once per epoch over the ranks; a
-  reader's shuffle buffer, as before, mixed only ~1,000 neighbouring samples, so with 1-2 ranks
-  batches stayed correlated with the on-disk order, i.e. with the city);
+  reader's shuffle buffer would mix only ~1,000 neighbouring samples, so with 1-2 ranks
+  batches would stay correlated with the on-disk order, i.e. with the city);
 - class-balanced training: the reference's sampler (``ClassBalancedSampler``), one global draw
   sequence sliced per rank and batch.
 Parts are padded to whole batches (``valid=False``) so every rank runs the same number of steps.
@@ -326,8 +326,8 @@ class ShardLoader:
         Brightness and contrast as torchvision/PIL define them: ``b * (m + c * (x - m))`` with m the
         mean grey level of the image (DALI's own contrast pivots on 128, mid-range). Saturation
         blends with the per-pixel grey level (``color_twist`` in YIQ: the same up to rounding); hue
-        is DALI's rotation about the grey axis (torchvision shifts HSV hue: see the README's
-        differences). Written as arithmetic so it runs on the GPU, where DALI takes no tensor
+        is DALI's rotation about the grey axis (torchvision shifts HSV hue: see
+        docs/differences.md). Written as arithmetic so it runs on the GPU, where DALI takes no tensor
         arguments from GPU data.
         """
         b, c = prm["brightness"], prm["contrast"]

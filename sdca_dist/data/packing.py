@@ -12,7 +12,7 @@ with ``overwrite=True``; it is never mixed. Content hashes, not sizes and mtimes
 output depends only on content: a copied or identically regenerated dataset resumes, and a file
 edited in place without a size or time change cannot slip through. Measured cost: hashing 300
 generated 1024x512 images + labels (224 MB) takes 0.2 s warm / 0.6 s cold, against 12 s to pack
-them with 2 workers (README, "Shards").
+them with 2 workers (benchmarks/2026-11-27-component-benchmarks.md).
 
 ``verify`` checks a shard set against its manifest without the raw data (sha256 and size of every
 tar, DALI index, sidecar); ``repair`` rebuilds exactly the damaged shards from the raw data and

@@ -1,4 +1,4 @@
-"""Poly learning-rate schedule with the classifier's multiplier (method doc: power 0.9)."""
+"""Poly learning-rate schedule with the classifier's multiplier (docs/method.md: power 0.9)."""
 
 from __future__ import annotations
 

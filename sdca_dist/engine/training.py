@@ -84,7 +84,7 @@ def save_checkpoint(
         "optimizer": common_opt,
         "shared": {n: o.state_dict() for n, o in plan.shared_state.items()},
     }
-    if selection is not None:  # absent with train.select=final: checkpoints as before
+    if selection is not None:  # absent with train.select=final: nothing to save
         common["selection"] = selection.state_dict()
     mine = {
         "optimizer": rank_opt,

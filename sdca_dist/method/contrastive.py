@@ -14,7 +14,7 @@ def pixel_contrastive_loss(
 ) -> Tensor:
     """Mean over valid pixels of
     ``L(z, y) = -z.m_y/tau + log sum_k exp(z.m_k/tau + (z*z).S_k/(2 tau^2))``
-    with ``z = f/|f|``, ``m_k = mu_k/|mu_k|``, ``S_k = s_k/|s_k|`` (method doc).
+    with ``z = f/|f|``, ``m_k = mu_k/|mu_k|``, ``S_k = s_k/|s_k|`` (docs/method.md).
 
     ``feat [N, A]`` carries the gradient; ``mean``/``var`` [C, A] are constants (detached, cast to
     the compute dtype). Memory O(N*A + N*C + C*A): the [N, C] logits are two matmuls. Written

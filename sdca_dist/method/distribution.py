@@ -1,6 +1,6 @@
 """Semantic distributions: per-class running mean and diagonal variance of pixel features.
 
-The running merge is the one of the method doc (exact pooled mean and biased variance of every
+The running merge is the one of docs/method.md (exact pooled mean and biased variance of every
 pixel seen so far). What this module adds over the reference implementation:
 
 * Batch statistics are those of the GLOBAL batch: per class count, first and second moment of all
@@ -178,7 +178,7 @@ def _local_moments(
 
 
 def _merge(dist: SemanticDistribution, n_b: Tensor, t1: Tensor, t2: Tensor) -> None:
-    """Running merge of the method doc, given global moments about c = running mean (float64)."""
+    """Running merge of docs/method.md, given global moments about c = running mean (float64)."""
     nb = n_b.unsqueeze(1)
     has = nb > 0
     safe_nb = torch.where(has, nb, torch.ones_like(nb))

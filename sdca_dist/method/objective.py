@@ -1,4 +1,4 @@
-"""The SDCA objective (method doc, stage 3) as tensor code: what the sdca step minimises.
+"""The SDCA objective (docs/method.md, "The sdca objective") as tensor code: what the sdca step minimises.
 
 ``DistributionPair`` holds the two semantic distributions (feature level, output level) that
 are updated together with ONE all-reduce per step. ``SDCAObjective`` turns one domain's batch

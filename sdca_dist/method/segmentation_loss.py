@@ -1,6 +1,6 @@
 """Supervised segmentation losses: cross-entropy and Lovasz-softmax, both ignoring 255.
 
-Logits at feature resolution are upsampled bilinearly (align_corners=True, as the method doc
+Logits at feature resolution are upsampled bilinearly (align_corners=True, as docs/method.md
 says) to the label size here, once, so callers hand in what the model returns.
 """
 

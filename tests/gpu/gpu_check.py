@@ -1,4 +1,4 @@
-"""GPU check (shared/docs/gpu-check.md): one program, one table. CI never runs it (no GPU there).
+"""GPU check (the GPU-only paths, tests/gpu/README.md): one program, one table. CI never runs it (no GPU there).
 
     python tests/gpu/gpu_check.py --out DIR            # on a GPU machine (writes DIR/gpu_check.md/.json)
     python tests/gpu/gpu_check.py --out DIR --smoke    # tiny sizes: checks the script itself on a CPU

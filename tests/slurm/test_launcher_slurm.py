@@ -38,7 +38,7 @@ def _cluster(slurm, *extra: str) -> list[str]:
 
 
 def test_whole_chain_on_two_nodes_of_four_tasks_takes_each_stage_its_planned_shape(slurm, tmp_path):
-    """Issue 10: 2 nodes x 4 CPU ranks granted; with train.scale=2 the tiny chain's src and ssl
+    """2 nodes x 4 CPU ranks granted; with train.scale=2 the tiny chain's src and ssl
     (global batch 8) and the inference stages use all 8 ranks on both nodes, sdca (4 + 4) one
     node of 4. sacct's NNodes / NTasks of every job equal the dry run's plan."""
     run = tmp_path / "run"

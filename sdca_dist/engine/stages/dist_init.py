@@ -40,7 +40,7 @@ def run(sc: StageContext) -> dict:
         label = batch["label"].to(ctx.device)  # padding samples arrive as 255 (the loader masks them)
         feats, logits = model(image)
         # each label at its own size, resized to the features (a smaller image's label is not
-        # stretched over the padding); rows then concatenated: one update per batch as before
+        # stretched over the padding); rows then concatenated: one estimator update per batch
         parts = [
             (*flatten_pixels(feats[rows], own), flatten_pixels(logits[rows], own)[0])
             for rows, own in own_size_rows(label, batch.get("label_size"))

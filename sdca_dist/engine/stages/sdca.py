@@ -1,4 +1,4 @@
-"""sdca: semantic distribution-aware contrastive adaptation (method doc, stage 3).
+"""sdca: semantic distribution-aware contrastive adaptation (docs/method.md, "Stages").
 
 The objective (source and target terms, pseudo labels, the estimator update) is method code:
 ``sdca_dist.method.objective``. This module keeps the engine's part: each step is two
