@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from data_fixtures import shard_sets, synth_root, write_colour_set  # noqa: F401  (fixtures)
+from data_fixtures import write_colour_set
 from PIL import Image
 
 from sdca_dist.classes import CITYSCAPES_PALETTE, colorize, target_label_map
@@ -224,7 +224,7 @@ def test_ssl_crop_of_the_original_never_pads(tmp_path, policy, scale):
     void = [float((next(it)["label"] == 255).float().mean()) for _ in range(4)]
     if policy == "fit":
         assert max(void) == 0.0, void
-    else:  # the old behaviour with scales below the crop: padded pixels
+    else:  # "pad" with scales below the crop: padded pixels
         assert max(void) > 0.05, void
 
 

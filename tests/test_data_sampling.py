@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from data_fixtures import shard_sets, synth_root  # noqa: F401  (fixtures)
 
 from sdca_dist.data.sampling import SUB_EPOCH, ClassBalancedSampler, epoch_order
 from sdca_dist.data.shards import Manifest
@@ -48,7 +47,7 @@ def _rule(pres, draws: int, count_every_present_class: bool, seed: int) -> np.nd
         out.append(img)
         if count_every_present_class:
             counts[pres[img]] += 1
-        else:  # the old rule of this project: only the drawn class
+        else:  # a common misreading: only the drawn class is counted
             counts[k] += 1
     return np.asarray(out)
 
@@ -61,14 +60,14 @@ def _share(pres, draws: np.ndarray) -> np.ndarray:
     return p[draws].mean(axis=0)
 
 
-def test_frequencies_follow_the_official_rule_not_the_old_one():
+def test_frequencies_follow_the_reference_rule_not_the_drawn_class_rule():
     pres, n = _presence(), 15_000
     ours = _share(pres, ClassBalancedSampler(pres, K, seed=1).draws(0, n))
     official = _share(pres, _rule(pres, n, True, seed=2))
-    old = _share(pres, _rule(pres, n, False, seed=2))
+    drawn_only = _share(pres, _rule(pres, n, False, seed=2))
     assert np.abs(ours - official).max() < 0.015, (ours, official)
     # counting every present class makes the rare class 3 far more frequent (~36% vs ~26%)
-    assert ours[3] - old[3] > 0.07, (ours, old)
+    assert ours[3] - drawn_only[3] > 0.07, (ours, drawn_only)
 
 
 def test_counts_reset_every_3000_draws(monkeypatch):
@@ -155,8 +154,8 @@ def test_ranks_slice_one_global_sequence():
 
 
 def test_uniform_training_order_is_a_full_shuffle():
-    """One rank, 3,000 samples: any sample can come first (a 1,024-sample shuffle buffer, the old
-    reader's, can only start with one of the first 1,024 on disk)."""
+    """One rank, 3,000 samples: any sample can come first (a 1,024-sample shuffle buffer
+    could only start with one of the first 1,024 on disk)."""
     from sdca_dist.data.loader import ShardLoader
 
     n = 3000

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import TINY, shard_sets, synth_root  # noqa: F401  (fixtures)
+from data_fixtures import TINY
 from PIL import Image
 
 from sdca_dist import shard as shard_cli

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import TINY, synth_root  # noqa: F401  (fixture)
+from data_fixtures import TINY
 from PIL import Image
 
 from sdca_dist.classes import CITYSCAPES_ID_PALETTE

@@ -27,11 +27,6 @@ STAGES = ["src", "dist_init", "sdca", "pseudo_label", "ssl"]
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("shards")
-
-
-@pytest.fixture(scope="module")
 def chain(shards, tmp_path_factory) -> Path:
     """The full chain, 2 ranks per stage, through the launcher's local mode."""
     run_dir = tmp_path_factory.mktemp("chain")

@@ -30,11 +30,6 @@ CHAIN = ["src", "dist_init", "sdca", "pseudo_label", "ssl"]
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("shards")
-
-
-@pytest.fixture(scope="module")
 def finished(shards, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("lineage") / "run"
     proc = run_launcher(tiny(shards, "cluster=local", f"run_dir={run}", "train.iters=2", "with_ablation=true"))

@@ -44,11 +44,6 @@ ON = "target val (the evaluation set)"
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("shards")
-
-
-@pytest.fixture(scope="module")
 def final_run(shards, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("final")
     proc = run_train(1, tiny(shards, *COMMON, f"run_dir={run}"))

@@ -1,0 +1,60 @@
+"""The test suite's layers, shared fixtures and the SLURM skip rule (tests/README.md).
+
+Layers (markers), assigned to every collected test here so that no test file has to say it:
+
+* ``slurm``: everything under ``tests/slurm/`` (a real SLURM cluster, brought up by
+  ``tests/slurm/cluster.sh``). Skipped with a one-line reason where it cannot run: not root, or no
+  ``apt-get`` (the cluster's packages are installed with it), unless ``SDCA_SLURM_EXTERNAL=1``
+  names a running cluster. CI runs as root on Debian, so CI runs them.
+* ``integration``: a test that starts processes: the train / launcher / predict / shard / bench
+  command lines, torchrun, ``mp.spawn`` gloo groups. Found by reading the source of the test, of
+  the fixtures it uses and of the module's helpers it calls, so a new test lands in the right
+  layer without a marker.
+* ``unit``: everything else, in one process.
+
+A test that carries ``@pytest.mark.unit`` or ``@pytest.mark.integration`` itself keeps it.
+
+Fixtures: ``shards`` (below) is the one tiny synthetic benchmark that the engine tests share;
+``synth_root`` / ``shard_sets`` (the data tests' in-process benchmark) are registered from
+``data_fixtures``. The ``*_fixtures`` modules stay importable for their plain helpers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from layers import HERE, LAYERS, slurm_skip_reason, starts_processes
+
+pytest_plugins = ["data_fixtures"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "unit: in one process, no subprocess (seconds)")
+    config.addinivalue_line("markers", "integration: starts processes (CLIs, torchrun, gloo groups)")
+    config.addinivalue_line("markers", "slurm: runs against a real SLURM cluster (tests/slurm, root)")
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """Shards root of the tiny synthetic benchmark (``engine_fixtures.TINY``), one per session.
+
+    The first run that uses it generates and packs the benchmark there (``conf=synthetic``
+    generates missing shards on first use, under a lock, so concurrent ranks wait for one
+    generator); every later test reuses it."""
+    return tmp_path_factory.mktemp("tiny_shards")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_slurm = slurm_skip_reason()
+    for item in items:
+        path = Path(str(item.fspath)).resolve()
+        if path.is_relative_to(HERE / "slurm"):
+            item.add_marker(pytest.mark.slurm)
+            if skip_slurm:
+                item.add_marker(pytest.mark.skip(reason=skip_slurm))
+            continue
+        if any(item.get_closest_marker(layer) for layer in LAYERS):
+            continue
+        is_integration = isinstance(item, pytest.Function) and starts_processes(item)
+        item.add_marker(pytest.mark.integration if is_integration else pytest.mark.unit)

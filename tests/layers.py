@@ -1,0 +1,79 @@
+"""Which layer a test is in, and whether the SLURM tests can run here (used by tests/conftest.py;
+a plain module so that tests can import it: every conftest.py is named ``conftest``)."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import os
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+LAYERS = ("unit", "integration", "slurm")
+
+#: what starting a process looks like in this suite's source
+_SPAWNS = (
+    "subprocess",
+    "Popen",
+    "run_train(",
+    "run_launcher(",
+    "train_cmd(",
+    "run_distributed(",
+    "mp.spawn",
+    "torch.distributed.run",
+    "shard_command(",
+    "synth_command(",
+    "sys.executable",
+)
+
+
+def slurm_skip_reason() -> str | None:
+    """Why tests/slurm cannot run here (one line), or None."""
+    if os.environ.get("SDCA_SLURM_EXTERNAL") == "1":
+        return None
+    if os.geteuid() != 0:
+        return "tests/slurm starts a SLURM cluster and needs root (or SDCA_SLURM_EXTERNAL=1, tests/slurm/README.md)"
+    if shutil.which("apt-get") is None:
+        return "tests/slurm installs SLURM with apt-get, which this machine lacks (or SDCA_SLURM_EXTERNAL=1)"
+    return None
+
+
+def _source(obj) -> str:
+    try:
+        return textwrap.dedent(inspect.getsource(obj))
+    except (OSError, TypeError):
+        return ""
+
+
+def _called_names(src: str) -> set[str]:
+    try:
+        tree = ast.parse(src)
+    except SyntaxError:
+        return set()
+    return {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+
+
+def starts_processes(item: pytest.Function) -> bool:
+    """Whether the test, a fixture it uses, or a module helper either calls, starts a process."""
+    module = item.module
+    todo = [item.function]
+    for defs in item._fixtureinfo.name2fixturedefs.values():
+        todo += [d.func for d in defs if Path(inspect.getfile(d.func)).resolve().is_relative_to(HERE)]
+    seen: set[int] = set()
+    while todo:
+        fn = inspect.unwrap(todo.pop())
+        if id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        src = _source(fn)
+        if any(token in src for token in _SPAWNS):
+            return True
+        for name in _called_names(src):  # helpers of the same test module
+            helper = getattr(module, name, None)
+            if inspect.isfunction(helper) and helper.__module__ == module.__name__:
+                todo.append(helper)
+    return False
