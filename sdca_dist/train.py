@@ -60,6 +60,7 @@ def main(argv: list[str]) -> int:
         return 2
     from sdca_dist.data.errors import DataError
     from sdca_dist.engine.data import DataConfigError
+    from sdca_dist.engine.distributed import DeviceSetupError
     from sdca_dist.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
     from sdca_dist.engine.runner import run_stage
     from sdca_dist.lineage import MissingInputError, RunFolderBusy, StageInputError
@@ -77,6 +78,7 @@ def main(argv: list[str]) -> int:
         DataConfigError,
         DataError,
         ScaleError,
+        DeviceSetupError,
         FileNotFoundError,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
