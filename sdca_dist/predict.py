@@ -36,9 +36,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CITYSCAPES_SUFFIX = "_leftImg8bit"
@@ -252,11 +255,20 @@ class EvalPreprocessor:
     decode (decoders.image RGB, "mixed" on GPU) as the evaluation's loader.
     """
 
-    def __init__(self, resize: Sequence[int], scales: Sequence[float], max_batch: int, num_threads: int = 2):
-        from sdca_dist.data.loader import cuda_available
+    def __init__(
+        self,
+        resize: Sequence[int],
+        scales: Sequence[float],
+        max_batch: int,
+        num_threads: int = 2,
+        cuda_device: torch.device | None = None,
+    ):
+        from sdca_dist.data.loader import cuda_available, pipeline_device_id
 
         self.sizes = [[max(1, round(int(resize[0]) * s)), max(1, round(int(resize[1]) * s))] for s in scales]
         self.gpu = cuda_available()
+        #: this rank's GPU (the DistContext's device), never GPU 0 for every rank
+        self.device_id = pipeline_device_id("gpu" if self.gpu else "cpu", cuda_device)
         self.max_batch = int(max_batch)
         self.num_threads = int(num_threads)
         self._pipe = self._build()
@@ -271,7 +283,7 @@ class EvalPreprocessor:
         @pipeline_def(
             batch_size=self.max_batch,
             num_threads=self.num_threads,
-            device_id=0 if gpu else None,
+            device_id=self.device_id,
             prefetch_queue_depth=1,
             exec_async=False,
             exec_pipelined=False,
@@ -413,7 +425,9 @@ def run(args: PredictArgs, cfg, ctx, log=print) -> int:
     total, items = list_inputs(args.input, ctx.rank, ctx.world_size)
     mine = len(range(ctx.rank, total, ctx.world_size))
     batch_size = args.batch or int(cfg.train.eval_batch_size)
-    pre = EvalPreprocessor(list(cfg.data.eval_resize), args.scales, batch_size, int(cfg.data.num_threads))
+    pre = EvalPreprocessor(
+        list(cfg.data.eval_resize), args.scales, batch_size, int(cfg.data.num_threads), cuda_device=ctx.device
+    )
     predictor = Predictor(model, ctx.device, args.flip)
     if ctx.is_main:
         tta = f", flip={args.flip}, scales={list(args.scales)}" if args.flip or args.scales != (1.0,) else ""

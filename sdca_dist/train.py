@@ -6,7 +6,8 @@ settings given again must match the frozen ones (a difference is refused, naming
 
 Works alone (one process), under ``torchrun --nproc_per_node=N`` and under ``srun``: the rank
 environment is read in one place (sdca_dist.engine.distributed). Exit codes: 0 done,
-2 bad configuration or input (one line naming the key or file), 3 stopped by a signal after
+2 bad configuration or input (one line naming the key or file) or training that went
+non-finite (one line naming stage, iteration and loss term), 3 stopped by a signal after
 writing a checkpoint (rerun the same command to resume), 1 anything else.
 """
 
@@ -60,6 +61,8 @@ def main(argv: list[str]) -> int:
         return 2
     from sdca_dist.data.errors import DataError
     from sdca_dist.engine.data import DataConfigError
+    from sdca_dist.engine.distributed import DeviceSetupError
+    from sdca_dist.engine.health import TrainingHealthError
     from sdca_dist.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
     from sdca_dist.engine.runner import run_stage
     from sdca_dist.lineage import MissingInputError, RunFolderBusy, StageInputError
@@ -77,6 +80,8 @@ def main(argv: list[str]) -> int:
         DataConfigError,
         DataError,
         ScaleError,
+        DeviceSetupError,
+        TrainingHealthError,
         FileNotFoundError,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -318,3 +318,16 @@ def test_truncated_shard_names_the_shard(tmp_path):
         for _ in ShardLoader(m, 3, train=False, resize=(16, 24), device="cpu", num_threads=1):
             pass
     assert shard.name in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
+def test_gpu_pipeline_runs_on_the_ranks_device_not_gpu_0(shard_sets):
+    """Rank 3 of a node whose tasks all see every GPU must decode on cuda:3 (its DistContext
+    device). The pipeline is built lazily, so its device is checked without a GPU."""
+    from sdca_dist.data.loader import pipeline_device_id
+
+    m = shard_sets["cityscapes_val"]
+    rank3 = torch.device("cuda", 3)
+    assert ShardLoader(m, 2, train=False, device="gpu", cuda_device=rank3).device_id == 3
+    assert ShardLoader(m, 2, train=False, device="cpu", cuda_device=rank3).device_id is None
+    assert pipeline_device_id("gpu", torch.device("cuda", 5)) == 5
+    assert pipeline_device_id("cpu", torch.device("cuda", 5)) is None

@@ -55,3 +55,19 @@ def test_rng_state_round_trip_restores_every_library():
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_rng_state_restores_when_the_checkpoint_is_loaded_onto_a_device(tmp_path):
+    """Resume loads checkpoints with ``map_location=ctx.device`` (cuda:N on a GPU node). The meta
+    device stands in for CUDA here: its tensors, like CUDA's, cannot be read by numpy or
+    ``torch.set_rng_state``. The rank file's RNG state must still restore; the optimizer shard goes
+    to the device asked for."""
+    ck = Checkpointer(tmp_path, CTX, keep=2, log=lambda m: None)
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    ck.save(5, {"iteration": 5}, {"rng": rng_state(), "optimizer": {"m": torch.ones(2)}})
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    common, mine = ck.load(ck.latest_valid(), map_location=torch.device("meta"))
+    set_rng_state(mine["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    assert mine["optimizer"]["m"].device.type == "meta"

@@ -106,7 +106,7 @@ def test_state_dict_round_trip_and_clear_errors():
 
 def test_labels_outside_classes_fail_loudly():
     d = SemanticDistribution(3, 2)
-    with pytest.raises(RuntimeError, match="labels must lie in"):
+    with pytest.raises(ValueError, match="labels must lie in"):
         d.update(torch.randn(4, 2), torch.tensor([0, 1, 3, 255]))
     with pytest.raises(ValueError, match=r"features must be \[N, 2\]"):
         d.update(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))

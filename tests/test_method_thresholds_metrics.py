@@ -77,7 +77,7 @@ def test_confusion_matrix_hand_checked_case():
     assert cm.miou([0, 1]) == pytest.approx(50.0)
     table = cm.table(["a", "b", "c", "d"])
     assert "a" in table and "n/a" in table and table.splitlines()[-1].startswith("mIoU")
-    with pytest.raises(RuntimeError, match="labels must lie in"):
+    with pytest.raises(ValueError, match="labels must lie in"):
         cm.update(pred, torch.tensor([[[0, 0, 1, 1, 7, IGNORE]]]))
 
 

@@ -61,6 +61,20 @@ def cuda_available() -> bool:
         return False
 
 
+def pipeline_device_id(device: str, cuda_device: torch.device | None = None) -> int | None:
+    """The GPU a DALI pipeline runs on: None for a CPU pipeline, else this rank's device.
+
+    Every task of a node may see every GPU (the launcher asks for ``--gpus-per-node``), so GPU 0
+    would carry every rank's DALI context and memory pool and each batch would cross GPUs. The
+    rank's device is ``cuda_device`` (the DistContext's), else the one torch is bound to.
+    """
+    if device != "gpu":
+        return None
+    if cuda_device is not None and cuda_device.type == "cuda" and cuda_device.index is not None:
+        return int(cuda_device.index)
+    return torch.cuda.current_device()
+
+
 def normalize(fn, types, image, mirror=0):
     """RGB uint8 HWC -> ImageNet-normalised float CHW (optionally mirrored)."""
     return fn.crop_mirror_normalize(
@@ -128,6 +142,7 @@ class ShardLoader:
         device: str = "auto",
         prefetch: int = 2,
         crop_policy: str = "pad",
+        cuda_device: torch.device | None = None,
     ):
         self.manifest: Manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
         if batch_size < 1:
@@ -157,6 +172,8 @@ class ShardLoader:
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device must be auto, cpu or gpu, got {device!r}")
         self.device = device
+        self.device_id = pipeline_device_id(device, cuda_device)
+        self._lut: torch.Tensor | None = None  # label_map on the labels' device, copied once
         self.steps_per_epoch = steps_per_epoch(self.manifest.num_samples, world_size, batch_size)
         self._reader = ShardReader(self.manifest)
         self._sampler = (
@@ -251,7 +268,7 @@ class ShardLoader:
         @pipeline_def(
             batch_size=self.batch_size,
             num_threads=self.num_threads,
-            device_id=0 if gpu else None,
+            device_id=self.device_id,
             seed=(self.seed * 7919 + self.rank) & 0x7FFFFFFF,
             prefetch_queue_depth=self.prefetch,
         )
@@ -380,8 +397,9 @@ class ShardLoader:
         if lbl.dim() == 4:
             lbl = lbl[..., 0]
         if self.label_map is not None:
-            lut = self.label_map.to(lbl.device)
-            lbl = lut[lbl.long()]
+            if self._lut is None or self._lut.device != lbl.device:
+                self._lut = self.label_map.to(lbl.device)
+            lbl = self._lut[lbl.long()]
         lbl = lbl.long()
         want, valid = self.batch_indices(g)
         got = np.asarray(index.as_tensor()).reshape(n)

@@ -37,7 +37,11 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """RNG states of every library involved, as tensors/ints so ``weights_only`` can load them."""
+    """RNG states of every library involved, as tensors/ints so ``weights_only`` can load them.
+
+    CUDA: only the CURRENT device's generator (the one this rank draws from). The states of every
+    visible GPU would tie the checkpoint to the device count of the first allocation; a requeued
+    job may see other GPUs."""
     version, internal, gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state: dict[str, Any] = {
@@ -51,20 +55,31 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
+def _cpu(t: Any) -> Any:
+    return t.cpu() if isinstance(t, torch.Tensor) else t
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore :func:`rng_state`'s states; tensors may arrive on any device (they are read on the
+    CPU: ``torch.set_rng_state`` and numpy take CPU data only). The CUDA state goes to the current
+    device; a CPU-only process (or a checkpoint written without CUDA) skips it."""
     py = state["python"]
-    random.setstate((py["version"], tuple(int(x) for x in py["internal"].tolist()), py["gauss"]))
+    random.setstate((py["version"], tuple(int(x) for x in _cpu(py["internal"]).tolist()), py["gauss"]))
     npst = state["numpy"]
     np.random.set_state(
-        ("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["gauss"])
+        ("MT19937", _cpu(npst["keys"]).numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["gauss"])
     )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    torch.set_rng_state(_cpu(state["torch"]))
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # one state per visible GPU: this rank's device's entry
+        index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_cpu(cuda))
 
 
 class Checkpointer:
@@ -154,6 +169,22 @@ class Checkpointer:
         return Path(choice) if choice else None
 
     def load(self, path: Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
+        """(common, this rank's) states. ``map_location`` places the model and optimizer tensors;
+        the rank file's RNG and loader states always stay on the CPU, where they are consumed
+        (``torch.set_rng_state`` and numpy refuse device tensors)."""
         common = torch.load(path / "common.pt", map_location=map_location, weights_only=True)
-        per_rank = torch.load(path / f"rank{self.ctx.rank:05d}.pt", map_location=map_location, weights_only=True)
+        per_rank = torch.load(path / f"rank{self.ctx.rank:05d}.pt", map_location="cpu", weights_only=True)
+        if "optimizer" in per_rank and torch.device(map_location).type != "cpu":
+            per_rank["optimizer"] = _to_device(per_rank["optimizer"], map_location)
         return common, per_rank
+
+
+def _to_device(obj: Any, device: str | torch.device) -> Any:
+    """``obj`` (nested dicts/lists of tensors) with every tensor moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj

@@ -149,4 +149,5 @@ def make_loader(
         num_threads=cfg.data.num_threads,
         device="auto",
         crop_policy=crop_policy,
+        cuda_device=ctx.device,
     )

@@ -3,17 +3,24 @@
 torchrun exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; ``srun`` exports
 SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID/SLURM_JOB_NODELIST. Both are read the same way so a
 stage behaves identically under either launcher; without either, the run is one process.
+
+A shell of an allocation (an ``sbatch`` script, an ``salloc`` shell) carries SLURM_NTASKS (and in a
+batch script SLURM_PROCID=0) but is no srun task: a plain ``python`` started there is ONE process.
+Only an srun step (SLURM_STEP_ID set) is read as a rank; otherwise rank 0 of SLURM_NTASKS would
+wait for ranks that never start (30 minutes, the process-group timeout).
 """
 
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 import re
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -60,16 +67,40 @@ def _first_slurm_host(nodelist: str) -> str:
     return prefix + first
 
 
-def rank_environment() -> dict[str, str]:
-    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from torchrun's or SLURM's variables."""
-    env = os.environ
+class DeviceSetupError(RuntimeError):
+    """The ranks cannot be placed on this node's devices as asked (one line: what and which key)."""
+
+
+def _srun_task(env: Mapping[str, str]) -> bool:
+    return "SLURM_STEP_ID" in env or "SLURM_STEPID" in env
+
+
+def allocation_shell_note(env: Mapping[str, str] | None = None) -> str | None:
+    """The one-line note for a plain process in an allocation's shell that asked for several tasks
+    (it runs as one process), else None."""
+    env = os.environ if env is None else env
+    if "RANK" in env or _srun_task(env) or "SLURM_JOB_ID" not in env:
+        return None
+    tasks = env.get("SLURM_NTASKS", "1")
+    if tasks.isdigit() and int(tasks) > 1:
+        return (
+            f"note: SLURM_NTASKS={tasks} but this process is not an srun task (no SLURM_STEP_ID): "
+            "running as ONE process; start the ranks with srun (or torchrun) to use them all"
+        )
+    return None
+
+
+def rank_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from torchrun's or SLURM's variables
+    (``os.environ`` unless ``env`` is given)."""
+    env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
         out = {k: env[k] for k in ("RANK", "WORLD_SIZE")}
         out["LOCAL_RANK"] = env.get("LOCAL_RANK", "0")
         out["MASTER_ADDR"] = env.get("MASTER_ADDR", "127.0.0.1")
         out["MASTER_PORT"] = env.get("MASTER_PORT", "29500")
         return out
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_ID" in env:
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_ID" in env and _srun_task(env):
         job = int(env["SLURM_JOB_ID"])
         return {
             "RANK": env["SLURM_PROCID"],
@@ -88,12 +119,53 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistContext:
-    """Initialise the process group (if not yet) and pick the device.
+def local_world_size(env: Mapping[str, str], local_rank: int) -> int:
+    """Ranks on this node: torchrun's LOCAL_WORLD_SIZE, srun's tasks on this node, else at least
+    ``local_rank + 1``."""
+    if env.get("LOCAL_WORLD_SIZE", "").isdigit():
+        return int(env["LOCAL_WORLD_SIZE"])
+    m = re.match(r"(\d+)", env.get("SLURM_STEP_TASKS_PER_NODE", "") if _srun_task(env) else "")
+    return max(int(m.group(1)) if m else 0, local_rank + 1)
+
+
+def pick_device(local_rank: int, local_world: int, gpus: int, require_cuda: bool, backend: str) -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` with GPUs, the CPU without. Refuses (one line) what
+    cannot work: GPUs asked for (``cluster.gpus_per_node > 0`` or NCCL) where torch sees none (a
+    CPU torch, or a driver older than the torch build), and more ranks on a node than GPUs (two
+    ranks on one GPU: NCCL fails with "Duplicate GPU detected")."""
+    if gpus == 0:
+        if require_cuda or backend == "nccl":
+            asked = "cluster.gpus_per_node > 0" if require_cuda else "engine.backend=nccl"
+            raise DeviceSetupError(
+                f"{asked} but torch {torch.__version__} sees no GPU (torch.cuda.is_available() is False: "
+                "a CPU build of torch, or a driver older than its CUDA); run launch/install.sh on a GPU node"
+            )
+        return torch.device("cpu")
+    if local_world > gpus:
+        raise DeviceSetupError(
+            f"{local_world} ranks on this node but {gpus} visible GPU(s); start at most {gpus} ranks per node "
+            "(cluster.tasks_per_node, torchrun --nproc_per_node) or make more GPUs visible"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def _bind_keywords(device: torch.device) -> dict[str, Any]:
+    """``init_process_group(device_id=...)`` where torch has it (binds NCCL to the rank's GPU)."""
+    if device.type != "cuda" or "device_id" not in inspect.signature(dist.init_process_group).parameters:
+        return {}
+    return {"device_id": device}
+
+
+def init_distributed(backend: str = "auto", timeout_s: int = 1800, require_cuda: bool = False) -> DistContext:
+    """Initialise the process group (if not yet) and pick and bind this rank's device.
 
     ``backend="auto"``: NCCL when CUDA is available, gloo otherwise. A single process still gets
     a (world size 1) process group so DeepSpeed and the collectives behave the same everywhere.
+    ``require_cuda`` (``cluster.gpus_per_node > 0``): refuse to fall back to the CPU.
     """
+    note = allocation_shell_note()
+    if note:
+        print(note, file=sys.stderr)
     env = rank_environment()
     rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
     if not env["MASTER_PORT"]:
@@ -103,17 +175,19 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistContex
         # srun does not bind threads: use what the job asked for (also keeps CPU results
         # bitwise reproducible across launches, as torchrun's OMP_NUM_THREADS does)
         torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
-    use_cuda = torch.cuda.is_available()
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = pick_device(local, local_world_size(os.environ, local), gpus, require_cuda, backend)
     if backend == "auto":
-        backend = "nccl" if use_cuda else "gloo"
-    if use_cuda:
-        torch.cuda.set_device(local % torch.cuda.device_count())
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(
-            backend=backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s)
+            backend=backend,
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            **_bind_keywords(device),
         )
     return DistContext(rank=rank, world_size=world, local_rank=local, device=device, backend=backend)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 import torch
 import torch.nn as nn
@@ -28,6 +28,20 @@ def build_optimizer(
     for g in groups:
         g["lr_mult"] = classifier_lr_mult if g.get("name") == "classifier" else 1.0
     return torch.optim.SGD(groups, lr=1.0, momentum=momentum, weight_decay=weight_decay)
+
+
+def ddp_buffer_keywords(sync: bool, accepted: Collection[str] | None = None) -> dict[str, bool]:
+    """DDP's switch for syncing buffers at each forward, in the installed torch's spelling.
+
+    torch 2.13 added ``forward_sync_buffers`` (and deprecated ``broadcast_buffers``); older torch,
+    still common on cluster images, only knows ``broadcast_buffers``. ``accepted``: the keyword
+    names of ``DistributedDataParallel.__init__`` (the installed torch's when omitted). The two
+    spellings differ in one point: ``broadcast_buffers=False`` also skips DDP's broadcast of the
+    buffers at construction; :class:`DDPEngine` then broadcasts them itself.
+    """
+    if accepted is None:
+        accepted = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": sync} if "forward_sync_buffers" in accepted else {"broadcast_buffers": sync}
 
 
 class ModelEngine:
@@ -77,8 +91,16 @@ class ModelEngine:
 
 class DDPEngine(ModelEngine):
     def __init__(
-        self, model: nn.Module, ctx: DistContext, optimizer: torch.optim.Optimizer, micro_steps: int, freeze_bn: bool
+        self,
+        model: nn.Module,
+        ctx: DistContext,
+        optimizer: torch.optim.Optimizer,
+        micro_steps: int,
+        freeze_bn: bool,
+        accepted: Collection[str] | None = None,
     ) -> None:
+        """``accepted``: DDP's keyword names (the installed torch's when omitted; tests pass an
+        older torch's to build the engine as that torch would)."""
         self.module = model.to(ctx.device)
         self.ctx = ctx
         self.optimizer = optimizer
@@ -88,9 +110,10 @@ class DDPEngine(ModelEngine):
         # Frozen BN (src/sdca) has nothing to sync; trainable BN is SyncBN on GPUs. On CPU (no
         # SyncBN there) rank 0's running statistics are broadcast so every rank holds the same model.
         sync_buffers = (not freeze_bn) and ctx.device.type != "cuda"
-        self.wrapped = nn.parallel.DistributedDataParallel(
-            model, device_ids=device_ids, forward_sync_buffers=sync_buffers
-        )
+        buffer_keywords = ddp_buffer_keywords(sync_buffers, accepted)
+        if buffer_keywords == {"broadcast_buffers": False}:  # torch < 2.13 skips the start-up broadcast
+            broadcast_tensors(list(model.buffers()), ctx)
+        self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **buffer_keywords)
         self._last = True
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,7 +55,7 @@ def run_stage(cfg: DictConfig) -> dict:
     run = RunDir(Path(cfg.run_dir))
     lineage = Lineage(run.root)
     lock = StageLock(run.stage(stage))
-    ctx = init_distributed(cfg.engine.backend)
+    ctx = init_distributed(cfg.engine.backend, require_cuda=int(cfg.cluster.gpus_per_node) > 0)
     try:
         _on_rank0(ctx, lock.acquire)
         check_world(cfg, stage, ctx.world_size)

@@ -17,6 +17,7 @@ import torch
 
 from sdca_dist.engine.checkpoint import Checkpointer, rng_state, set_rng_state
 from sdca_dist.engine.distributed import StopVote
+from sdca_dist.engine.health import TrainingHealth
 from sdca_dist.engine.model_engine import ModelEngine
 from sdca_dist.engine.observe import memory_high_water_mb
 from sdca_dist.engine.preemption import StopSignal
@@ -30,8 +31,9 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-#: (engine, batches by loader name, iteration) -> scalars to log
-StepFn = Callable[[ModelEngine, Mapping[str, dict], int], dict[str, float]]
+#: (engine, batches by loader name, iteration) -> scalars to log: its loss terms as detached
+#: tensors (read on the host only at log steps: ``float()`` every step would stall a GPU)
+StepFn = Callable[[ModelEngine, Mapping[str, dict], int], dict[str, torch.Tensor | float]]
 
 
 @dataclass
@@ -112,14 +114,19 @@ def run_training(sc: StageContext, plan: TrainingPlan) -> dict:
     window_steps = 0
     last_scalars: dict[str, float] = {}
     vote = StopVote(ctx)
+    health = TrainingHealth(sc.name, ctx, cfg.data.num_classes)
     with StopSignal() as stop:
         for it in range(start, sched.iters):
             t0 = time.time()
             batches = {n: _to_device(next(iterators[n]), ctx.device) for n in plan.loaders}
+            for name, batch in batches.items():
+                if "label" in batch:
+                    health.labels(it, name, batch["label"])
             t1 = time.time()
             lr = poly_lr(sched.lr, it, sched.schedule_iters, cfg.train.poly_power, sched.warmup_iters)
             plan.engine.train(True)
             scalars = plan.step(plan.engine, batches, it)
+            health.observe(it, scalars)
             plan.engine.step(lr)
             t2 = time.time()
             data_time += t1 - t0
@@ -129,10 +136,17 @@ def run_training(sc: StageContext, plan: TrainingPlan) -> dict:
             stop_now = vote.vote(stop.requested)
             if stop_now:
                 vote.close()  # nothing in flight while the ranks checkpoint together
-            if done % log_every == 0 or done == sched.iters or stop_now:
+            log_due = done % log_every == 0 or done == sched.iters or stop_now
+            select_due = selection is not None and selection.due(done)
+            checkpoint_due = done % every == 0 or done == sched.iters or stop_now
+            if log_due or select_due or checkpoint_due:  # the only host reads of the step's values
+                health.check()
+            if select_due or checkpoint_due:
+                health.check_weights(plan.engine.module.state_dict(), done)
+            if log_due:
                 wall = time.time() - window_start
                 scalars = {
-                    **scalars,
+                    **{k: float(v) for k, v in scalars.items()},
                     "lr": lr,
                     "images_per_s": plan.images_per_step * ctx.world_size * window_steps / max(wall, 1e-9),
                     "data_wait_share": data_time / max(step_time, 1e-9),
@@ -144,9 +158,9 @@ def run_training(sc: StageContext, plan: TrainingPlan) -> dict:
                 last_scalars = scalars
                 data_time = step_time = 0.0
                 window_start, window_steps = time.time(), 0
-            if selection is not None and selection.due(done):  # before the checkpoint, which records it
+            if select_due:  # before the checkpoint, which records it
                 selection.evaluate(plan.engine, done)
-            if done % every == 0 or done == sched.iters or stop_now:
+            if checkpoint_due:
                 save_checkpoint(sc, plan, ckpt, done, selection)
             if stop_now:
                 obs.log("stop signal: checkpoint written, exiting for requeue")

@@ -135,12 +135,20 @@ def _local_moments(
     # Ignored pixels go to a trash row C: static shapes, no boolean masking (no host sync on GPU).
     lab = labels.detach().long()
     ignored = lab == ignore_index
-    torch._assert_async(
-        (ignored | ((lab >= 0) & (lab < C))).all(), f"labels must lie in [0, {C}) or equal ignore_index={ignore_index}"
-    )
+    out_of_range = ~ignored & ((lab < 0) | (lab >= C))
+    if device.type == "cpu":
+        if bool(out_of_range.any()):  # free on the CPU
+            raise ValueError(f"labels must lie in [0, {C}) or equal ignore_index={ignore_index}")
+    else:
+        # No host read per update on an accelerator (and no torch._assert_async, whose device-side
+        # assert surfaces later at an unrelated call): out-of-range labels go to the trash row. The
+        # engine checks every batch's labels first (``sdca_dist.engine.health``) and stops with a
+        # one-line error naming the loader and iteration.
+        ignored = ignored | out_of_range
     idx = torch.where(ignored, torch.full_like(lab, C), lab)
-
-    count = torch.bincount(idx, minlength=C + 1).to(torch.float64)
+    # index_add_ rather than bincount: bincount reads max(idx) on the host (a sync on a GPU)
+    count = torch.zeros(C + 1, dtype=torch.int64, device=device).index_add_(0, idx, torch.ones_like(idx))
+    count = count.to(torch.float64)
     s1 = torch.zeros(C + 1, A, dtype=torch.float64, device=device)
     s2 = torch.zeros(C + 1, A, dtype=torch.float64, device=device)
     c = dist.mean  # common shift, identical on all ranks

@@ -42,14 +42,17 @@ class ConfusionMatrix:
             t = label.reshape(-1).long().to(self.mat.device)
             p = pred.reshape(-1).long().to(self.mat.device)
             valid = t != ignore_index
-            torch._assert_async(
-                (~valid | ((t >= 0) & (t < C))).all(),
-                f"labels must lie in [0, {C}) or equal ignore_index={ignore_index}",
-            )
-            torch._assert_async(((p >= 0) & (p < C)).all(), f"predictions must lie in [0, {C})")
+            # A clear error now, not torch._assert_async: on CUDA that is a device-side assert that
+            # surfaces later at an unrelated call. One host read per evaluated batch.
+            if bool((valid & ((t < 0) | (t >= C))).any()):
+                raise ValueError(f"labels must lie in [0, {C}) or equal ignore_index={ignore_index}")
+            if bool(((p < 0) | (p >= C)).any()):
+                raise ValueError(f"predictions must lie in [0, {C})")
             # Ignored pixels go to an extra bin C*C: static shapes, no host sync.
             flat = torch.where(valid, t * C + p, torch.full_like(t, C * C))
-            self.mat += torch.bincount(flat, minlength=C * C + 1)[: C * C].view(C, C)
+            counts = torch.zeros(C * C + 1, dtype=torch.int64, device=flat.device)
+            counts.index_add_(0, flat, torch.ones_like(flat))  # bincount would read max(flat) on the host
+            self.mat += counts[: C * C].view(C, C)
 
     def all_reduce(self) -> None:
         """Sum the matrices of all ranks in place (one collective). Call exactly once."""

@@ -12,6 +12,7 @@ import torch
 
 from sdca_dist.data.loader import own_size_rows
 from sdca_dist.engine.data import make_loader, manifest_path, shard_set
+from sdca_dist.engine.health import TrainingHealth
 from sdca_dist.engine.run_dir import DISTRIBUTIONS
 from sdca_dist.engine.stage_context import StageContext
 from sdca_dist.engine.stages.distributions import DistributionPair, save_distributions
@@ -34,10 +35,12 @@ def run(sc: StageContext) -> dict:
     dists = DistributionPair(cfg.data.num_classes, model.feature_dim, ctx.device)
     obs.total = int(loader.steps_per_epoch)
     obs.restart_clock(0)
+    health = TrainingHealth(sc.name, ctx, cfg.data.num_classes)  # out-of-range labels: one line, not an assert
     t0 = time.time()
     for step, batch in enumerate(loader, 1):
         image = batch["image"].to(ctx.device)
         label = batch["label"].to(ctx.device)  # padding samples arrive as 255 (the loader masks them)
+        health.labels(step - 1, "source", label)
         feats, logits = model(image)
         # each label at its own size, resized to the features (a smaller image's label is not
         # stretched over the padding); rows then concatenated: one estimator update per batch
@@ -48,6 +51,7 @@ def run(sc: StageContext) -> dict:
         f, y, o = parts[0] if len(parts) == 1 else (torch.cat(p) for p in zip(*parts))
         dists.update(f, o, y)  # one all-reduce for both levels; every rank calls it every step
         if step % cfg.train.log_every == 0 or step == obs.total:
+            health.check()
             obs.progress(step, {})
     path = sc.folder / DISTRIBUTIONS
     if ctx.is_main:

@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
+import torch
+
 from sdca_dist.config.schema import MethodConfig
 from sdca_dist.engine.data import make_loader, manifest_path, per_rank, shard_set
 from sdca_dist.engine.model_engine import ModelEngine
@@ -35,7 +37,8 @@ class SDCAStep:
     def __post_init__(self) -> None:
         self.objective = SDCAObjective(self.dists, self.method or MethodConfig())
 
-    def __call__(self, engine: ModelEngine, batches: Mapping[str, dict], it: int) -> dict[str, float]:
+    def __call__(self, engine: ModelEngine, batches: Mapping[str, dict], it: int) -> dict[str, torch.Tensor]:
+        """The step's loss and its parts as detached tensors (no host read: see ``StepFn``)."""
         s, t = batches["source"], batches["target"]
         with engine.micro_step(0):
             feats, logits = engine(s["image"])
@@ -50,8 +53,8 @@ class SDCAStep:
             self.observer.images(
                 it + 1, "sdca/target", t["image"][0], pred=logits_t[0].detach().argmax(0), pseudo=tgt.pseudo[0]
             )
-        scalars = {"loss": float((src.loss + tgt.loss).detach())}
-        scalars.update({k: float(v.detach()) for k, v in {**src.parts, **tgt.parts}.items()})
+        scalars = {"loss": (src.loss + tgt.loss).detach()}
+        scalars.update({k: v.detach() for k, v in {**src.parts, **tgt.parts}.items()})
         return scalars
 
 

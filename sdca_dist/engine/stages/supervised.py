@@ -66,7 +66,7 @@ def _run_supervised(
             sc.observer.images(
                 it + 1, f"{sc.name}/train", b["image"][0], b["label"][0], pred=logits[0].detach().argmax(0)
             )
-        return {"loss": float(loss.detach())}
+        return {"loss": loss.detach()}  # read on the host at log steps only
 
     plan = TrainingPlan(schedule=sched, engine=engine, loaders={"train": loader}, step=step, images_per_step=batch)
     stats = run_training(sc, plan)
