@@ -62,7 +62,8 @@ def main(argv: list[str]) -> int:
     from sdca_dist.engine.data import DataConfigError
     from sdca_dist.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
     from sdca_dist.engine.runner import run_stage
-    from sdca_dist.lineage import MissingInputError, RunFolderBusy, StageInputError
+    from sdca_dist.lineage import MissingInputError, RunFolderBusy, StageInputError, StageOutputError
+    from sdca_dist.models.pretrained import WeightsError
     from sdca_dist.scaling import ScaleError
 
     try:
@@ -73,13 +74,19 @@ def main(argv: list[str]) -> int:
     except (
         MissingInputError,
         StageInputError,
+        StageOutputError,
         RunFolderBusy,
         DataConfigError,
         DataError,
         ScaleError,
+        WeightsError,
         FileNotFoundError,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # no space, read-only run folder, a file where a folder should be
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc} (stage {cfg.stage}, run_dir={cfg.run_dir})", file=sys.stderr)
         return 2
     return 0
 
