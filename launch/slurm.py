@@ -48,7 +48,7 @@ from omegaconf import DictConfig  # noqa: E402
 from sdca_dist.config import ConfigError, compose_config  # noqa: E402
 from sdca_dist.config.run_config import freeze, parse_launch, resolve, split_overrides, with_values  # noqa: E402
 from sdca_dist.config.schema import LaunchConfig  # noqa: E402
-from sdca_dist.scaling import ScaleError, parse_scale, plan_row, resolve_scale  # noqa: E402
+from sdca_dist.scaling import ScaleError, parse_scale, plan_row, plan_warnings, resolve_scale  # noqa: E402
 from sdca_dist.stage_table import ordered, spec  # noqa: E402
 
 
@@ -539,6 +539,8 @@ def main(argv: Sequence[str]) -> int:
                 row["sbatch"] = slurm_parameters(cfg, stage, plan[stage])
             prefix = "[dry-run]" if launch.dry_run else "[plan]"
             print(f"{prefix} {stage}: {json.dumps(row)}", flush=True)
+        for line in plan_warnings(cfg, stages):
+            print(f"[launch] {line}", flush=True)
         granted = launch.nodes * int(cfg.cluster.tasks_per_node)
         idle = [s for s in stages if spec(s).training and plan[s]["world_size"] < granted]
         if idle and parse_scale(cfg.train.scale) == 1:

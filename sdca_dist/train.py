@@ -5,7 +5,10 @@ at the first start. On an existing run folder ``stage=`` and ``run_dir=`` are al
 settings given again must match the frozen ones (a difference is refused, naming each key).
 
 Works alone (one process), under ``torchrun --nproc_per_node=N`` and under ``srun``: the rank
-environment is read in one place (sdca_dist.engine.distributed). Exit codes: 0 done,
+environment is read in one place (sdca_dist.engine.distributed). Under torchrun, SIGTERM or
+SIGUSR2 to the ranks (or SIGTERM to the agent, which forwards it) stops every rank at the next
+step boundary with a checkpoint; if the agent itself dies (SIGUSR2 or SIGKILL to ``torchrun``),
+each rank gets SIGTERM from the kernel and does the same (sdca_dist.engine.preemption). Exit codes: 0 done,
 2 bad configuration or input (one line naming the key or file), 3 stopped by a signal after
 writing a checkpoint (rerun the same command to resume), 1 anything else.
 """
@@ -13,6 +16,7 @@ writing a checkpoint (rerun the same command to resume), 1 anything else.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Sequence
 
@@ -53,6 +57,10 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
+    from sdca_dist.engine.preemption import die_with_parent, under_torchrun
+
+    if under_torchrun():  # the agent's death (e.g. SIGUSR2 to torchrun) stops this rank at a step boundary
+        die_with_parent(signal.SIGTERM)
     try:
         cfg = prepare(argv)
     except ConfigError as exc:

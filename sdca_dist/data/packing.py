@@ -184,13 +184,27 @@ def encode_sample(job: tuple) -> dict:
     }
 
 
+def _worker_init(parent: int) -> None:
+    import signal
+
+    from sdca_dist.engine.preemption import die_with_parent
+
+    die_with_parent(signal.SIGKILL, parent)
+
+
 def _ordered(jobs: list, workers: int) -> Iterator[dict]:
     if workers <= 1 or len(jobs) <= 1:
         for j in jobs:
             yield encode_sample(j)
         return
-    # spawn: the caller may hold DALI/torch threads, which do not survive fork
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+    # spawn: the caller may hold DALI/torch threads, which do not survive fork; each worker dies
+    # with the builder (a killed build leaves no pool workers waiting on its queue forever)
+    with ProcessPoolExecutor(
+        min(workers, len(jobs)),
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_worker_init,
+        initargs=(os.getpid(),),
+    ) as pool:
         yield from pool.map(encode_sample, jobs, chunksize=4)
 
 
@@ -332,7 +346,26 @@ def pack(opts: PackOptions) -> Manifest:
     lay = get_layout(opts.layout)
     pairs = list_pairs(opts.layout, opts.root, opts.split)
     out = opts.out
-    prepare_out(out, opts.overwrite)
+    created = not out.exists()
+    try:
+        prepare_out(out, opts.overwrite)
+        return _pack_into(opts, lay, pairs)
+    except BaseException:
+        if created:  # a failed build leaves no empty --out behind
+            _remove_empty(out)
+        raise
+
+
+def _remove_empty(out: Path) -> None:
+    try:
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+    except OSError:
+        pass
+
+
+def _pack_into(opts: PackOptions, lay, pairs: list[SamplePair]) -> Manifest:
+    out = opts.out
     kept, n_done = _resume_point(out, pairs, opts)
     remaining = pairs[n_done:]
     writer = ShardWriter(

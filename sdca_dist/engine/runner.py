@@ -33,7 +33,7 @@ from sdca_dist.lineage import (
     StageOutputError,
     settings_record,
 )
-from sdca_dist.scaling import ScaleError, check_world, scaled_schedule
+from sdca_dist.scaling import ScaleError, check_world, plan_warnings, scaled_schedule
 from sdca_dist.stage_table import spec
 
 #: errors a rank-0-only step may raise that every rank must raise too (the CLI maps them to exit 2)
@@ -135,6 +135,8 @@ def run_stage(cfg: DictConfig) -> dict:
             )
             if stage_spec.training:
                 observer.log(f"schedule: {json.dumps(scaled_schedule(cfg, stage).as_dict())}")
+                for line in plan_warnings(cfg, [stage]):
+                    observer.log(line)
             observer.text("config", config_path(run.root).read_text() if config_path(run.root).is_file() else "")
         sc = StageContext(cfg=cfg, ctx=ctx, run=run, name=stage, observer=observer)
         t0 = time.time()
