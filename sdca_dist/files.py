@@ -28,7 +28,9 @@ def temp_path(path: Path) -> Path:
 
 
 def atomic_write(path: Path | str, write: Callable[[IO], None], binary: bool = True) -> None:
-    """Create or replace ``path`` with what ``write(file)`` writes, atomically."""
+    """Create or replace ``path`` with what ``write(file)`` writes, atomically. A file-system
+    failure (no space, read-only) is an OSError whose file name is ``path`` (a failed flush
+    names no file of its own)."""
     path = Path(path)
     tmp = temp_path(path)
     try:
@@ -37,11 +39,13 @@ def atomic_write(path: Path | str, write: Callable[[IO], None], binary: bool = T
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
+        if isinstance(exc, OSError) and not exc.filename and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise
 
 

@@ -2,11 +2,16 @@
 
 Each stage records, in ``<stage>/LINEAGE.json`` when it starts and again in its ``DONE`` file
 when it ends: the hash of the run's settings and the sha256 of every file it reads (outputs of
-earlier stages, shard manifests, weights files). ``DONE`` also records the sha256 of the files
-the stage leaves for later stages. Then:
+earlier stages, shard manifests, every shard tar, weights files). ``DONE`` also records the
+settings themselves and the sha256 of the files the stage leaves for later stages. Then:
 
 * an input passed between stages is verified against the producer's record before use (a
-  corrupt or replaced file: one line naming it, exit 2);
+  corrupt or replaced file: one line naming it, exit 2), and so are the settings the producer
+  ran with (other settings than the run's: one line naming the stage and the keys, exit 2);
+* every shard tar a stage reads (the data sets and the pseudo-label shards) is hashed when the
+  stage starts and checked against the sha256 its manifest records, with its DALI index and
+  sidecar: a damaged or replaced tar is refused, naming it, so no stage trains on bytes other
+  than the ones packed (and a run never counts as done from them);
 * a stage whose recorded inputs no longer match is stale: the launcher reruns it, and the
   engine discards its checkpoints (they belong to other inputs) before starting again;
 * redoing a stage makes every stage after it stale (their inputs change).
@@ -43,6 +48,10 @@ class MissingInputError(FileNotFoundError):
 
 class StageInputError(ValueError):
     """A stage's input exists but cannot be used (corrupt, replaced); the message names the file."""
+
+
+class StageOutputError(ValueError):
+    """A stage's output cannot be handed on (e.g. weights that are not finite); no DONE is written."""
 
 
 class RunFolderBusy(RuntimeError):
@@ -85,6 +94,41 @@ def stage_inputs(cfg: Any, stage: str) -> tuple[StageInput, ...]:
     return inputs_of(stage, cfg)
 
 
+def settings_record(cfg: Any) -> dict[str, Any]:
+    """The settings a DONE record keeps (flat ``key: value``), so a consumer can name differences."""
+    from sdca_dist.config.run_config import flat_settings
+
+    return flat_settings(cfg)
+
+
+def producer_mismatch(cfg: Any, done: dict) -> Optional[list[str]]:
+    """Whether a DONE record holds for the run's settings ``cfg``: None when it does, else the
+    differing keys (``key: recorded -> run``; ``[]`` when the record keeps only a hash).
+
+    The ONE comparison of a stage's record with the run's settings: the engine (a consumer's
+    inputs), the launcher (freshness) and the status views all ask it."""
+    from sdca_dist.config.run_config import settings_hash
+
+    lineage = done.get("lineage") if isinstance(done, dict) else None
+    if not isinstance(lineage, dict):
+        return []
+    if lineage.get("settings") == settings_hash(cfg):
+        return None
+    recorded = done.get("settings")
+    if not isinstance(recorded, dict):
+        return []
+    now = settings_record(cfg)
+    return [
+        f"{k}: {recorded.get(k, '(absent)')} -> {now.get(k, '(absent)')}"
+        for k in sorted(set(recorded) | set(now))
+        if recorded.get(k) != now.get(k)
+    ]
+
+
+def _is_manifest(rel: str) -> bool:
+    return rel.endswith("manifest.json")
+
+
 class Lineage:
     """The lineage records of one run folder."""
 
@@ -121,6 +165,13 @@ class Lineage:
                     f"stage {stage!r} needs {path}, but stage {inp.producer} has not finished "
                     f"(no {self.folder(inp.producer) / DONE}); run stage {inp.producer} first"
                 )
+            differ = producer_mismatch(cfg, done)
+            if differ is not None:
+                keys = "; ".join(differ) if differ else "its DONE records another settings hash"
+                raise StageInputError(
+                    f"stage {stage!r} needs {path}, but stage {inp.producer} was done with other settings "
+                    f"than this run's ({keys}); run stage {inp.producer} again (launcher: redo=[{inp.producer}])"
+                )
             actual = sha256_file(path)
             recorded = (done.get("outputs") or {}).get(inp.file)
             if recorded is not None and recorded != actual:
@@ -130,11 +181,39 @@ class Lineage:
                     f"(launcher: redo=[{inp.producer}])"
                 )
             hashes[inp.rel] = actual
+            if _is_manifest(inp.file):
+                hint = f"run stage {inp.producer} again (launcher: redo=[{inp.producer}])"
+                hashes.update(self.verified_shards(stage, inp.rel, path, hint))
         for ext in external_inputs(cfg, stage):
             if not ext.path.is_file():
                 raise MissingInputError(f"stage {stage!r} needs {ext.path} ({ext.key}), which does not exist")
             hashes[ext.key] = sha256_file(ext.path)
+            if ext.key.startswith("shards:"):
+                hint = "rebuild the damaged shards (python -m sdca_dist.shard ... --repair)"
+                hashes.update(self.verified_shards(stage, ext.key, ext.path, hint))
         return hashes
+
+    def verified_shards(self, stage: str, key: str, manifest: Path, hint: str) -> dict[str, str]:
+        """``{key/tar name: sha256}`` of every shard of ``manifest``, each checked against the
+        manifest's record (size, sha256, DALI index, sidecar). Raises StageInputError naming the
+        first damaged tar."""
+        from sdca_dist.data.errors import DataError
+        from sdca_dist.data.packing import damaged_shards
+        from sdca_dist.data.shards import load_manifest
+
+        try:
+            m = load_manifest(manifest)
+        except DataError as exc:
+            raise StageInputError(f"stage {stage!r}: {exc}") from None
+        bad = damaged_shards(m, sha=self._sha)
+        if bad:
+            first = bad[min(bad)]
+            more = f" (and {len(bad) - 1} more shard(s))" if len(bad) > 1 else ""
+            raise StageInputError(
+                f"stage {stage!r} refuses {first}{more}: the shard is not the one its manifest {manifest} "
+                f"records (corrupt or replaced); {hint}"
+            )
+        return {f"{key}/{s['name']}": s["sha256"] for s in m.shards}
 
     def current(self, cfg: Any, stage: str) -> dict:
         from sdca_dist.config.run_config import settings_hash
@@ -161,8 +240,9 @@ class Lineage:
         write_json_atomic(folder / LINEAGE, lineage)
         return stale
 
-    def finish(self, stage: str, lineage: dict, summary: dict) -> None:
-        """DONE, last: the summary, the lineage and the sha256 of every output for later stages."""
+    def finish(self, stage: str, lineage: dict, summary: dict, settings: Optional[dict] = None) -> None:
+        """DONE, last: the summary, the lineage, the settings (flat, see ``settings_record``) and
+        the sha256 of every output for later stages."""
         folder = self.folder(stage)
         outputs = {name: sha256_file(folder / name) for name in spec(stage).outputs if (folder / name).is_file()}
         payload = {
@@ -172,6 +252,8 @@ class Lineage:
             "lineage": lineage,
             "outputs": outputs,
         }
+        if settings is not None:
+            payload["settings"] = settings
         write_json_atomic(folder / DONE, payload)
 
     def invalidate(self, stage: str) -> None:
@@ -185,8 +267,6 @@ class Lineage:
         """Whether ``stage``'s DONE still holds for these settings and inputs, and why not.
 
         ``rerun``: stages that this launch runs again, whose outputs will therefore change."""
-        from sdca_dist.config.run_config import settings_hash
-
         rerun = set(rerun)
         done = self.done_record(stage)
         if done is None:
@@ -194,8 +274,9 @@ class Lineage:
         lineage = done.get("lineage")
         if not isinstance(lineage, dict):
             return False, "DONE has no lineage record (made by an older version)"
-        if lineage.get("settings") != settings_hash(cfg):
-            return False, "done with other settings"
+        differ = producer_mismatch(cfg, done)
+        if differ is not None:
+            return False, "done with other settings" + (f" ({'; '.join(differ)})" if differ else "")
         for name, sha in (done.get("outputs") or {}).items():
             try:
                 if self._sha(self.folder(stage) / name) != sha:
@@ -216,13 +297,42 @@ class Lineage:
                     return False, f"{inp.rel} is not the file it read (corrupt or replaced)"
             except OSError:
                 return False, f"{inp.rel} is missing"
+            if _is_manifest(inp.file):
+                why = self._shards_changed(inp.rel, self.root / inp.rel, recorded)
+                if why:
+                    return False, why
         for ext in external_inputs(cfg, stage):
             try:
                 if self._sha(ext.path) != recorded.get(ext.key):
                     return False, f"{ext.path} changed since it ran"
             except OSError:
                 return False, f"{ext.path} is missing"
+            if ext.key.startswith("shards:"):
+                why = self._shards_changed(ext.key, ext.path, recorded)
+                if why:
+                    return False, why
         return True, "done"
+
+    def _shards_changed(self, key: str, manifest: Path, recorded: dict) -> Optional[str]:
+        """Why the shard tars of ``manifest`` are not the ones a stage read (None: the same)."""
+        from sdca_dist.data.errors import DataError
+        from sdca_dist.data.shards import load_manifest
+
+        try:
+            m = load_manifest(manifest)
+        except DataError as exc:
+            return str(exc)
+        for s in m.shards:
+            tar = m.folder / s["name"]
+            want = recorded.get(f"{key}/{s['name']}")
+            if want is None:
+                return f"it has no record of the shard {tar} (it ran before shard contents were recorded)"
+            try:
+                if self._sha(tar) != want:
+                    return f"the shard {tar} is not the one it read (corrupt or replaced)"
+            except OSError:
+                return f"the shard {tar} is missing"
+        return None
 
 
 class StageLock:

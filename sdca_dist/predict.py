@@ -25,8 +25,10 @@ forward pass per rank (default train.eval_batch_size). Everything else is a conf
 is the weights file).
 
 Under torchrun each rank predicts the inputs ``i % world_size == rank`` (each image once). Files
-are written atomically (temp name + rename). Exit codes: 0 done, 2 bad argument, unreadable image
-or weights (one line naming it), 1 anything else.
+are written atomically (temp name + rename). When any rank fails (an unreadable image, no space
+or a read-only ``out``), every rank removes the predictions it wrote in this command: ``out``
+never holds a partial set that looks complete. Exit codes: 0 done, 2 bad argument, unreadable
+image or weights, an ``out`` that cannot be written (one line naming it), 1 anything else.
 """
 
 from __future__ import annotations
@@ -356,20 +358,16 @@ def _png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` under a temporary name in the same folder, then rename; no temp survives."""
+def write_output(path: Path, data: bytes) -> None:
+    """One prediction file, atomically (``sdca_dist.files``): complete under its name or absent."""
+    from sdca_dist.files import atomic_write_bytes
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
+    atomic_write_bytes(path, data)
+
+
+class OutputWriteError(PredictError):
+    """A prediction file cannot be written (no space, read-only file system); names the path."""
 
 
 def output_paths(out: Path, item: InputImage) -> tuple[Path, Path]:
@@ -413,8 +411,9 @@ class Predictor:
 
 
 # --------------------------------------------------------------------------- main
-def run(args: PredictArgs, cfg, ctx, log=print) -> int:
-    """Predict this rank's share of the inputs; returns the number of images written."""
+def run(args: PredictArgs, cfg, ctx, log=print, written: Optional[list[Path]] = None) -> int:
+    """Predict this rank's share of the inputs; returns the number of images written.
+    ``written`` collects the path of every file written (to remove them after a failure)."""
     from sdca_dist.classes import colorize
     from sdca_dist.engine.observe import format_duration
     from sdca_dist.models.convert import load_converted
@@ -448,8 +447,14 @@ def run(args: PredictArgs, cfg, ctx, log=print) -> int:
             raise
         for item, label in zip(batch, predictor.labels(views, sizes)):
             label_path, color_path = output_paths(args.out, item)
-            atomic_write(label_path, _png_bytes(ids[label]))
-            atomic_write(color_path, _png_bytes(colorize(label, num_classes)))
+            outputs = ((label_path, _png_bytes(ids[label])), (color_path, _png_bytes(colorize(label, num_classes))))
+            for path, data in outputs:
+                try:
+                    write_output(path, data)
+                except OSError as exc:
+                    raise OutputWriteError(f"cannot write {path}: {exc.strerror or exc}") from None
+                if written is not None:
+                    written.append(path)
         done += len(batch)
         now = time.time()
         if ctx.is_main and (now - last_report >= 10 or done == mine):
@@ -469,8 +474,17 @@ def main(argv: list[str]) -> int:
         return 0
     from sdca_dist.config import ConfigError, compose_config
     from sdca_dist.data.errors import DataError
+    from sdca_dist.models.convert import ConvertError
 
-    user_errors = (PredictError, ConfigError, DataError, FileNotFoundError, NotADirectoryError, PermissionError)
+    user_errors = (
+        PredictError,
+        ConfigError,
+        DataError,
+        ConvertError,
+        FileNotFoundError,
+        NotADirectoryError,
+        PermissionError,
+    )
     try:
         args = parse_args(argv)
         cfg = compose_config(args.overrides)
@@ -481,14 +495,23 @@ def main(argv: list[str]) -> int:
 
     ctx = init_distributed(str(cfg.engine.backend))
     t0 = time.time()
-    failed = False
+    error = None
     written = 0
+    files: list[Path] = []
     try:
-        written = run(args, cfg, ctx)
+        written = run(args, cfg, ctx, written=files)
     except user_errors as exc:  # this rank stops; the others still meet it in the final count
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        failed = True
-    total, failures = _sum_over_ranks([written, int(failed)], ctx)
+        error = " ".join(str(exc).split())
+    total, failures = _sum_over_ranks([written, int(error is not None)], ctx)
+    if failures:  # no partial set under out: every rank removes what it wrote
+        for path in files:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
+    if error is not None:
+        removed = f" (removed the {len(files)} prediction files written before)" if files else ""
+        print(f"error: {error}{removed}", file=sys.stderr)
     if ctx.is_main and not failures:
         print(f"predict: wrote {total} predictions under {args.out} (labelIds/, color/) in {time.time() - t0:.1f} s")
     shutdown_distributed()

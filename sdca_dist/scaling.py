@@ -113,6 +113,34 @@ def scaled_schedule(cfg: Any, stage: str) -> ScaledSchedule:
     )
 
 
+#: a scaled training stage shorter than this is warned about: the linear scaling rule is measured
+#: here up to K = 4 (README "Accuracy of the scaled recipe"); a stage of a few dozen steps at a
+#: K-fold learning rate is mostly warm-up and outside anything measured
+MIN_SCALED_ITERS = 100
+
+
+def plan_warnings(cfg: Any, stages: list[str] | None = None) -> list[str]:
+    """One line per absurd part of a plan (it still runs; the launcher and the stage print these):
+    a warm-up that covers a whole stage (the learning rate never reaches its value), and a scaled
+    stage (K > 1) left with fewer than ``MIN_SCALED_ITERS`` iterations."""
+    out = []
+    for stage in [s for s in (stages or TRAINING_STAGES) if s in TRAINING_STAGES]:
+        s = scaled_schedule(cfg, stage)
+        if s.warmup_iters >= s.iters and s.warmup_iters > 0:
+            out.append(
+                f"warning: stage {stage}: warm-up ({s.warmup_iters} iterations) covers the whole stage "
+                f"({s.iters} iterations): its learning rate never reaches {s.lr:g}"
+                + (f" (train.scale={s.scale})" if s.scale > 1 else " (lower train.warmup_iters)")
+            )
+        if s.scale > 1 and s.iters < MIN_SCALED_ITERS:
+            out.append(
+                f"warning: stage {stage}: train.scale={s.scale} leaves {s.iters} iterations at global batch "
+                f"{s.global_batch} and lr {s.lr:g}; the scaled recipe is measured up to K=4 (README "
+                "'Scaling out'): use fewer ranks or a smaller train.scale"
+            )
+    return out
+
+
 def _batches(cfg: Any, stage: str, k: int) -> list[tuple[str, int]]:
     s = cfg[spec(stage).schedule]
     return [(f"{stage}.{key}", int(s[key]) * k) for key in spec(stage).batch_keys]

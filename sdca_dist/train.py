@@ -5,8 +5,11 @@ at the first start. On an existing run folder ``stage=`` and ``run_dir=`` are al
 settings given again must match the frozen ones (a difference is refused, naming each key).
 
 Works alone (one process), under ``torchrun --nproc_per_node=N`` and under ``srun``: the rank
-environment is read in one place (sdca_dist.engine.distributed). Exit codes: 0 done,
-2 bad configuration or input (one line naming the key or file) or training that went
+environment is read in one place (sdca_dist.engine.distributed). Under torchrun, SIGTERM or
+SIGUSR2 to the ranks (or SIGTERM to the agent, which forwards it) stops every rank at the next
+step boundary with a checkpoint; if the agent itself dies (SIGUSR2 or SIGKILL to ``torchrun``),
+each rank gets SIGTERM from the kernel and does the same (sdca_dist.engine.preemption). Exit codes:
+0 done, 2 bad configuration or input (one line naming the key or file) or training that went
 non-finite (one line naming stage, iteration and loss term), 3 stopped by a signal after
 writing a checkpoint (rerun the same command to resume), 1 anything else.
 """
@@ -14,6 +17,7 @@ writing a checkpoint (rerun the same command to resume), 1 anything else.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Sequence
 
@@ -54,6 +58,10 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
+    from sdca_dist.engine.preemption import die_with_parent, under_torchrun
+
+    if under_torchrun():  # the agent's death (e.g. SIGUSR2 to torchrun) stops this rank at a step boundary
+        die_with_parent(signal.SIGTERM)
     try:
         cfg = prepare(argv)
     except ConfigError as exc:
@@ -65,7 +73,8 @@ def main(argv: list[str]) -> int:
     from sdca_dist.engine.health import TrainingHealthError
     from sdca_dist.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
     from sdca_dist.engine.runner import run_stage
-    from sdca_dist.lineage import MissingInputError, RunFolderBusy, StageInputError
+    from sdca_dist.lineage import MissingInputError, RunFolderBusy, StageInputError, StageOutputError
+    from sdca_dist.models.pretrained import WeightsError
     from sdca_dist.scaling import ScaleError
 
     try:
@@ -76,15 +85,21 @@ def main(argv: list[str]) -> int:
     except (
         MissingInputError,
         StageInputError,
+        StageOutputError,
         RunFolderBusy,
         DataConfigError,
         DataError,
         ScaleError,
         DeviceSetupError,
         TrainingHealthError,
+        WeightsError,
         FileNotFoundError,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # no space, read-only run folder, a file where a folder should be
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc} (stage {cfg.stage}, run_dir={cfg.run_dir})", file=sys.stderr)
         return 2
     return 0
 

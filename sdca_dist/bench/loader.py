@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
+from sdca_dist.cli import int_at_least, size_wh
 from sdca_dist.data.layouts import list_pairs, read_label
 from sdca_dist.data.loader import IMAGENET_MEAN, IMAGENET_STD, ShardLoader
 from sdca_dist.data.packing import PackOptions, pack
@@ -87,15 +88,15 @@ def _rate(batches, n_batches: int, batch_size: int, warmup: int = 2) -> float:
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m sdca_dist.bench loader")
-    ap.add_argument("--images", type=int, default=48)
-    ap.add_argument("--size", default="1024x512", help="WxH of the generated source images")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers")
-    ap.add_argument("--batches", type=int, default=12)
+    ap.add_argument("--images", type=int_at_least(1), default=48)
+    ap.add_argument("--size", type=size_wh(8), default=(1024, 512), help="WxH of the generated source images")
+    ap.add_argument("--batch-size", type=int_at_least(1), default=8)
+    ap.add_argument("--threads", type=int_at_least(1), default=2, help="DALI threads = DataLoader workers")
+    ap.add_argument("--batches", type=int_at_least(1), default=12)
     ap.add_argument("--image-format", choices=["jpeg", "png"], default="jpeg", help="how the shards store images")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    w, h = (int(v) for v in a.size.lower().split("x"))
+    w, h = a.size
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
         tmp = Path(tmp)
         t0 = time.time()

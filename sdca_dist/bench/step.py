@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from sdca_dist.cli import int_at_least
+
 
 class TimedAllReduce:
     """The estimator's all-reduce seam with a stopwatch (sum over the calls).
@@ -196,12 +198,17 @@ def _synthetic_shards(root: Path) -> None:
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m sdca_dist.bench step", description=__doc__.splitlines()[0])
-    ap.add_argument("--iters", type=int, default=10, help="timed steps on the synthetic benchmark")
-    ap.add_argument("--batch", type=int, default=4, help="GLOBAL source (= target) batch, synthetic benchmark")
-    ap.add_argument("--size", type=int, nargs=2, default=[128, 256], metavar=("H", "W"))
-    ap.add_argument("--r101-iters", type=int, default=2)
-    ap.add_argument("--r101-size", type=int, nargs=2, default=[256, 512], metavar=("H", "W"))
+    ap.add_argument("--iters", type=int_at_least(1), default=10, help="timed steps on the synthetic benchmark")
+    ap.add_argument(
+        "--batch", type=int_at_least(2), default=4, help="GLOBAL source (= target) batch, synthetic benchmark (even)"
+    )
+    # sizes: the small model's output stride is 8, so at least one feature row and column
+    ap.add_argument("--size", type=int_at_least(8), nargs=2, default=[128, 256], metavar=("H", "W"))
+    ap.add_argument("--r101-iters", type=int_at_least(1), default=2)
+    ap.add_argument("--r101-size", type=int_at_least(8), nargs=2, default=[256, 512], metavar=("H", "W"))
     a = ap.parse_args(argv)
+    if a.batch % 2:
+        ap.error(f"argument --batch: must split over 1 and 2 ranks (even), got {a.batch}")
     with tempfile.TemporaryDirectory() as tmp:
         print("preparing synthetic shards ...", flush=True)
         _synthetic_shards(Path(tmp))

@@ -133,6 +133,29 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def non_finite_settings(cfg: DictConfig) -> list[str]:
+    """``key=value`` of every float setting (lists and free-form dicts included) that is NaN or inf."""
+    import math
+
+    def walk(node, prefix: str) -> list[str]:
+        if isinstance(node, dict):
+            return [k for key, v in node.items() for k in walk(v, f"{prefix}{key}.")]
+        if isinstance(node, list):
+            return [k for i, v in enumerate(node) for k in walk(v, f"{prefix.rstrip('.')}[{i}].")]
+        if isinstance(node, float) and not math.isfinite(node):
+            return [f"{prefix.rstrip('.')}={node}"]
+        return []
+
+    return walk(OmegaConf.to_container(cfg, resolve=True), "")
+
+
+def check_finite(cfg: DictConfig) -> None:
+    """Every number of a run is finite: ``src.lr=inf`` would train on NaN from the first step."""
+    bad = non_finite_settings(cfg)
+    if bad:
+        raise ConfigError(f"{', '.join(bad)}: settings must be finite numbers (not inf or nan)")
+
+
 def _validate(cfg: DictConfig) -> None:
     """Checks a type system cannot express; each failure names its key."""
     try:
@@ -143,6 +166,7 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(f"missing value for {', '.join(missing)} (pick a preset with conf=NAME)")
     if cfg.stage not in STAGE_NAMES:
         raise ConfigError(f"unknown stage={cfg.stage!r}; valid stages: {', '.join(STAGE_NAMES)}")
+    check_finite(cfg)
     _check(bool(str(cfg.run_dir).strip()), "run_dir is empty; name the run folder (run_dir=runs/NAME)")
     _check(cfg.seed >= 0, f"seed={cfg.seed} must be >= 0")
     for name in SCHEDULE_SECTIONS:
@@ -207,6 +231,11 @@ def _validate(cfg: DictConfig) -> None:
     _check(
         cfg.init.src is None or str(cfg.init.src).endswith(".pt"),
         f"init.src={cfg.init.src!r} must be a .pt weights file (python -m sdca_dist.models.convert makes one)",
+    )
+    _check(
+        cfg.model.pretrained is None or cfg.model.name != "small",
+        f"model.pretrained={cfg.model.pretrained}: model {cfg.model.name!r} has no ImageNet weights "
+        "(set model.pretrained=null, or pick model=deeplabv2_r101 / deeplabv2_vgg16)",
     )
     from sdca_dist.stage_table import MODEL_STAGES
 

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sdca_dist.config.compose import JOB_KEYS, ConfigError, compose_config
+from sdca_dist.config.compose import JOB_KEYS, ConfigError, check_finite, compose_config
 from sdca_dist.config.schema import Config, LaunchConfig
 from sdca_dist.files import atomic_write_text
 
@@ -94,6 +94,11 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): node}
 
 
+def flat_settings(cfg: DictConfig) -> dict[str, Any]:
+    """``settings_of`` as flat ``dotted.key: value`` (what DONE records keep, to name differences)."""
+    return _flatten(settings_of(cfg))
+
+
 def differences(old: DictConfig, new: DictConfig) -> list[str]:
     """``key: old -> new`` for every setting that differs."""
     a, b = _flatten(settings_of(old)), _flatten(settings_of(new))
@@ -128,6 +133,10 @@ def load_frozen(run_dir: Path | str, stage: str | None = None) -> DictConfig:
     except (OSError, OmegaConfBaseException, ValueError) as exc:
         raise ConfigError(f"{path} cannot be read as a run configuration: {' '.join(str(exc).split())[:200]}") from None
     assert isinstance(cfg, DictConfig)
+    try:
+        check_finite(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     cfg.run_dir = str(run_dir)
     if stage is not None:
         cfg.stage = stage

@@ -31,10 +31,10 @@ import re
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from sdca_dist.data.errors import DataError, OutputError, UsageError
 from sdca_dist.data.layouts import LAYOUTS, SamplePair, get_layout, list_pairs, read_image, read_label
@@ -184,13 +184,27 @@ def encode_sample(job: tuple) -> dict:
     }
 
 
+def _worker_init(parent: int) -> None:
+    import signal
+
+    from sdca_dist.engine.preemption import die_with_parent
+
+    die_with_parent(signal.SIGKILL, parent)
+
+
 def _ordered(jobs: list, workers: int) -> Iterator[dict]:
     if workers <= 1 or len(jobs) <= 1:
         for j in jobs:
             yield encode_sample(j)
         return
-    # spawn: the caller may hold DALI/torch threads, which do not survive fork
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+    # spawn: the caller may hold DALI/torch threads, which do not survive fork; each worker dies
+    # with the builder (a killed build leaves no pool workers waiting on its queue forever)
+    with ProcessPoolExecutor(
+        min(workers, len(jobs)),
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_worker_init,
+        initargs=(os.getpid(),),
+    ) as pool:
         yield from pool.map(encode_sample, jobs, chunksize=4)
 
 
@@ -332,7 +346,26 @@ def pack(opts: PackOptions) -> Manifest:
     lay = get_layout(opts.layout)
     pairs = list_pairs(opts.layout, opts.root, opts.split)
     out = opts.out
-    prepare_out(out, opts.overwrite)
+    created = not out.exists()
+    try:
+        prepare_out(out, opts.overwrite)
+        return _pack_into(opts, lay, pairs)
+    except BaseException:
+        if created:  # a failed build leaves no empty --out behind
+            _remove_empty(out)
+        raise
+
+
+def _remove_empty(out: Path) -> None:
+    try:
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+    except OSError:
+        pass
+
+
+def _pack_into(opts: PackOptions, lay, pairs: list[SamplePair]) -> Manifest:
+    out = opts.out
     kept, n_done = _resume_point(out, pairs, opts)
     remaining = pairs[n_done:]
     writer = ShardWriter(
@@ -398,8 +431,18 @@ def _write_set_manifest(
 # verify / repair
 
 
-def damaged_shards(m: Manifest) -> dict[int, str]:
-    """Shard index -> problem, checked against the manifest alone (no raw data needed)."""
+def damaged_shards(m: Manifest, sha: Callable[[Path], str] = sha256_file) -> dict[int, str]:
+    """Shard index -> problem, checked against the manifest alone (no raw data needed).
+
+    The tars are hashed by ``sha`` on up to 8 threads (hashlib releases the GIL): a stage checks
+    every shard it reads this way when it starts."""
+    sizes_ok = [
+        m.folder / s["name"]
+        for s in m.shards
+        if (m.folder / s["name"]).is_file() and (m.folder / s["name"]).stat().st_size == int(s["bytes"])
+    ]
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1, len(sizes_ok)))) as pool:
+        digests = dict(zip(sizes_ok, pool.map(sha, sizes_ok)))
     by_shard: dict[int, list[dict]] = {}
     for rec in m.samples:
         by_shard.setdefault(int(rec["shard"]), []).append(rec)
@@ -413,9 +456,9 @@ def damaged_shards(m: Manifest) -> dict[int, str]:
         if size != int(s["bytes"]):
             bad[i] = f"{tar}: {size} bytes, manifest {s['bytes']}"
             continue
-        sha = sha256_file(tar)
-        if sha != s["sha256"]:
-            bad[i] = f"{tar}: sha256 {sha[:16]}... != manifest {s['sha256'][:16]}..."
+        digest = digests[tar]
+        if digest != s["sha256"]:
+            bad[i] = f"{tar}: sha256 {digest[:16]}... != manifest {s['sha256'][:16]}..."
             continue
         idx = m.folder / s["index"]
         members = [

@@ -203,13 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
+    from sdca_dist.cli import int_at_least
     from sdca_dist.data.errors import DataError
     from sdca_dist.data.shards import load_manifest
 
     ap = argparse.ArgumentParser(prog="python -m sdca_dist.data.sampling", description=main.__doc__.split("\n")[0])
     ap.add_argument("manifest", help="manifest.json of a shard set, or its folder")
     ap.add_argument("--draws", type=int, required=True, help="number of draws (>= 1)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int_at_least(0), default=0)
     ap.add_argument("--summary", action="store_true", help="per-class share of draws instead of keys")
     a = ap.parse_args(argv)
     if a.draws < 1:

@@ -31,9 +31,38 @@ from sdca_dist.files import atomic_write, atomic_write_text, sha256_file  # noqa
 COMPLETE = "COMPLETE.json"
 
 
+class _WriteErrors:
+    """A file that remembers the OSError of a failed write: torch.save reports it only as an
+    opaque ``RuntimeError: [enforce fail at inline_container.cc]``."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.f, name)
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Save to ``path`` via a temporary name + fsync + rename: never a half-written file."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """Save to ``path`` via a temporary name + fsync + rename: never a half-written file. A
+    file-system failure (no space, read-only) is an OSError naming ``path``."""
+
+    def write(f) -> None:
+        out = _WriteErrors(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise OSError(out.error.errno, out.error.strerror, str(path)) from None
+
+    atomic_write(path, write)
 
 
 def rng_state() -> dict[str, Any]:
@@ -169,11 +198,13 @@ class Checkpointer:
         return Path(choice) if choice else None
 
     def load(self, path: Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
-        """(common, this rank's) states. ``map_location`` places the model and optimizer tensors;
-        the rank file's RNG and loader states always stay on the CPU, where they are consumed
-        (``torch.set_rng_state`` and numpy refuse device tensors)."""
-        common = torch.load(path / "common.pt", map_location=map_location, weights_only=True)
-        per_rank = torch.load(path / f"rank{self.ctx.rank:05d}.pt", map_location="cpu", weights_only=True)
+        """(common, this rank's) states, weights-only. ``map_location`` places the model and
+        optimizer tensors; the rank file's RNG and loader states always stay on the CPU, where they
+        are consumed (``torch.set_rng_state`` and numpy refuse device tensors). A file the safe
+        loader refuses (a crafted or foreign pickle whose hashes were forged) is a StageInputError
+        naming it."""
+        common = _safe_load(path / "common.pt", map_location)
+        per_rank = _safe_load(path / f"rank{self.ctx.rank:05d}.pt", "cpu")
         if "optimizer" in per_rank and torch.device(map_location).type != "cpu":
             per_rank["optimizer"] = _to_device(per_rank["optimizer"], map_location)
         return common, per_rank
@@ -188,3 +219,18 @@ def _to_device(obj: Any, device: str | torch.device) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_device(v, device) for v in obj)
     return obj
+
+
+def _safe_load(path: Path, map_location) -> Any:
+    import pickle
+
+    from sdca_dist.lineage import StageInputError
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = " ".join(str(exc).split())[:160]
+        raise StageInputError(
+            f"checkpoint file {path} is refused by the weights-only loader (not a checkpoint this engine "
+            f"wrote: crafted or foreign): {detail}; delete {path.parent} to resume from an earlier checkpoint"
+        ) from None

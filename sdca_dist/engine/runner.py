@@ -4,7 +4,10 @@ Order of business (every rank agrees on each outcome before going on, so no rank
 waiting in a collective): the stage lock (rank 0), the job shape against the stage's global
 batches, the synthetic shards (rank 0 generates them on first use), the lineage (inputs
 verified against their producers' records; work from other settings or inputs discarded),
-then the stage's function from the stage table, then DONE with the lineage and output hashes.
+then the stage's function from the stage table, then a check that every tensor the stage
+leaves for later stages (``model_final.pt``, ``distributions.pt``) is finite, then DONE with the
+lineage, the settings and the output hashes. Non-finite outputs: one line naming the file and
+the count, exit 2, no DONE (a later stage must never build on NaN weights).
 """
 
 from __future__ import annotations
@@ -21,14 +24,31 @@ from sdca_dist.engine.distributed import DistContext, broadcast_object, init_dis
 from sdca_dist.engine.observe import StageObserver
 from sdca_dist.engine.run_dir import RunDir
 from sdca_dist.engine.stage_context import StageContext
-from sdca_dist.lineage import Lineage, MissingInputError, RunFolderBusy, StageInputError, StageLock
-from sdca_dist.scaling import ScaleError, check_world, scaled_schedule
+from sdca_dist.lineage import (
+    Lineage,
+    MissingInputError,
+    RunFolderBusy,
+    StageInputError,
+    StageLock,
+    StageOutputError,
+    settings_record,
+)
+from sdca_dist.scaling import ScaleError, check_world, plan_warnings, scaled_schedule
 from sdca_dist.stage_table import spec
 
 #: errors a rank-0-only step may raise that every rank must raise too (the CLI maps them to exit 2)
 _AGREED = {
     c.__name__: c
-    for c in (MissingInputError, StageInputError, RunFolderBusy, DataConfigError, ScaleError, FileNotFoundError)
+    for c in (
+        MissingInputError,
+        StageInputError,
+        StageOutputError,
+        RunFolderBusy,
+        DataConfigError,
+        ScaleError,
+        FileNotFoundError,
+        OSError,  # no space, a read-only run folder: one line naming the path
+    )
 }
 
 
@@ -39,13 +59,44 @@ def _on_rank0(ctx: DistContext, work: Callable[[], object]):
         try:
             outcome = ("ok", work())
         except tuple(_AGREED.values()) as exc:
-            outcome = (type(exc).__name__, str(exc))
+            name = type(exc).__name__
+            outcome = (name if name in _AGREED else "OSError", str(exc))
         except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
             outcome = ("RuntimeError", f"{type(exc).__name__}: {exc}")
     outcome = broadcast_object(outcome, ctx)
     if outcome[0] != "ok":
         raise _AGREED.get(outcome[0], RuntimeError)(outcome[1])
     return outcome[1]
+
+
+def check_finite_outputs(stage: str, folder: Path) -> None:
+    """Raise StageOutputError naming the first output tensor file of ``stage`` that holds NaN or inf."""
+    import torch
+
+    for name in spec(stage).outputs:
+        path = folder / name
+        if not name.endswith(".pt") or not path.is_file():
+            continue
+        tensors = _tensors(torch.load(path, map_location="cpu", weights_only=True))
+        bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors if t.is_floating_point())
+        if bad:
+            total = sum(t.numel() for t in tensors if t.is_floating_point())
+            raise StageOutputError(
+                f"{path} holds {bad} non-finite values (of {total}): stage {stage} writes no DONE and "
+                "no later stage may use it (lower the learning rate or check the inputs, then rerun it)"
+            )
+
+
+def _tensors(obj) -> list:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
 
 
 def run_stage(cfg: DictConfig) -> dict:
@@ -84,6 +135,8 @@ def run_stage(cfg: DictConfig) -> dict:
             )
             if stage_spec.training:
                 observer.log(f"schedule: {json.dumps(scaled_schedule(cfg, stage).as_dict())}")
+                for line in plan_warnings(cfg, [stage]):
+                    observer.log(line)
             observer.text("config", config_path(run.root).read_text() if config_path(run.root).is_file() else "")
         sc = StageContext(cfg=cfg, ctx=ctx, run=run, name=stage, observer=observer)
         t0 = time.time()
@@ -91,8 +144,9 @@ def run_stage(cfg: DictConfig) -> dict:
         summary["wall_seconds"] = round(time.time() - t0, 2)
         summary["world_size"] = ctx.world_size
         ctx.barrier()
+        _on_rank0(ctx, lambda: check_finite_outputs(stage, run.stage(stage)))
         if ctx.is_main:
-            lineage.finish(stage, record, summary)
+            lineage.finish(stage, record, summary, settings=settings_record(cfg))
             observer.log(f"done in {summary['wall_seconds']:.1f}s -> {run.stage(stage)}")
         observer.close()
         return summary

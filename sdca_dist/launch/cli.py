@@ -28,7 +28,7 @@ from sdca_dist.launch.plan import (
     stages_to_run,
 )
 from sdca_dist.launch.summary import write_summary
-from sdca_dist.scaling import ScaleError, parse_scale
+from sdca_dist.scaling import ScaleError, parse_scale, plan_warnings
 from sdca_dist.stage_table import spec
 
 
@@ -61,6 +61,8 @@ def main(argv: Sequence[str]) -> int:
             row.update(where.job_parameters(cfg, stage, plan[stage]))
             prefix = "[dry-run]" if launch.dry_run else "[plan]"
             print(f"{prefix} {stage}: {json.dumps(row)}", flush=True)
+        for line in plan_warnings(cfg, stages):
+            print(f"[launch] {line}", flush=True)
         granted = launch.nodes * int(cfg.cluster.tasks_per_node)
         idle = [s for s in stages if spec(s).training and plan[s]["world_size"] < granted]
         if idle and parse_scale(cfg.train.scale) == 1:

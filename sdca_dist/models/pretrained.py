@@ -14,6 +14,11 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
+
+class WeightsError(ValueError):
+    """An ImageNet weights file that cannot serve the backbone; the message is one line naming it."""
+
+
 #: Checkpoint prefixes of ImageNet heads that DeepLab drops.
 _SKIPPED_PREFIXES = ("fc.", "classifier.")
 
@@ -26,12 +31,12 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt / not a torch file: say which file
-        raise ValueError(f"cannot read pretrained weights {p}: {type(exc).__name__}: {exc}") from None
+        raise WeightsError(f"cannot read pretrained weights {p}: {type(exc).__name__}: {exc}") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"pretrained weights {p} is not a state_dict (a mapping of names to tensors)")
+        raise WeightsError(f"pretrained weights {p} is not a state_dict (a mapping of names to tensors)")
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module.") :]: v for k, v in obj.items()}
     return dict(obj)
@@ -51,13 +56,13 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path, arch: str) -> N
     ]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ValueError(
+        raise WeightsError(
             f"pretrained weights {path} do not match a torchvision {arch}: missing key {missing[0]!r}{more}"
         )
     unexpected = [k for k in source if k not in target and not k.startswith(_SKIPPED_PREFIXES)]
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise ValueError(
+        raise WeightsError(
             f"pretrained weights {path} do not match a torchvision {arch}: unexpected key {unexpected[0]!r}{more}"
         )
     new_state = {}
@@ -66,7 +71,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path, arch: str) -> N
             new_state[k] = v
             continue
         if tuple(source[k].shape) != tuple(v.shape):
-            raise ValueError(
+            raise WeightsError(
                 f"pretrained weights {path}: key {k!r} has shape {tuple(source[k].shape)}, "
                 f"expected {tuple(v.shape)} for {arch}"
             )
