@@ -117,3 +117,59 @@ def test_cli_refuses_gpus_per_node_without_cuda(tmp_path):
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert lines[-1].startswith("error: cluster.gpus_per_node > 0 but torch"), r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_speed_defaults_fast_on_cuda_and_no_change_on_the_cpu():
+    from sdca_dist.config.schema import EngineConfig, TrainConfig
+    from sdca_dist.engine.model_engine import SpeedSettings, speed_settings
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert speed_settings(EngineConfig(), TrainConfig(), cpu) == SpeedSettings()
+    fast = speed_settings(EngineConfig(), TrainConfig(), cuda)
+    assert fast == SpeedSettings(amp=torch.bfloat16, channels_last=True, cudnn_benchmark=True)
+    exact = speed_settings(EngineConfig(cudnn_benchmark=True), TrainConfig(deterministic=True), cuda)
+    assert not exact.cudnn_benchmark and exact.deterministic
+    assert speed_settings(EngineConfig(amp="fp32"), TrainConfig(), cuda).amp is None
+    # engine.bf16 is not ignored by DDP: it is bf16 autocast
+    assert speed_settings(EngineConfig(bf16=True), TrainConfig(), cpu).amp == torch.bfloat16
+    # DeepSpeed does its own precision and keeps the default memory format
+    ds = speed_settings(EngineConfig(name="deepspeed"), TrainConfig(), cuda)
+    assert ds.amp is None and not ds.channels_last
+
+
+def _amp_worker(rank: int, world: int) -> dict:
+    from sdca_dist.engine.model_engine import SpeedSettings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+
+    class TwoHeads(nn.Module):  # the engine's contract: forward returns (features, logits)
+        def __init__(self):
+            super().__init__()
+            self.body = model
+
+        def forward(self, x):
+            f = self.body[:2](x)
+            return f, self.body[2](f)
+
+    net = TwoHeads()
+    ctx = DistContext(rank, world, rank, torch.device("cpu"), "gloo")
+    speed = SpeedSettings(amp=torch.bfloat16, channels_last=True)
+    engine = DDPEngine(net, ctx, torch.optim.SGD(net.parameters(), lr=0.1), micro_steps=1, freeze_bn=True, speed=speed)
+    with engine.micro_step(0):
+        feats, logits = engine(torch.randn(2, 3, 8, 8))
+        engine.backward(logits.square().mean())
+    engine.step(0.1)
+    return {
+        "out": (feats.dtype, logits.dtype),
+        "params": {p.dtype for p in net.parameters()},
+        "channels_last": net.body[0].weight.is_contiguous(memory_format=torch.channels_last),
+    }
+
+
+@pytest.mark.timeout(120)
+def test_bf16_autocast_keeps_fp32_weights_and_hands_fp32_outputs_to_the_loss():
+    (r,) = run_distributed(_amp_worker, 1)
+    assert r["out"] == (torch.float32, torch.float32)
+    assert r["params"] == {torch.float32}
+    assert r["channels_last"]

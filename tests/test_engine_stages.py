@@ -187,6 +187,9 @@ def test_deepspeed_two_ranks_trains_and_writes_plain_model(chain: Path, shards: 
     ddp = _state(chain / "src" / "model_final.pt")
     assert ds.keys() == ddp.keys()
     assert all(ds[k].shape == ddp[k].shape and ds[k].dtype == ddp[k].dtype for k in ds)
+    if bf16:  # the fp32 master weights, not the bf16 module (whose values all survive a bf16 round trip)
+        floats = [v for v in ds.values() if v.is_floating_point()]
+        assert any(not torch.equal(v, v.bfloat16().float()) for v in floats), "model_final.pt is bf16-rounded"
     assert json.loads((tmp_path / "src" / "metrics.json").read_text())["mIoU"] >= 0.0
 
 

@@ -246,6 +246,10 @@ def _validate(cfg: DictConfig) -> None:
     )
     if cfg.engine.name not in ("ddp", "deepspeed"):
         raise ConfigError(f"engine.name={cfg.engine.name!r}; valid: ddp, deepspeed")
+    if cfg.engine.amp not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"engine.amp={cfg.engine.amp!r}; valid: auto, bf16, fp32")
+    if cfg.engine.name == "ddp" and cfg.engine.bf16 and cfg.engine.amp == "fp32":
+        raise ConfigError("engine.bf16=true asks DDP for bf16 but engine.amp=fp32 forbids it; set one of them")
     if cfg.engine.zero_stage not in (0, 1, 2):
         # ZeRO-3 partitions the parameters themselves; the estimators and frozen-BN code need them whole
         raise ConfigError(f"engine.zero_stage={cfg.engine.zero_stage} must be 0, 1 or 2")

@@ -120,6 +120,9 @@ class TrainConfig:
     eval_at_end: bool = True
     #: per-rank eval batch size (does not change the result)
     eval_batch_size: int = 1
+    #: deterministic algorithms (cuDNN deterministic, ``torch.use_deterministic_algorithms``, cuDNN
+    #: autotuning off): GPU runs then resume bitwise; slower. CPU runs are bitwise without it
+    deterministic: bool = False
     #: which weights a training stage keeps as model_final.pt (chained into the next stage and
     #: reported): final = the last iteration's; best_val = the reference code's protocol (its
     #: model_best.pth): evaluate on target val every ``select_every`` iterations and at the end,
@@ -151,7 +154,17 @@ class EngineConfig:
     #: auto: nccl with GPUs, gloo without
     backend: str = "auto"
     zero_stage: int = 0
+    #: DeepSpeed: train in bf16 (fp32 master weights in the optimizer). DDP: the same as amp=bf16
     bf16: bool = False
+    #: DDP mixed precision: auto = bf16 autocast on CUDA, none on the CPU; bf16; fp32 (none).
+    #: Weights, gradients and the optimizer stay fp32; the loss and the estimator statistics are
+    #: computed in fp32 from the forward's outputs
+    amp: str = "auto"
+    #: channels_last memory format for the model and its inputs; null = on with CUDA only
+    channels_last: Optional[bool] = None
+    #: cuDNN autotuning (``torch.backends.cudnn.benchmark``); null = on with CUDA unless
+    #: train.deterministic=true
+    cudnn_benchmark: Optional[bool] = None
 
 
 @dataclass

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
+from dataclasses import dataclass
 from typing import Any, Collection, Iterator
 
 import torch
@@ -18,6 +20,51 @@ import torch.nn as nn
 from sdca_dist.config.schema import EngineConfig, TrainConfig
 from sdca_dist.engine.distributed import DistContext, broadcast_tensors
 from sdca_dist.engine.schedule import apply_lr
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """How the model runs on this device (``engine.amp``, ``engine.channels_last``,
+    ``engine.cudnn_benchmark``, ``train.deterministic`` resolved for it). On the CPU every
+    default is "nothing changes", so CPU results stay bitwise what they are without them."""
+
+    #: DDP autocast dtype (None: none)
+    amp: torch.dtype | None = None
+    channels_last: bool = False
+    cudnn_benchmark: bool = False
+    deterministic: bool = False
+
+
+def speed_settings(engine: EngineConfig, train: TrainConfig, device: torch.device) -> SpeedSettings:
+    """The fast choice on CUDA, no change on the CPU, an explicit setting as given. ``engine.bf16``
+    with DDP means bf16 autocast (DeepSpeed does its own bf16); ``train.deterministic`` turns cuDNN
+    autotuning off whatever ``engine.cudnn_benchmark`` says (it picks kernels by timing)."""
+    cuda = device.type == "cuda"
+    amp = None
+    if engine.name == "ddp":
+        choice = engine.amp if engine.amp != "auto" else ("bf16" if cuda or engine.bf16 else "fp32")
+        if engine.bf16:
+            choice = "bf16"
+        amp = torch.bfloat16 if choice == "bf16" else None
+    channels_last = cuda if engine.channels_last is None else bool(engine.channels_last)
+    benchmark = cuda if engine.cudnn_benchmark is None else bool(engine.cudnn_benchmark)
+    return SpeedSettings(
+        amp=amp,
+        channels_last=channels_last and engine.name == "ddp",
+        cudnn_benchmark=benchmark and not train.deterministic,
+        deterministic=bool(train.deterministic),
+    )
+
+
+def apply_backend_settings(speed: SpeedSettings) -> None:
+    """Process-wide switches: cuDNN autotuning and deterministic algorithms. Deterministic mode
+    warns (``warn_only``) for an op without a deterministic kernel instead of failing the run: a
+    run that printed such a warning is not bitwise reproducible on a GPU."""
+    torch.backends.cudnn.benchmark = speed.cudnn_benchmark
+    if speed.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it at its first call
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def build_optimizer(
@@ -81,6 +128,11 @@ class ModelEngine:
     def model_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
 
+    def final_state(self) -> dict[str, torch.Tensor]:
+        """The weights to publish as model_final.pt: the optimizer's own copy of the parameters
+        (for mixed precision its fp32 master, not the rounded module). Collective."""
+        return self.model_state()
+
     def optimizer_state(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """(replicated state saved once by rank 0, per-rank shard)."""
         raise NotImplementedError
@@ -98,10 +150,15 @@ class DDPEngine(ModelEngine):
         micro_steps: int,
         freeze_bn: bool,
         accepted: Collection[str] | None = None,
+        speed: SpeedSettings | None = None,
     ) -> None:
         """``accepted``: DDP's keyword names (the installed torch's when omitted; tests pass an
-        older torch's to build the engine as that torch would)."""
+        older torch's to build the engine as that torch would). ``speed``: autocast dtype and
+        memory format (none by default)."""
+        self.speed = speed or SpeedSettings()
         self.module = model.to(ctx.device)
+        if self.speed.channels_last:
+            self.module = self.module.to(memory_format=torch.channels_last)
         self.ctx = ctx
         self.optimizer = optimizer
         self.micro_steps = micro_steps
@@ -117,7 +174,13 @@ class DDPEngine(ModelEngine):
         self._last = True
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.wrapped(images)
+        if self.speed.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if self.speed.amp is None:
+            return self.wrapped(images)
+        with torch.autocast(device_type=self.ctx.device.type, dtype=self.speed.amp):
+            feats, logits = self.wrapped(images)
+        return feats.float(), logits.float()  # the loss and the estimator statistics in fp32
 
     @contextlib.contextmanager
     def micro_step(self, index: int) -> Iterator[None]:
@@ -201,6 +264,21 @@ class DeepSpeedEngine(ModelEngine):
     def eval(self) -> None:
         self.engine.eval()
 
+    def final_state(self) -> dict[str, torch.Tensor]:
+        """bf16: every parameter from DeepSpeed's fp32 master (the bf16 module is that master
+        rounded to 8 bits of mantissa: publishing it would throw away the last updates); buffers
+        from the module (they have no master). Collective under ZeRO (the master is partitioned)."""
+        state = self.model_state()
+        if self.dtype == torch.float32:
+            return state
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for name, param in self.module.named_parameters():
+            master = safe_get_full_fp32_param(param)
+            if master is not None and name in state:
+                state[name] = master.detach().clone().reshape(state[name].shape)
+        return state
+
     def optimizer_state(self):
         # DeepSpeed's optimizer state mixes tensors with its own objects (LossScaler, enums,
         # fragment mappings) that ``weights_only`` loading refuses; keep the plain entries
@@ -252,8 +330,10 @@ def build_engine(
 ) -> ModelEngine:
     """The model wrapped for this rank group as ``engine`` says, with the SGD settings of ``train``."""
     optimizer = build_optimizer(model, train.momentum, train.weight_decay, train.classifier_lr_mult)
+    speed = speed_settings(engine, train, ctx.device)
+    apply_backend_settings(speed)
     if engine.name == "ddp":
-        return DDPEngine(model, ctx, optimizer, micro_steps, freeze_bn)
+        return DDPEngine(model, ctx, optimizer, micro_steps, freeze_bn, speed=speed)
     if engine.name == "deepspeed":
         return DeepSpeedEngine(
             model, ctx, optimizer, micro_steps, micro_batch, engine.zero_stage, engine.bf16, freeze_bn

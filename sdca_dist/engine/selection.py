@@ -69,8 +69,12 @@ class BestValSelection:
             self.history.append({"iteration": int(iteration), "mIoU": miou})
             if self.best_miou is None or miou > self.best_miou:
                 self.best_iteration, self.best_miou, self.best_report = int(iteration), miou, report
-                if sc.ctx.is_main:
-                    self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in engine.model_state().items()}
+                # the published weights (bf16: the fp32 master); gathering that master is collective,
+                # so under mixed precision every rank takes part and rank 0 keeps the result
+                if sc.ctx.is_main or engine.dtype != torch.float32:
+                    weights = engine.final_state()
+                    if sc.ctx.is_main:
+                        self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
         finally:
             with torch.no_grad():
                 for buf, saved in zip(engine.module.buffers(), own_buffers):

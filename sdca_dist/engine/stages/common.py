@@ -37,7 +37,7 @@ def finish_training(sc: StageContext, engine: ModelEngine, stats: dict, iters: i
     engine.sync_buffers()  # the saved model and every rank's evaluation use the same statistics
     if selection is not None:
         return _finish_selected(sc, selection, stats, iters)
-    path = sc.save_model_final(engine.model_state())
+    path = sc.save_model_final(engine.final_state())
     summary = {"model_final": str(path), **stats}
     if sc.cfg.train.eval_at_end:
         report = evaluate(sc, engine.module, tag=sc.name, iteration=iters)
