@@ -106,7 +106,7 @@ def producer_mismatch(cfg: Any, done: dict) -> Optional[list[str]]:
     differing keys (``key: recorded -> run``; ``[]`` when the record keeps only a hash).
 
     The ONE comparison of a stage's record with the run's settings: the engine (a consumer's
-    inputs), the launcher (freshness) and the status views all ask it."""
+    inputs, before a stage starts) and the launcher (freshness) both ask it."""
     from sdca_dist.config.run_config import settings_hash
 
     lineage = done.get("lineage") if isinstance(done, dict) else None

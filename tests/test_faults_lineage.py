@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -148,3 +149,15 @@ def test_no_done_for_distributions_that_are_not_finite(finished, tmp_path):
     err = _error(proc)
     assert f"{run / 'dist_init' / 'distributions.pt'} holds " in err and "non-finite values" in err, err
     assert not (run / "dist_init" / "DONE").exists()
+
+
+def test_no_done_for_weights_that_are_not_finite(shards, tmp_path):
+    run = tmp_path / "run"
+    proc = run_train(
+        1, tiny(shards, "stage=src", f"run_dir={run}", "train.iters=3", "src.lr=1e30", "train.eval_at_end=false")
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = _error(proc)
+    # the weights check names the file; a stop on a non-finite loss (in the training loop) names the loss
+    assert re.search(r"non-finite|nan|inf", err, re.I) and "src" in err, err
+    assert not (run / "src" / "DONE").exists()
