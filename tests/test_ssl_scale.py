@@ -78,6 +78,8 @@ def test_ssl_zoom_is_the_same_for_data_stored_at_1x_and_2x_the_evaluation_size(s
     kw = {**ssl_augmentation(cfg), "resize": None}
     stored_zoom = _labels(make_loader(cfg, CTX, stored[2], 2, train=True, **kw))
     assert float((one == stored_zoom).float().mean()) < 0.8
+    # for data stored AT the evaluation size the two zooms are one and the same
+    assert torch.equal(one, _labels(make_loader(cfg, CTX, stored[1], 2, train=True, **kw)))
 
 
 def test_published_zoom_equals_the_references_zoom_of_the_stored_image(stored):
