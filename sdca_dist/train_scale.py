@@ -90,6 +90,23 @@ def scale_line(cfg: Any, stage: str) -> str:
     return f"train/test scale vs data.eval_resize={_ints(cfg.data.eval_resize)}: " + ("; ".join(parts) or "none")
 
 
+def ssl_zoom_below_crop(data: Any) -> Optional[str]:
+    """None, or one line when ``ssl_scale`` starts below the smallest zoom at which the image
+    covers ``ssl_crop``: those zooms are all raised to that floor (the crop never pads), so the
+    range is not what it says; a stored-image value such as the reference's [0.5, 1.5] shows up
+    here and is named with its evaluation-size equivalent."""
+    low, high = (float(v) for v in data.ssl_scale)
+    (ch, cw), (eh, ew) = _ints(data.ssl_crop), _ints(data.eval_resize)
+    floor = max(ch / eh, cw / ew)
+    if low >= floor * (1 - 1e-6):
+        return None
+    return (
+        f"data.ssl_scale={[low, high]} is a zoom of data.eval_resize={[eh, ew]}, and zooms below "
+        f"{floor:g} cannot cover data.ssl_crop={[ch, cw]} (never padded): start it at >= {floor:g} "
+        "(the reference's [0.5, 1.5] of a 2048x1024 image evaluated at 1024x512 is [1.0, 3.0])"
+    )
+
+
 def scale_mismatch(cfg: Any) -> Optional[str]:
     """None, or one line naming the settings whose target-side training range misses the test
     scale by more than ``WIDE`` (every crop above 2x or below 0.5x the test scale)."""

@@ -117,7 +117,8 @@ def test_published_presets_train_ssl_at_1_to_3x_the_test_scale():
     "overrides,named",
     [
         (["data.ssl_scale=[2.5,3.0]"], "data.ssl_scale=[2.5, 3.0]"),
-        (["data.ssl_scale=[0.2,0.4]", "data.ssl_crop=[16,32]"], "data.ssl_scale=[0.2, 0.4]"),
+        (["data.ssl_scale=[0.3,0.4]", "data.ssl_crop=[16,32]"], "data.ssl_scale=[0.3, 0.4]"),
+        (["data.ssl_scale=[0.3,0.3]", "data.ssl_crop=[16,32]", "data.target_resize=[16,32]"], "target_resize"),
         (["data.target_resize=[160,320]"], "data.target_resize=[160, 320]"),
     ],
 )
@@ -128,6 +129,15 @@ def test_a_training_scale_far_from_the_test_scale_is_refused_unless_on_purpose(o
     compose_config(["conf=synthetic", *overrides, "data.allow_scale_mismatch=true"])
     # within 2x of the test scale on at least part of the range: accepted
     compose_config(["conf=synthetic", "data.ssl_scale=[1.0,3.0]"])
+
+
+def test_a_zoom_below_what_covers_the_crop_is_refused():
+    """A stored-image value (the reference's [0.5, 1.5]) used as an evaluation-size zoom: its
+    lower part would be raised to the crop's floor, so the range is refused with its equivalent."""
+    with pytest.raises(ConfigError, match=r"data.ssl_scale=\[0.5, 1.5\].*\[1.0, 3.0\]"):
+        compose_config(["conf=gta2city", "data.ssl_scale=[0.5,1.5]"])
+    compose_config(["conf=gta2city", "data.ssl_scale=[1.0,1.5]"])
+    compose_config(["conf=gta2city", "data.ssl_scale=[0.5,1.5]", "data.ssl_crop=[256,512]"])
 
 
 def test_the_launcher_refuses_a_scale_mismatch_in_one_line(tmp_path):
