@@ -259,6 +259,10 @@ def _validate(cfg: DictConfig) -> None:
         value = list(cfg.data[key])
         if len(value) != 2 or min(value) < 1:
             raise ConfigError(f"data.{key}={value} must be [H, W] with positive sizes")
+    from sdca_dist.train_scale import scale_mismatch, ssl_zoom_below_crop
+
+    for problem in (ssl_zoom_below_crop(cfg.data), scale_mismatch(cfg)):
+        _check(problem is None, str(problem))
 
 
 def config_to_yaml(cfg: DictConfig) -> str:

@@ -31,13 +31,20 @@ class DataConfig:
     num_classes: int = 19
     #: source images are resized to this before augmentation (1280x720 GTA5, 1280x760 SYNTHIA)
     source_resize: list[int] = field(default_factory=lambda: [720, 1280])
-    #: target images resized to this (1024x512)
+    #: target images resized to this (1024x512) in sdca, pseudo_label and oracle
     target_resize: list[int] = field(default_factory=lambda: [512, 1024])
-    #: evaluation input size; labels stay at their original resolution
+    #: evaluation input size, the scale a model is tested at; labels stay at their original resolution
     eval_resize: list[int] = field(default_factory=lambda: [512, 1024])
-    #: ssl stage: random scale range and crop on the target
-    ssl_scale: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    #: ssl stage: random zoom of the target image RELATIVE TO ``eval_resize`` (1.0 = the test
+    #: scale), whatever size the images are stored at. The reference zooms the stored image by
+    #: 0.5-1.5; Cityscapes is stored at 2048x1024 and evaluated at 1024x512, so that is [1.0, 3.0]
+    #: here, the same recipe (``sdca_dist.train_scale``)
+    ssl_scale: list[float] = field(default_factory=lambda: [1.0, 3.0])
+    #: ssl crop [H, W] of the zoomed image; the zoom is floored so the crop is never padded
     ssl_crop: list[int] = field(default_factory=lambda: [512, 1024])
+    #: a target-side training scale that misses the test scale by more than 2x (every image of a
+    #: stage above 2x or below 0.5x ``eval_resize``) is refused unless this says it is on purpose
+    allow_scale_mismatch: bool = False
     #: class-balanced source sampling (docs/method.md, "Source sampling")
     class_balanced: bool = True
     #: DALI CPU threads per rank

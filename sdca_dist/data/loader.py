@@ -15,8 +15,8 @@ One augmentation graph serves every mode: decode (GPU "mixed" when CUDA is prese
 one resize for image (bicubic, as the reference's PIL transform) and label (nearest), crop, flip,
 the method's photometric augmentation on images only, normalisation to NCHW float. Crops either
 pad out of bounds (image 0, label 255: ``crop_policy="pad"``) or floor each sample's scale so
-the scaled image covers the crop (``"fit"``: never pads; the reference's ssl recipe, where the
-smallest scale 0.5 of the 2048x1024 original is exactly the 1024x512 crop).
+the scaled image covers the crop (``"fit"``: never pads; the ssl recipe, where the smallest zoom
+1.0 of the 1024x512 evaluation size is exactly the 1024x512 crop).
 
 Exact resume: every random draw is a pure function of (seed, rank, batch number) or of (seed,
 draw number), so ``state_dict()`` after k batches + ``load_state_dict`` gives bitwise the same

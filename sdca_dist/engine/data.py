@@ -189,10 +189,10 @@ def make_loader(
 ):
     """A ``ShardLoader`` for this rank. ``target_labels``: map Cityscapes 19 -> setting's classes.
 
-    ``resize=None`` scales relative to each image's own (original) size; ``crop_policy="fit"``
-    floors each sample's scale so the image covers ``crop`` (never pads: the reference's ssl recipe,
-    ``resize=None, crop=[512, 1024], scale=[0.5, 1.5], crop_policy="fit"``); ``"pad"`` pads with
-    0 / 255. The seed is the same on every rank (sample order is global; augmentation adds the rank).
+    ``scale`` multiplies ``resize`` (``resize=None``: each image's own stored size);
+    ``crop_policy="fit"`` floors each sample's scale so the image covers ``crop`` (never pads: the
+    ssl recipe, ``supervised.ssl_augmentation``); ``"pad"`` pads with 0 / 255. The seed is the
+    same on every rank (sample order is global; augmentation adds the rank).
     """
     from sdca_dist.data.loader import ShardLoader
 

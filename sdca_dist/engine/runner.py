@@ -35,6 +35,7 @@ from sdca_dist.lineage import (
 )
 from sdca_dist.scaling import ScaleError, check_world, plan_warnings, scaled_schedule
 from sdca_dist.stage_table import spec
+from sdca_dist.train_scale import scale_line
 
 #: errors a rank-0-only step may raise that every rank must raise too (the CLI maps them to exit 2)
 _AGREED = {
@@ -135,6 +136,7 @@ def run_stage(cfg: DictConfig) -> dict:
             )
             if stage_spec.training:
                 observer.log(f"schedule: {json.dumps(scaled_schedule(cfg, stage).as_dict())}")
+                observer.log(scale_line(cfg, stage))
                 for line in plan_warnings(cfg, [stage]):
                     observer.log(line)
             observer.text("config", config_path(run.root).read_text() if config_path(run.root).is_file() else "")

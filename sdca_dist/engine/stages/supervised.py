@@ -109,23 +109,31 @@ def run_oracle(sc: StageContext) -> dict:
     )
 
 
-def run_ssl(sc: StageContext) -> dict:
-    """The published ssl recipe: ImageNet weights (``ssl.init=imagenet``) trained on the pseudo
-    labels with a random scale of the ORIGINAL target image and a crop that never pads."""
-    cfg = sc.cfg
-    init_from = sc.run.model_of("sdca") if cfg.ssl.init == "sdca" else None
-    return _run_supervised(
-        sc,
-        sc.run.pseudo_manifest(),
-        init_from=init_from,
-        freeze_bn=False,
-        lovasz_weight=0.0,
-        resize=None,
+def ssl_augmentation(cfg) -> dict:
+    """ssl's image sizing, for ``make_loader``: a random zoom of ``data.ssl_scale`` times the
+    EVALUATION size (``data.eval_resize``), then an ``ssl_crop`` crop that never pads.
+
+    Zooming relative to the evaluation size rather than to the stored image makes the recipe the
+    same for data stored at any resolution (``sdca_dist.train_scale``); on Cityscapes (stored
+    2048x1024, evaluated 1024x512) [1.0, 3.0] of the evaluation size is the reference's [0.5, 1.5]
+    of the stored image."""
+    return dict(
+        resize=list(cfg.data.eval_resize),
         crop=list(cfg.data.ssl_crop),
         scale=list(cfg.data.ssl_scale),
         flip=True,
         photometric=True,
         crop_policy="fit",
+    )
+
+
+def run_ssl(sc: StageContext) -> dict:
+    """The published ssl recipe: ImageNet weights (``ssl.init=imagenet``) trained on the pseudo
+    labels with a random zoom of the target image and a crop that never pads (``ssl_augmentation``)."""
+    cfg = sc.cfg
+    init_from = sc.run.model_of("sdca") if cfg.ssl.init == "sdca" else None
+    return _run_supervised(
+        sc, sc.run.pseudo_manifest(), init_from=init_from, freeze_bn=False, lovasz_weight=0.0, **ssl_augmentation(cfg)
     )
 
 
