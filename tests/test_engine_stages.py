@@ -133,7 +133,7 @@ def _run_until_signal(overrides: list[str], stop_after: int) -> subprocess.Compl
 @pytest.mark.parametrize(
     "engine", [["engine=ddp"], ["engine=deepspeed", "engine.zero_stage=1"]], ids=["ddp", "deepspeed_zero1"]
 )
-def test_sdca_interrupted_at_a_random_step_resumes_bitwise_exact(chain: Path, shards: Path, tmp_path: Path, engine):
+def test_sdca_interrupted_at_a_random_step_resumes_bitwise_exact(shards: Path, tmp_path: Path, engine):
     iters = 16
     base = tmp_path / "base"  # src and dist_init made with the run's own settings (a stage refuses others)
     for stage in ("src", "dist_init"):
