@@ -128,20 +128,23 @@ def _run_until_signal(overrides: list[str], stop_after: int) -> subprocess.Compl
 @pytest.mark.parametrize(
     "engine", [["engine=ddp"], ["engine=deepspeed", "engine.zero_stage=1"]], ids=["ddp", "deepspeed_zero1"]
 )
-def test_sdca_interrupted_at_a_random_step_resumes_bitwise_exact(chain: Path, shards: Path, tmp_path: Path, engine):
+def test_sdca_interrupted_at_a_random_step_resumes_bitwise_exact(shards: Path, tmp_path: Path, engine):
     iters = 16
+    base = tmp_path / "base"  # src and dist_init made with the run's own settings (a stage refuses others)
+    for stage in ("src", "dist_init"):
+        settings = [f"train.iters={iters}", "train.checkpoint_every=5", *engine]
+        made = run_train(2, tiny(shards, f"stage={stage}", f"run_dir={base}", *settings))
+        assert made.returncode == 0, made.stderr[-3000:]
     runs = {}
     for name in ("straight", "interrupted"):
-        run_dir = tmp_path / name
-        for stage in ("src", "dist_init"):  # inputs from the chain fixture
-            shutil.copytree(chain / stage, run_dir / stage)
-        runs[name] = run_dir
-    common = ["stage=sdca", f"train.iters={iters}", "train.checkpoint_every=5", *engine]
-    straight = run_train(2, tiny(shards, *common, f"run_dir={runs['straight']}"))
+        runs[name] = tmp_path / name
+        shutil.copytree(base, runs[name], ignore=shutil.ignore_patterns(".lock"))
+    common = ["stage=sdca"]  # the frozen run configuration holds the rest
+    straight = run_train(2, [*common, f"run_dir={runs['straight']}"])
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     stop_after = random.randint(2, 8)
-    first = _run_until_signal(tiny(shards, *common, f"run_dir={runs['interrupted']}"), stop_after)
+    first = _run_until_signal([*common, f"run_dir={runs['interrupted']}"], stop_after)
     # each rank exits 3 after the checkpoint; torchrun itself reports any non-zero worker as 1
     assert first.returncode != 0, first.stdout[-3000:]
     assert re.search(r"exitcode\s*: 3 ", first.stdout), first.stdout[-3000:]
@@ -151,7 +154,7 @@ def test_sdca_interrupted_at_a_random_step_resumes_bitwise_exact(chain: Path, sh
     assert stop_after <= stopped_at < iters
     assert not (runs["interrupted"] / "sdca" / "DONE").exists()
 
-    second = run_train(2, tiny(shards, *common, f"run_dir={runs['interrupted']}"))
+    second = run_train(2, [*common, f"run_dir={runs['interrupted']}"])
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"at iteration {stopped_at}" in second.stdout
     a = _state(runs["straight"] / "sdca" / "model_final.pt")

@@ -4,7 +4,7 @@ a garbage weights file, weights of another class count, an out that is full or r
 from __future__ import annotations
 
 import torch
-from fault_fixtures import tiny_fs
+from fault_fixtures import tmpfs
 from test_predict import OVERRIDES, _run, valset  # noqa: F401 - the module's fixture
 
 from sdca_dist.models import build_model
@@ -31,7 +31,7 @@ def test_garbage_or_wrong_class_count_weights_end_in_one_line(valset, tmp_path):
 
 def test_out_on_a_full_file_system_leaves_no_partial_set(valset, tmp_path):  # noqa: F811
     out = tmp_path / "full"
-    with tiny_fs(out, size="24k"):
+    with tmpfs(out, size="24k"):
         proc = _run([*OVERRIDES, f"model={valset.weights}", f"input={valset.shards}", f"out={out}"])
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert "No space left on device" in _last(proc) and str(out) in _last(proc), _last(proc)
@@ -40,7 +40,7 @@ def test_out_on_a_full_file_system_leaves_no_partial_set(valset, tmp_path):  # n
 
 def test_out_on_a_read_only_file_system_ends_in_one_line(valset, tmp_path):  # noqa: F811
     out = tmp_path / "ro"
-    with tiny_fs(out, readonly=True):
+    with tmpfs(out, read_only=True):
         proc = _run([*OVERRIDES, f"model={valset.weights}", f"input={valset.shards}", f"out={out}/pred"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "Read-only file system" in _last(proc) and str(out) in _last(proc), _last(proc)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from engine_fixtures import run_train, tiny
-from fault_fixtures import tiny_fs
+from fault_fixtures import tmpfs
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_no_space_while_writing_a_checkpoint(shards, src_done, tmp_path):
     run.mkdir()
     shutil.copy(src_done / "config.yaml", run / "config.yaml")
     shutil.copy(src_done / "config.origin.json", run / "config.origin.json")
-    with tiny_fs(run / "src", size="1200k"):  # room for logs, not for a 1.8 MB checkpoint
+    with tmpfs(run / "src", size="1200k"):  # room for logs, not for a 1.8 MB checkpoint
         proc = run_train(1, ["stage=src", f"run_dir={run}"])
         _one_line(proc, "No space left on device", str(run / "src" / "checkpoints"))
         assert not list((run / "src").rglob(".tmp-*")), "a half-written file was left"
@@ -57,7 +57,7 @@ def test_no_space_while_writing_a_checkpoint(shards, src_done, tmp_path):
 
 def test_a_read_only_run_folder(src_done, tmp_path):
     run = tmp_path / "ro"
-    with tiny_fs(run, size="1m"):
+    with tmpfs(run, size="1m"):
         shutil.copy(src_done / "config.yaml", run / "config.yaml")
         subprocess.run(["mount", "-o", "remount,ro", str(run)], check=True)
         proc = run_train(1, ["stage=src", f"run_dir={run}"])

@@ -185,15 +185,11 @@ def test_second_run_in_a_stage_folder_is_refused_and_a_dead_holder_is_taken_over
 def test_ssl_from_imagenet_reads_no_sdca_model(finished, tmp_path):
     """The published ssl starts from ImageNet weights (model.pretrained), not from the sdca
     model; its lineage then holds only the pseudo labels (and the shard sets)."""
-    run = tmp_path / "run"
-    run.mkdir()
-    shutil.copytree(finished / "pseudo_label", run / "pseudo_label", ignore=shutil.ignore_patterns(".lock"))
+    run = tmp_path / "run"  # the chain with ssl.init=imagenet: a stage never builds on other settings' outputs
     shards = json.loads((finished / "config.origin.json").read_text())["overrides"]
-    root = [o for o in shards if o.startswith("data.shards_root=")]
-    proc = run_train(
-        1, tiny(root[0].split("=", 1)[1], "stage=ssl", f"run_dir={run}", "train.iters=2", "ssl.init=imagenet")
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "initialised from" not in proc.stdout
+    root = [o for o in shards if o.startswith("data.shards_root=")][0].split("=", 1)[1]
+    proc = run_launcher(tiny(root, "cluster=local", f"run_dir={run}", "train.iters=2", "ssl.init=imagenet"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "[ssl] initialised from" not in proc.stdout
     inputs = json.loads((run / "ssl" / "DONE").read_text())["lineage"]["inputs"]
     assert "pseudo_label/shards/manifest.json" in inputs and "sdca/model_final.pt" not in inputs
