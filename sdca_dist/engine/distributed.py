@@ -214,24 +214,41 @@ class StopVote:
 
     def __init__(self, ctx: DistContext) -> None:
         self.ctx = ctx
-        self._in_flight: tuple[Any, torch.Tensor] | None = None
+        #: (work to wait for or None, the vote's CPU tensor, CUDA event of its copy or None)
+        self._in_flight: tuple[Any, torch.Tensor, Any] | None = None
 
     def vote(self, requested: bool) -> bool:
-        """Cast this step's vote; True on every rank at the same step once any rank has asked."""
+        """Cast this step's vote; True on every rank at the same step once any rank has asked.
+
+        On CUDA nothing here waits for the GPU: the vote is made on the device (a fill, not a copy
+        from the host), its all-reduce is ordered on the stream, and the result is copied to
+        pinned host memory behind an event; reading it one step later waits for that event only."""
         if not self.ctx.distributed or self.ctx.world_size == 1:
             return requested
         agreed = self._result()
-        t = torch.tensor([1.0 if requested else 0.0], device=self.ctx.device)
-        self._in_flight = (dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True), t)
+        t = torch.full((1,), 1.0 if requested else 0.0, device=self.ctx.device)
+        work = dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True)
+        if self.ctx.device.type == "cuda":
+            work.wait()  # NCCL: orders the stream after the collective, does not block the host
+            host = torch.empty(1, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._in_flight = (None, host, event)
+        else:
+            self._in_flight = (work, t, None)
         return agreed
 
     def _result(self) -> bool:
         if self._in_flight is None:
             return False
-        work, t = self._in_flight
+        work, t, event = self._in_flight
         self._in_flight = None
-        work.wait()
-        return bool(t.item() > 0)
+        if work is not None:
+            work.wait()
+        if event is not None:
+            event.synchronize()
+        return bool(t[0] > 0)
 
     def close(self) -> None:
         """Wait for the vote in flight (every rank launched it; nothing may stay in flight)."""
