@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -250,6 +249,8 @@ Todo = list[tuple[int, Path, list[tuple[str, str]]]]  # (seed, run folder, [(sta
 def run_local(todo: Todo, plan: dict[str, dict], model_from: str) -> list[dict]:
     """The chain on this machine: one torchrun (or plain python) process group per stage, each
     with its planned world size."""
+    from sdca_dist.status import run_recorded
+
     records = []
     for seed, run_dir, stages in todo:
         for stage, why in stages:
@@ -272,7 +273,7 @@ def run_local(todo: Todo, plan: dict[str, dict], model_from: str) -> list[dict]:
                 cmd = [sys.executable, "-m", "sdca_dist.train", *args]
             print(f"[launch] seed {seed} {stage} ({why}): {' '.join(cmd[1:])}", flush=True)
             t0 = time.time()
-            rc = subprocess.call(cmd, cwd=os.getcwd())
+            rc = run_recorded(cmd, run_dir / stage)  # grids: FAILED.json for the status view
             done = (run_dir / stage / "DONE").is_file()
             state = "COMPLETED" if rc == 0 and done else f"FAILED(rc={rc})"
             records.append(
@@ -296,13 +297,20 @@ def run_local(todo: Todo, plan: dict[str, dict], model_from: str) -> list[dict]:
 
 
 def submit_slurm(
-    cfg: DictConfig, root: Path, todo: Todo, plan: dict[str, dict], stages: list[str]
+    cfg: DictConfig,
+    root: Path,
+    todo: Todo,
+    plan: dict[str, dict],
+    stages: list[str],
+    after: Optional[dict[str, list[str]]] = None,
 ) -> list[tuple[str, list[Any]]]:
     """One job (an array over the seeds that need it) per stage, each with its planned shape and
-    depending afterok on the previous chain stage's job."""
+    depending afterok on the previous chain stage's job (and on ``after[stage]``: a grid's job
+    computing the shared stage)."""
     import submitit
 
     from sdca_dist.jobs import StageJob
+    from sdca_dist.status import record_job
 
     previous: Optional[str] = None
     submitted = []
@@ -314,14 +322,17 @@ def submit_slurm(
             folder=str(root / "slurm" / stage / "%j"), max_num_timeout=int(cfg.cluster.max_requeues)
         )
         params = slurm_parameters(cfg, stage, plan[stage])
-        if previous and spec(stage).gates_chain:
-            params["dependency"] = f"afterok:{previous}"
+        deps = ([previous] if previous and spec(stage).gates_chain else []) + list((after or {}).get(stage, []))
+        if deps:
+            params["dependency"] = "afterok:" + ":".join(deps)
         executor.update_parameters(**params)
         jobs = []
         with executor.batch():
             for seed, rd in runs:
                 jobs.append(executor.submit(StageJob(str(rd), stage, str(cfg.eval.model_from))))
         base = str(jobs[0].job_id).split("_")[0]
+        for (seed, rd), job in zip(runs, jobs):  # for the status view (sdca_dist.status)
+            record_job(rd, stage, str(job.job_id), str(job.paths.stderr))
         if spec(stage).gates_chain:
             previous = base
         submitted.append((stage, jobs))
@@ -510,16 +521,27 @@ def _mean(values: list[Optional[float]]) -> Optional[float]:
     return sum(vals) / len(vals) if vals else None
 
 
-def main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str], hooks: Optional[dict] = None) -> int:
+    """``hooks`` (a grid's point, sdca_dist.grid): ``after`` {stage: [job ids]} to depend on;
+    ``submitted`` receives {stage: job id}."""
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
-    user = [a for a in argv if a not in ("--dry-run",)]
+    user = [a for a in argv if a not in ("--dry-run", "--multirun", "-m")]
     if "--dry-run" in argv:
         user.append("dry_run=true")
     try:
         run_overrides, launch_overrides = split_overrides(user)
         launch = parse_launch(launch_overrides)
+        # --- status view and grids (sdca_dist.status, sdca_dist.grid) ---
+        if launch.status:
+            from sdca_dist.status import print_status
+
+            return print_status(Path(_arg(run_overrides, "run_dir") or "runs/default"))
+        from sdca_dist.grid import is_grid, run_grid
+
+        if is_grid(user):
+            return run_grid(user, main)
         stages = planned_stages(launch)
         runs = run_configs(run_overrides, launch, stages)
         cfg = runs[0][2]
@@ -551,7 +573,10 @@ def main(argv: Sequence[str]) -> int:
         if launch.dry_run:
             return 0
         from sdca_dist.lineage import Lineage
+        from sdca_dist.stage_cache import launch_cache_dir, recomputed, write_run_cache_setting
 
+        cache_dir, recompute = launch_cache_dir(launch, root), recomputed(stages, launch.redo)
+        print(f"[launch] stage cache: {cache_dir or 'off (cache=false)'}", flush=True)
         for seed, folder, c, new in runs:
             if new:
                 freeze(
@@ -562,6 +587,8 @@ def main(argv: Sequence[str]) -> int:
             (folder / "plan.json").write_text(json.dumps({"nodes": launch.nodes, "stages": plan}, indent=1) + "\n")
             for stage in launch.redo:
                 Lineage(folder).invalidate(stage)
+            # --- the stage cache this launch's stages use (sdca_dist.stage_cache) ---
+            write_run_cache_setting(folder, cache_dir, recompute=recompute)
         if cfg.data.synthetic:
             from sdca_dist.engine.data import ensure_synthetic_shards
 
@@ -574,7 +601,9 @@ def main(argv: Sequence[str]) -> int:
             write_summary(cfg, root, seed_folders, stages)
             return 0
         check_partition(cfg, launch)
-        submitted = submit_slurm(cfg, root, todo, plan, stages)
+        submitted = submit_slurm(cfg, root, todo, plan, stages, after=(hooks or {}).get("after"))
+        if hooks is not None:  # a grid's point: its jobs, for the later points' dependencies
+            hooks.setdefault("submitted", {}).update({st: str(j[0].job_id).split("_")[0] for st, j in submitted})
         if not launch.wait:
             print("[launch] submitted; watch with: squeue --me / sacct", flush=True)
             return 0

@@ -138,8 +138,13 @@ class Lineage:
 
     def current(self, cfg: Any, stage: str) -> dict:
         from sdca_dist.config.run_config import settings_hash
+        from sdca_dist.stage_keys import settings_key
 
-        return {"settings": settings_hash(cfg), "inputs": self.verified_inputs(cfg, stage)}
+        return {
+            "settings": settings_hash(cfg),
+            "stage_settings": settings_key(cfg, stage),
+            "inputs": self.verified_inputs(cfg, stage),
+        }
 
     # --- a stage's own records ------------------------------------------------------------------
     def begin(self, stage: str, lineage: dict, log=print) -> bool:
@@ -194,7 +199,14 @@ class Lineage:
         lineage = done.get("lineage")
         if not isinstance(lineage, dict):
             return False, "DONE has no lineage record (made by an older version)"
-        if lineage.get("settings") != settings_hash(cfg):
+        # the settings this stage reads (sdca_dist.stage_keys): a setting only later stages read
+        # leaves it fresh; a record without them is compared on the whole run's settings
+        if "stage_settings" in lineage:
+            from sdca_dist.stage_keys import settings_key
+
+            if lineage["stage_settings"] != settings_key(cfg, stage):
+                return False, "done with other settings"
+        elif lineage.get("settings") != settings_hash(cfg):
             return False, "done with other settings"
         for name, sha in (done.get("outputs") or {}).items():
             try:

@@ -50,6 +50,10 @@ class StageSpec:
     gates_chain: bool = True
     #: global batch keys the job shape must split (training stages)
     batch_keys: tuple[str, ...] = field(default=())
+    #: settings (sections or dotted keys) the stage reads besides those every stage reads
+    #: (``sdca_dist.stage_keys.COMMON_READS``); its stage key hashes them, so a key that misses a
+    #: setting that changes the result would reuse a wrong result: declare generously
+    reads: tuple[str, ...] = field(default=())
 
     @property
     def training(self) -> bool:
@@ -61,6 +65,7 @@ class StageSpec:
 
 
 _STAGES = "sdca_dist.engine.stages"
+_SDCA_READS = ("sdca", "method", "data.source_resize", "data.target_resize", "data.class_balanced", "data.eval_resize")
 
 TABLE: tuple[StageSpec, ...] = (
     StageSpec(
@@ -72,6 +77,7 @@ TABLE: tuple[StageSpec, ...] = (
         in_chain=False,
         gates_chain=False,
         batch_keys=("batch_size",),
+        reads=("oracle", "method.lovasz_weight", "data.target_resize", "data.eval_resize"),
     ),
     StageSpec(
         "src",
@@ -80,6 +86,14 @@ TABLE: tuple[StageSpec, ...] = (
         outputs=(MODEL_FINAL,),
         schedule="src",
         batch_keys=("batch_size",),
+        reads=(
+            "src",
+            "init.src",
+            "method.lovasz_weight",
+            "data.source_resize",
+            "data.class_balanced",
+            "data.eval_resize",
+        ),
     ),
     StageSpec(
         "dist_init",
@@ -87,6 +101,7 @@ TABLE: tuple[StageSpec, ...] = (
         shard_sets=("source",),
         inputs=(StageInput("src", MODEL_FINAL),),
         outputs=(DISTRIBUTIONS,),
+        reads=("data.source_resize",),
     ),
     StageSpec(
         "sdca",
@@ -96,6 +111,7 @@ TABLE: tuple[StageSpec, ...] = (
         outputs=(MODEL_FINAL,),
         schedule="sdca",
         batch_keys=("batch_size", "target_batch_size"),
+        reads=_SDCA_READS,
     ),
     # the one-command ablation (launcher with_ablation=true): sdca with the four contrastive terms
     # off, from the same src model, distributions and seed; a reference, gates nothing
@@ -109,6 +125,7 @@ TABLE: tuple[StageSpec, ...] = (
         in_chain=False,
         gates_chain=False,
         batch_keys=("batch_size", "target_batch_size"),
+        reads=_SDCA_READS,
     ),
     StageSpec(
         "pseudo_label",
@@ -116,6 +133,7 @@ TABLE: tuple[StageSpec, ...] = (
         shard_sets=("target_train",),
         inputs=(StageInput("sdca", MODEL_FINAL),),
         outputs=(PSEUDO_MANIFEST, THRESHOLDS),
+        reads=("method", "data.target_resize"),
     ),
     StageSpec(
         "ssl",
@@ -125,9 +143,16 @@ TABLE: tuple[StageSpec, ...] = (
         outputs=(MODEL_FINAL,),
         schedule="ssl",
         batch_keys=("batch_size",),
+        reads=("ssl", "method", "data.ssl_scale", "data.ssl_crop", "data.target_resize", "data.eval_resize"),
     ),
     # eval's input depends on eval.model_from: see ``inputs_of``
-    StageSpec("eval", f"{_STAGES}.evaluate_stage:run", shard_sets=("target_val",), in_chain=False),
+    StageSpec(
+        "eval",
+        f"{_STAGES}.evaluate_stage:run",
+        shard_sets=("target_val",),
+        in_chain=False,
+        reads=("eval.model_from", "data.target_resize", "data.eval_resize"),
+    ),
 )
 
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in TABLE)

@@ -23,6 +23,8 @@ from sdca_dist.engine.run_dir import RunDir
 from sdca_dist.engine.stage_context import StageContext
 from sdca_dist.lineage import Lineage, MissingInputError, RunFolderBusy, StageInputError, StageLock
 from sdca_dist.scaling import ScaleError, check_world, scaled_schedule
+from sdca_dist.stage_cache import open_cached_stage
+from sdca_dist.stage_keys import code_version, stage_key
 from sdca_dist.stage_table import spec
 
 #: errors a rank-0-only step may raise that every rank must raise too (the CLI maps them to exit 2)
@@ -56,6 +58,7 @@ def run_stage(cfg: DictConfig) -> dict:
     lineage = Lineage(run.root)
     lock = StageLock(run.stage(stage))
     ctx = init_distributed(cfg.engine.backend)
+    cached = None
     try:
         _on_rank0(ctx, lock.acquire)
         check_world(cfg, stage, ctx.world_size)
@@ -69,6 +72,16 @@ def run_stage(cfg: DictConfig) -> dict:
             return record
 
         record = _on_rank0(ctx, begin)
+        # the stage cache: a result computed before under the same stage key is reused, not recomputed
+        key = stage_key(cfg, stage, record["inputs"], world_size=ctx.world_size, device=ctx.device.type)
+        if ctx.is_main:
+            cached = open_cached_stage(run.root, stage, key)
+        reused = _on_rank0(ctx, lambda: cached.reuse() if cached is not None else None)
+        if reused is not None:
+            ctx.barrier()
+            if ctx.is_main:
+                lineage.finish(stage, {**record, "reused_from": key}, {**reused, "key": key, "code": code_version()})
+            return reused
         ctx.barrier()
         observer = StageObserver(stage, run.stage(stage), ctx.is_main, num_classes=cfg.data.num_classes)
         for line in logs:
@@ -92,11 +105,15 @@ def run_stage(cfg: DictConfig) -> dict:
         summary["world_size"] = ctx.world_size
         ctx.barrier()
         if ctx.is_main:
-            lineage.finish(stage, record, summary)
+            lineage.finish(stage, record, {**summary, "key": key, "code": code_version()})
+            if cached is not None:
+                cached.publish(summary, code_version())
             observer.log(f"done in {summary['wall_seconds']:.1f}s -> {run.stage(stage)}")
         observer.close()
         return summary
     finally:
+        if cached is not None:
+            cached.release()
         if ctx.is_main:
             lock.release()
         shutdown_distributed()
