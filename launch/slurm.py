@@ -541,7 +541,7 @@ def main(argv: Sequence[str], hooks: Optional[dict] = None) -> int:
         from sdca_dist.grid import is_grid, run_grid
 
         if is_grid(user):
-            return run_grid(user, main)
+            return run_grid(user, main, wait_slurm)
         stages = planned_stages(launch)
         runs = run_configs(run_overrides, launch, stages)
         cfg = runs[0][2]
@@ -602,9 +602,10 @@ def main(argv: Sequence[str], hooks: Optional[dict] = None) -> int:
             return 0
         check_partition(cfg, launch)
         submitted = submit_slurm(cfg, root, todo, plan, stages, after=(hooks or {}).get("after"))
-        if hooks is not None:  # a grid's point: its jobs, for the later points' dependencies
+        if hooks is not None:  # a grid's point: its jobs, for the later points' dependencies; the grid waits
             hooks.setdefault("submitted", {}).update({st: str(j[0].job_id).split("_")[0] for st, j in submitted})
-        if not launch.wait:
+            hooks["jobs"] = submitted
+        if not launch.wait or hooks is not None:
             print("[launch] submitted; watch with: squeue --me / sacct", flush=True)
             return 0
         records = wait_slurm(submitted)

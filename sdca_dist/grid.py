@@ -202,10 +202,11 @@ def shared_with(
     return out
 
 
-def run_grid(argv: Sequence[str], launch_one: Callable[..., int]) -> int:
+def run_grid(argv: Sequence[str], launch_one: Callable[..., int], wait: Optional[Callable] = None) -> int:
     """Launch every point of the grid through ``launch_one(argv, hooks)`` (the single-run
     launcher). Every point is checked (a dry run of each, output kept back) before any is
-    launched, so a bad point means nothing is written or submitted."""
+    launched, so a bad point means nothing is written or submitted. On SLURM with ``wait=true``,
+    ``wait(submitted)`` (the launcher's) waits for every point's jobs at once, at the end."""
     from sdca_dist.config.run_config import parse_launch, split_overrides
     from sdca_dist.stage_cache import default_cache_dir
 
@@ -261,6 +262,7 @@ def run_grid(argv: Sequence[str], launch_one: Callable[..., int]) -> int:
 
     atomic_write_text(root / GRID_FILE, json.dumps(record, indent=1) + "\n")
     jobs: list[dict[str, str]] = []
+    submitted: list = []
     for i, point in enumerate(points):
         after = {
             s: [jobs[sharing[(i, s)]][s]] for s in stages if sharing[(i, s)] is not None and s in jobs[sharing[(i, s)]]
@@ -272,8 +274,20 @@ def run_grid(argv: Sequence[str], launch_one: Callable[..., int]) -> int:
             print(f"error: grid point {point_name(point)} failed (above); later points not launched", file=sys.stderr)
             return rc
         jobs.append(dict(hooks["submitted"]))
+        submitted += hooks.get("jobs", [])
+    failed = []
+    if submitted and launch.wait and wait is not None:
+        failed = [r for r in wait(submitted) if r["state"] != "COMPLETED"]
     if not any(jobs) or launch.wait:  # ran here (or waited): every point has its results
         write_grid_summary(root)
+    if failed:
+        first = failed[0]
+        print(
+            f"error: stage {first['stage']} job {first['job_id']} ended {first['state']}: {first.get('error', '')}"
+            + (f" ({len(failed) - 1} more failed or not run)" if len(failed) > 1 else ""),
+            file=sys.stderr,
+        )
+        return 2
     else:
         print(f"[grid] submitted; summary when done: python launch/slurm.py run_dir={root} (all stages fresh)")
     return 0

@@ -197,6 +197,7 @@ class StageCache:
         tmp = self.root / f".tmp-{key}.{os.getpid()}"
         self._remove(tmp)
         try:
+            tmp.mkdir(parents=True)
             files = {}
             for rel in _cached_files(folder):
                 dst = tmp / "files" / rel

@@ -159,7 +159,14 @@ def run_folders(root: Path) -> list[tuple[str, int, Path]]:
 
     grid = _read_json(root / GRID_FILE)
     if grid is not None:
-        return [(name, seed, rd) for name in grid.get("points", []) for seed, rd in seed_folders(root / name)]
+        seeds = [int(s) for s in grid.get("seeds", [0])]
+        out = []
+        for name in grid.get("points", []):
+            found = seed_folders(root / name)
+            # a point not launched yet: the folders it will have
+            expected = [(s, root / name / f"seed_{s}" if len(seeds) > 1 else root / name) for s in seeds]
+            out += [(name, seed, rd) for seed, rd in (found or expected)]
+        return out
     return [("", seed, rd) for seed, rd in seed_folders(root)]
 
 
