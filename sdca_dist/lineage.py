@@ -106,14 +106,32 @@ def producer_mismatch(cfg: Any, done: dict) -> Optional[list[str]]:
     differing keys (``key: recorded -> run``; ``[]`` when the record keeps only a hash).
 
     The ONE comparison of a stage's record with the run's settings: the engine (a consumer's
-    inputs, before a stage starts) and the launcher (freshness) both ask it."""
+    inputs, before a stage starts) and the launcher (freshness) both ask it. A record with the
+    stage's own settings key (``sdca_dist.stage_keys``) is compared on the settings that stage
+    reads, so a setting only later stages read (``method.tau`` for src) leaves it valid; an
+    older record is compared on the whole run's settings."""
     from sdca_dist.config.run_config import settings_hash
 
     lineage = done.get("lineage") if isinstance(done, dict) else None
     if not isinstance(lineage, dict):
         return []
-    if lineage.get("settings") == settings_hash(cfg):
+    stage = done.get("stage")
+    if "stage_settings" in lineage and stage is not None:
+        from sdca_dist.stage_keys import reads_of, settings_key
+
+        if lineage["stage_settings"] == settings_key(cfg, stage):
+            return None
+        reads = reads_of(stage)
+
+        def read(key: str) -> bool:
+            return any(key == r or key.startswith(r + ".") for r in reads)
+    elif lineage.get("settings") == settings_hash(cfg):
         return None
+    else:
+
+        def read(key: str) -> bool:
+            return True
+
     recorded = done.get("settings")
     if not isinstance(recorded, dict):
         return []
@@ -121,7 +139,7 @@ def producer_mismatch(cfg: Any, done: dict) -> Optional[list[str]]:
     return [
         f"{k}: {recorded.get(k, '(absent)')} -> {now.get(k, '(absent)')}"
         for k in sorted(set(recorded) | set(now))
-        if recorded.get(k) != now.get(k)
+        if read(k) and recorded.get(k) != now.get(k)
     ]
 
 
@@ -217,8 +235,13 @@ class Lineage:
 
     def current(self, cfg: Any, stage: str) -> dict:
         from sdca_dist.config.run_config import settings_hash
+        from sdca_dist.stage_keys import settings_key
 
-        return {"settings": settings_hash(cfg), "inputs": self.verified_inputs(cfg, stage)}
+        return {
+            "settings": settings_hash(cfg),
+            "stage_settings": settings_key(cfg, stage),
+            "inputs": self.verified_inputs(cfg, stage),
+        }
 
     # --- a stage's own records ------------------------------------------------------------------
     def begin(self, stage: str, lineage: dict, log=print) -> bool:

@@ -61,6 +61,10 @@ class StageSpec:
     #: per seed (same inputs and seed: a paired difference) under the name ``effect``
     paired_with: Optional[str] = None
     effect: Optional[str] = None
+    #: settings (sections or dotted keys) the stage reads besides those every stage reads
+    #: (``sdca_dist.stage_keys.COMMON_READS``); its stage key hashes them, so a key that misses a
+    #: setting that changes the result would reuse a wrong result: declare generously
+    reads: tuple[str, ...] = field(default=())
 
     @property
     def training(self) -> bool:
@@ -72,6 +76,7 @@ class StageSpec:
 
 
 _STAGES = "sdca_dist.engine.stages"
+_SDCA_READS = ("sdca", "method", "data.source_resize", "data.target_resize", "data.class_balanced", "data.eval_resize")
 
 TABLE: tuple[StageSpec, ...] = (
     StageSpec(
@@ -84,6 +89,7 @@ TABLE: tuple[StageSpec, ...] = (
         gates_chain=False,
         batch_keys=("batch_size",),
         launch_flag="with_oracle",
+        reads=("oracle", "method.lovasz_weight", "data.target_resize", "data.eval_resize"),
     ),
     StageSpec(
         "src",
@@ -92,6 +98,14 @@ TABLE: tuple[StageSpec, ...] = (
         outputs=(MODEL_FINAL,),
         schedule="src",
         batch_keys=("batch_size",),
+        reads=(
+            "src",
+            "init.src",
+            "method.lovasz_weight",
+            "data.source_resize",
+            "data.class_balanced",
+            "data.eval_resize",
+        ),
     ),
     StageSpec(
         "dist_init",
@@ -99,6 +113,7 @@ TABLE: tuple[StageSpec, ...] = (
         shard_sets=("source",),
         inputs=(StageInput("src", MODEL_FINAL),),
         outputs=(DISTRIBUTIONS,),
+        reads=("data.source_resize",),
     ),
     StageSpec(
         "sdca",
@@ -108,6 +123,7 @@ TABLE: tuple[StageSpec, ...] = (
         outputs=(MODEL_FINAL,),
         schedule="sdca",
         batch_keys=("batch_size", "target_batch_size"),
+        reads=_SDCA_READS,
     ),
     # the one-command ablation: sdca with the four contrastive terms off, from the same src model,
     # distributions and seed; a reference, gates nothing
@@ -124,6 +140,7 @@ TABLE: tuple[StageSpec, ...] = (
         launch_flag="with_ablation",
         paired_with="sdca",
         effect="alignment effect",
+        reads=_SDCA_READS,
     ),
     StageSpec(
         "pseudo_label",
@@ -131,6 +148,7 @@ TABLE: tuple[StageSpec, ...] = (
         shard_sets=("target_train",),
         inputs=(StageInput("sdca", MODEL_FINAL),),
         outputs=(PSEUDO_MANIFEST, THRESHOLDS),
+        reads=("method", "data.target_resize"),
     ),
     StageSpec(
         "ssl",
@@ -140,9 +158,16 @@ TABLE: tuple[StageSpec, ...] = (
         outputs=(MODEL_FINAL,),
         schedule="ssl",
         batch_keys=("batch_size",),
+        reads=("ssl", "method", "data.ssl_scale", "data.ssl_crop", "data.target_resize", "data.eval_resize"),
     ),
     # eval's input depends on eval.model_from: see ``inputs_of``
-    StageSpec("eval", f"{_STAGES}.evaluate_stage:run", shard_sets=("target_val",), in_chain=False),
+    StageSpec(
+        "eval",
+        f"{_STAGES}.evaluate_stage:run",
+        shard_sets=("target_val",),
+        in_chain=False,
+        reads=("eval.model_from", "data.target_resize", "data.eval_resize"),
+    ),
 )
 
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in TABLE)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -189,7 +190,8 @@ def resolve(
             return frozen, False
         # the first command line, then this one (later values of a key win), on the frozen preset
         merged = {o.split("=", 1)[0].lstrip("+"): o for o in [f"conf={frozen.conf}", *_origin(run_dir), *settings]}
-        cfg = compose_config(list(merged.values()) + [f"run_dir={run_dir}"] + ([f"stage={stage}"] if stage else []))
+        job_args = [run_dir_override(run_dir)] + ([f"stage={stage}"] if stage else [])
+        cfg = compose_config(list(merged.values()) + job_args)
         if adjust is not None:
             cfg = adjust(cfg)
         diff = differences(frozen, cfg)
@@ -206,12 +208,21 @@ def resolve(
     cfg = compose_config(
         list(settings)
         + [f"{k}={v}" for k, v in job.items()]
-        + [f"run_dir={run_dir}"]
+        + [run_dir_override(run_dir)]
         + ([f"stage={stage}"] if stage else [])
     )
     if adjust is not None:
         cfg = adjust(cfg)
     return cfg, True
+
+
+def run_dir_override(run_dir: Path | str) -> str:
+    """``run_dir=...`` for composing, quoted for Hydra's grammar (a grid point's folder is named
+    like ``method.tau=10``)."""
+    text = str(run_dir)
+    if re.fullmatch(r"[\w./+-]*", text):
+        return f"run_dir={text}"
+    return "run_dir='" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def freeze(run_dir: Path | str, cfg: DictConfig, overrides: Sequence[str]) -> Path:

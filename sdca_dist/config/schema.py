@@ -256,6 +256,14 @@ class LaunchSettings:
     seeds: int = 1
     #: stages to run again although DONE; every stage after them becomes stale and reruns too
     redo: list[str] = field(default_factory=list)
+    #: the stage cache (sdca_dist.stage_cache): a stage whose stage key was computed before reuses
+    #: that result; cache_dir defaults to ``stage_cache/`` beside the run (or grid) folder
+    cache: bool = True
+    cache_dir: Optional[str] = None
+    #: grids (sdca_dist.launch.grid): the point the others are compared with, e.g. method.tau=100 (default: the first)
+    baseline: Optional[str] = None
+    #: print where each stage of each seed (and grid point) stands, then exit (sdca_dist.launch.status)
+    status: bool = False
 
 
 LaunchConfig = make_dataclass(

@@ -6,6 +6,7 @@ training code calls the same methods everywhere without rank checks.
 
 from __future__ import annotations
 
+import json
 import resource
 import sys
 import time
@@ -16,7 +17,10 @@ import numpy as np
 import torch
 
 from sdca_dist.classes import colorize
+from sdca_dist.files import atomic_write_text
 
+#: the stage's progress record, replaced at each progress line (``launch/slurm.py status=true`` reads it)
+PROGRESS = "progress.json"
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
@@ -65,6 +69,7 @@ class StageObserver:
         self.stream = stream or sys.stdout
         self._t0 = time.time()
         self._tb = None
+        self.progress_file = Path(folder) / PROGRESS
         if is_main:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -92,6 +97,14 @@ class StageObserver:
             f"it {iteration}/{self.total} ({100.0 * iteration / max(self.total, 1):.0f}%) "
             f"{rate:.2f} it/s eta {eta_s} mem {memory_high_water_mb():.0f}MiB {parts}"
         )
+        record = {"iteration": iteration, "total": self.total, "it_per_s": rate, "time": time.time()}
+        record["eta_s"] = eta if eta == eta else None
+        if "images_per_s" in scalars:
+            record["images_per_s"] = float(scalars["images_per_s"])
+        try:
+            atomic_write_text(self.progress_file, json.dumps(record) + "\n")
+        except OSError:
+            pass  # a progress record is a convenience; never fail a stage for it
 
     def scalars(self, iteration: int, values: Mapping[str, float], prefix: str = "") -> None:
         if self._tb is None:

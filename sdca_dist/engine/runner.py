@@ -34,6 +34,8 @@ from sdca_dist.lineage import (
     settings_record,
 )
 from sdca_dist.scaling import ScaleError, check_world, plan_warnings, scaled_schedule
+from sdca_dist.stage_cache import open_cached_stage
+from sdca_dist.stage_keys import code_version, stage_key
 from sdca_dist.stage_table import spec
 from sdca_dist.train_scale import scale_line
 
@@ -108,6 +110,7 @@ def run_stage(cfg: DictConfig) -> dict:
     lineage = Lineage(run.root)
     lock = StageLock(run.stage(stage))
     ctx = init_distributed(cfg.engine.backend, require_cuda=int(cfg.cluster.gpus_per_node) > 0)
+    cached = None
     try:
         _on_rank0(ctx, lock.acquire)
         check_world(cfg, stage, ctx.world_size)
@@ -121,6 +124,21 @@ def run_stage(cfg: DictConfig) -> dict:
             return record
 
         record = _on_rank0(ctx, begin)
+        # the stage cache: a result computed before under the same stage key is reused, not recomputed
+        key = stage_key(cfg, stage, record["inputs"], world_size=ctx.world_size, device=ctx.device.type)
+        if ctx.is_main:
+            cached = open_cached_stage(run.root, stage, key)
+        reused = _on_rank0(ctx, lambda: cached.reuse() if cached is not None else None)
+        if reused is not None:
+            ctx.barrier()
+            if ctx.is_main:
+                lineage.finish(
+                    stage,
+                    {**record, "reused_from": key},
+                    {**reused, "key": key, "code": code_version()},
+                    settings=settings_record(cfg),
+                )
+            return reused
         ctx.barrier()
         observer = StageObserver(stage, run.stage(stage), ctx.is_main, num_classes=cfg.data.num_classes)
         for line in logs:
@@ -148,11 +166,17 @@ def run_stage(cfg: DictConfig) -> dict:
         ctx.barrier()
         _on_rank0(ctx, lambda: check_finite_outputs(stage, run.stage(stage)))
         if ctx.is_main:
-            lineage.finish(stage, record, summary, settings=settings_record(cfg))
+            lineage.finish(
+                stage, record, {**summary, "key": key, "code": code_version()}, settings=settings_record(cfg)
+            )
+            if cached is not None:
+                cached.publish(summary, code_version())
             observer.log(f"done in {summary['wall_seconds']:.1f}s -> {run.stage(stage)}")
         observer.close()
         return summary
     finally:
+        if cached is not None:
+            cached.release()
         if ctx.is_main:
             lock.release()
         shutdown_distributed()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import sdca_dist.launch
 from sdca_dist.config import ConfigError
@@ -32,16 +32,28 @@ from sdca_dist.scaling import ScaleError, parse_scale, plan_warnings
 from sdca_dist.stage_table import spec
 
 
-def main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str], hooks: Optional[dict] = None) -> int:
+    """``hooks``: set by a grid (``sdca_dist.launch.grid``) for each of its points: ``after``
+    {stage: [job ids]} the point's jobs depend on; ``submitted`` receives {stage: job id}."""
     if any(a in ("-h", "--help") for a in argv):
         print(sdca_dist.launch.__doc__)
         return 0
-    user = [a for a in argv if a not in ("--dry-run",)]
+    user = [a for a in argv if a not in ("--dry-run", "--multirun", "-m")]
     if "--dry-run" in argv:
         user.append("dry_run=true")
     try:
         run_overrides, launch_overrides = split_overrides(user)
         launch = parse_launch(launch_overrides)
+        if launch.status:
+            from sdca_dist.launch.status import print_status
+
+            return print_status(Path(_arg(run_overrides, "run_dir") or "runs/default"))
+        from sdca_dist.launch.grid import is_grid, run_grid
+
+        if is_grid(user):
+            from sdca_dist.launch.backends.slurm import wait_slurm
+
+            return run_grid(user, main, wait_slurm)
         stages = planned_stages(launch)
         runs = run_configs(run_overrides, launch, stages)
         cfg = runs[0][2]
@@ -75,7 +87,10 @@ def main(argv: Sequence[str]) -> int:
         if launch.dry_run:
             return 0
         from sdca_dist.lineage import Lineage
+        from sdca_dist.stage_cache import launch_cache_dir, recomputed, write_run_cache_setting
 
+        cache_dir, recompute = launch_cache_dir(launch, root), recomputed(stages, launch.redo)
+        print(f"[launch] stage cache: {cache_dir or 'off (cache=false)'}", flush=True)
         for seed, folder, c, new in runs:
             if new:
                 freeze(
@@ -86,6 +101,7 @@ def main(argv: Sequence[str]) -> int:
             (folder / "plan.json").write_text(json.dumps({"nodes": launch.nodes, "stages": plan}, indent=1) + "\n")
             for stage in launch.redo:
                 Lineage(folder).invalidate(stage)
+            write_run_cache_setting(folder, cache_dir, recompute=recompute)
         if cfg.data.synthetic:
             from sdca_dist.engine.data import ensure_synthetic_shards
 
@@ -93,7 +109,7 @@ def main(argv: Sequence[str]) -> int:
         todo: Todo = [(seed, folder, stages_to_run(c, folder, stages)) for seed, folder, c, _ in runs]
         print(f"[launch] run folder {root.resolve()}; follow with: tensorboard --logdir {root}", flush=True)
         seed_folders = [(seed, folder) for seed, folder, _, _ in runs]
-        records = where.run(cfg, launch, root, todo, plan, stages)
+        records = where.run(cfg, launch, root, todo, plan, stages, hooks)
         if records is None:
             return 0
         write_summary(cfg, root, seed_folders, stages)

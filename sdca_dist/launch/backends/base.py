@@ -38,10 +38,20 @@ class Backend:
         return {}
 
     def run(
-        self, cfg: DictConfig, launch: LaunchConfig, root: Path, todo: Todo, plan: dict[str, dict], stages: list[str]
+        self,
+        cfg: DictConfig,
+        launch: LaunchConfig,
+        root: Path,
+        todo: Todo,
+        plan: dict[str, dict],
+        stages: list[str],
+        hooks: Optional[dict] = None,
     ) -> Optional[list[dict]]:
         """Run or submit the stale stages of ``todo``; the finished jobs' records, or None when
-        the jobs were submitted and not waited for."""
+        the jobs were submitted and not waited for. ``hooks`` (a grid's point): a backend that
+        queues jobs makes ``stage`` wait for ``hooks["after"][stage]`` (the jobs computing a
+        stage the point shares), reports its jobs in ``hooks["submitted"]`` ({stage: job id})
+        and ``hooks["jobs"]``, and leaves the waiting to the grid."""
         raise NotImplementedError
 
     def failure(self, records: list[dict]) -> Optional[str]:

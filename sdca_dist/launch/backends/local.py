@@ -9,8 +9,6 @@ goes on.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +25,8 @@ from sdca_dist.stage_table import spec
 def run_local(todo: Todo, plan: dict[str, dict], model_from: str) -> list[dict]:
     """The chain on this machine: one torchrun (or plain python) process group per stage, each
     with its planned world size."""
+    from sdca_dist.launch.status import run_recorded
+
     records = []
     for seed, run_dir, stages in todo:
         for stage, why in stages:
@@ -49,7 +49,7 @@ def run_local(todo: Todo, plan: dict[str, dict], model_from: str) -> list[dict]:
                 cmd = [sys.executable, "-m", "sdca_dist.train", *args]
             print(f"[launch] seed {seed} {stage} ({why}): {' '.join(cmd[1:])}", flush=True)
             t0 = time.time()
-            rc = subprocess.call(cmd, cwd=os.getcwd())
+            rc = run_recorded(cmd, run_dir / stage)  # a failure leaves FAILED.json for the status view
             done = (run_dir / stage / "DONE").is_file()
             state = "COMPLETED" if rc == 0 and done else f"FAILED(rc={rc})"
             records.append(
@@ -83,7 +83,14 @@ class LocalBackend(Backend):
             )
 
     def run(
-        self, cfg: DictConfig, launch: LaunchConfig, root: Path, todo: Todo, plan: dict[str, dict], stages: list[str]
+        self,
+        cfg: DictConfig,
+        launch: LaunchConfig,
+        root: Path,
+        todo: Todo,
+        plan: dict[str, dict],
+        stages: list[str],
+        hooks: Optional[dict] = None,
     ) -> Optional[list[dict]]:
         return run_local(todo, plan, str(cfg.eval.model_from))
 

@@ -77,13 +77,20 @@ def slurm_parameters(cfg: DictConfig, stage: str, row: dict) -> dict[str, Any]:
 
 
 def submit_slurm(
-    cfg: DictConfig, root: Path, todo: Todo, plan: dict[str, dict], stages: list[str]
+    cfg: DictConfig,
+    root: Path,
+    todo: Todo,
+    plan: dict[str, dict],
+    stages: list[str],
+    after: Optional[dict[str, list[str]]] = None,
 ) -> list[tuple[str, list[Any]]]:
     """One job (an array over the seeds that need it) per stage, each with its planned shape and
-    depending afterok on the previous chain stage's job."""
+    depending afterok on the previous chain stage's job (and on ``after[stage]``: a grid's job
+    computing a stage this point shares)."""
     import submitit
 
     from sdca_dist.jobs import StageJob
+    from sdca_dist.launch.status import record_job
 
     previous: Optional[str] = None
     submitted = []
@@ -95,14 +102,17 @@ def submit_slurm(
             folder=str(root / "slurm" / stage / "%j"), max_num_timeout=int(cfg.cluster.max_requeues)
         )
         params = slurm_parameters(cfg, stage, plan[stage])
-        if previous and spec(stage).gates_chain:
-            params["dependency"] = f"afterok:{previous}"
+        deps = ([previous] if previous and spec(stage).gates_chain else []) + list((after or {}).get(stage, []))
+        if deps:
+            params["dependency"] = "afterok:" + ":".join(deps)
         executor.update_parameters(**params)
         jobs = []
         with executor.batch():
             for seed, rd in runs:
                 jobs.append(executor.submit(StageJob(str(rd), stage, str(cfg.eval.model_from))))
         base = str(jobs[0].job_id).split("_")[0]
+        for (seed, rd), job in zip(runs, jobs):  # for the status view (sdca_dist.launch.status)
+            record_job(rd, stage, str(job.job_id), str(job.paths.stderr))
         if spec(stage).gates_chain:
             previous = base
         submitted.append((stage, jobs))
@@ -165,11 +175,21 @@ class SlurmBackend(Backend):
         return {"sbatch": slurm_parameters(cfg, stage, row)}
 
     def run(
-        self, cfg: DictConfig, launch: LaunchConfig, root: Path, todo: Todo, plan: dict[str, dict], stages: list[str]
+        self,
+        cfg: DictConfig,
+        launch: LaunchConfig,
+        root: Path,
+        todo: Todo,
+        plan: dict[str, dict],
+        stages: list[str],
+        hooks: Optional[dict] = None,
     ) -> Optional[list[dict]]:
         check_partition(cfg, launch)
-        submitted = submit_slurm(cfg, root, todo, plan, stages)
-        if not launch.wait:
+        submitted = submit_slurm(cfg, root, todo, plan, stages, after=(hooks or {}).get("after"))
+        if hooks is not None:  # a grid's point: its jobs, for later points' dependencies; the grid waits
+            hooks.setdefault("submitted", {}).update({st: str(j[0].job_id).split("_")[0] for st, j in submitted})
+            hooks["jobs"] = submitted
+        if not launch.wait or hooks is not None:
             print("[launch] submitted; watch with: squeue --me / sacct", flush=True)
             return None
         return wait_slurm(submitted)

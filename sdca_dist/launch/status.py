@@ -1,0 +1,268 @@
+"""Where a run (or a grid) stands: ``python launch/slurm.py run_dir=R status=true``.
+
+One row per (grid point,) seed and stage, from the files alone plus ``squeue``/``sacct`` when
+SLURM is there:
+
+* ``done``: mIoU, wall time, computed or reused from the stage cache (``DONE``);
+* ``stale``: DONE, but no longer valid for the run's settings or inputs (``Lineage.fresh``);
+* ``running``: iteration i/N, images/s and ETA from the stage's progress record
+  (``<stage>/progress.json``, written by rank 0 at each log step), when the stage lock's holder
+  is alive on this machine or its SLURM job is running;
+* ``pending``: its SLURM job id and squeue's reason (``<run>/jobs.json`` maps stages to jobs);
+* ``failed``: exit code and the last error line (``<stage>/FAILED.json`` written by the local
+  launcher, or sacct and the job's log on SLURM);
+* ``not started``.
+
+Read-only, exit 0. No torch here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from sdca_dist.files import atomic_write_text
+
+JOBS_FILE = "jobs.json"
+FAILED_FILE = "FAILED.json"
+PROGRESS_FILE = "progress.json"
+
+_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Preempted)\b.*: |^error: ")
+
+
+def last_error_line(lines: Sequence[str]) -> str:
+    """The last exception (or ``error:``) line of a log, else its last line."""
+    lines = [re.sub(r"^\[rank\d+\]:\s?", "", ln).strip() for ln in lines if ln.strip()]
+    errors = [ln for ln in lines if _ERROR_LINE.match(ln)]
+    if errors:
+        return errors[-1]
+    return lines[-1] if lines else "(no output)"
+
+
+# ----------------------------------------------------------------------------------------------
+# records the launcher leaves
+# ----------------------------------------------------------------------------------------------
+def run_recorded(cmd: list[str], folder: Path) -> int:
+    """Run one local stage process, its stderr passed through as it comes and kept; a failure
+    leaves ``<folder>/FAILED.json`` (exit code, last error line), a success removes it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / FAILED_FILE).unlink(missing_ok=True)
+    proc = subprocess.Popen(cmd, cwd=os.getcwd(), stderr=subprocess.PIPE, text=True, errors="replace")
+    tail: list[str] = []
+
+    def pump() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            tail.append(line)
+            del tail[:-200]
+
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    rc = proc.wait()
+    t.join()
+    if rc != 0:
+        record = {"exit_code": rc, "error": last_error_line(tail), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        atomic_write_text(folder / FAILED_FILE, json.dumps(record, indent=1) + "\n")
+    return rc
+
+
+def record_job(run_dir: Path, stage: str, job_id: str, stderr: str) -> None:
+    """Remember which SLURM job runs ``stage`` of ``run_dir`` (for the status view)."""
+    path = Path(run_dir) / JOBS_FILE
+    jobs = _read_json(path) or {}
+    jobs[stage] = {"job_id": str(job_id), "stderr": str(stderr), "submitted": time.time()}
+    atomic_write_text(path, json.dumps(jobs, indent=1) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# the view
+# ----------------------------------------------------------------------------------------------
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _fmt_s(seconds: Optional[float]) -> str:
+    if seconds is None or seconds != seconds:
+        return "?"
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h:d}:{m:02d}:{s:02d}"
+
+
+def _lock_holder_alive(folder: Path) -> bool:
+    """Whether the stage lock's recorded holder is a live process on this machine (read only:
+    taking the lock to test it could make a starting job fail)."""
+    try:
+        text = (folder / ".lock").read_text()
+    except OSError:
+        return False
+    m = re.match(r"pid (\d+) on (\S+)", text)
+    if not m or m.group(2) != socket.gethostname():
+        return False
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def slurm_states(job_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+    """{job id: {state, reason | exit_code}} from squeue (queued/running), then sacct (ended);
+    empty without SLURM."""
+    out: dict[str, dict[str, str]] = {}
+    ids = sorted(set(job_ids))
+    if not ids:
+        return out
+    try:
+        q = subprocess.run(
+            ["squeue", "-h", "-j", ",".join(ids), "-o", "%i|%T|%r"], capture_output=True, text=True, timeout=30
+        )
+        for row in q.stdout.strip().splitlines():
+            jid, state, reason = (row.split("|") + ["", ""])[:3]
+            out[jid.strip()] = {"state": state.strip(), "reason": reason.strip()}
+        missing = [i for i in ids if i not in out]
+        if missing:
+            a = subprocess.run(
+                ["sacct", "-n", "-P", "-X", "-j", ",".join(missing), "-o", "JobID,State,ExitCode"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            for row in a.stdout.strip().splitlines():
+                jid, state, code = (row.split("|") + ["", ""])[:3]
+                out.setdefault(jid.strip(), {"state": state.split()[0] if state else "", "exit_code": code.strip()})
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def run_folders(root: Path) -> list[tuple[str, int, Path]]:
+    """(point name or "", seed, run folder) under ``root``: a grid, a multi-seed run or a run."""
+    from sdca_dist.launch.grid import GRID_FILE, seed_folders
+
+    grid = _read_json(root / GRID_FILE)
+    if grid is not None:
+        seeds = [int(s) for s in grid.get("seeds", [0])]
+        out = []
+        for name in grid.get("points", []):
+            found = seed_folders(root / name)
+            # a point not launched yet: the folders it will have
+            expected = [(s, root / name / f"seed_{s}" if len(seeds) > 1 else root / name) for s in seeds]
+            out += [(name, seed, rd) for seed, rd in (found or expected)]
+        return out
+    return [("", seed, rd) for seed, rd in seed_folders(root)]
+
+
+def _stages_of(run_dir: Path) -> list[str]:
+    from sdca_dist.stage_table import CHAIN, ordered
+
+    plan = _read_json(run_dir / "plan.json")
+    return ordered(plan["stages"]) if plan and isinstance(plan.get("stages"), dict) else list(CHAIN)
+
+
+def stage_row(run_dir: Path, stage: str, cfg: Any, lineage: Any, jobs: dict, states: dict) -> tuple[str, str]:
+    """(state, detail) of one stage of one run folder."""
+    folder = run_dir / stage
+    done = _read_json(folder / "DONE")
+    if done is not None:
+        fresh, why = (True, "") if cfg is None else lineage.fresh(cfg, stage)
+        metrics = _read_json(folder / "metrics.json") or {}
+        miou = f"mIoU {float(metrics['mIoU']):.2f}, " if "mIoU" in metrics else ""
+        wall = float(done.get("wall_seconds", float("nan")))
+        how = (
+            f"reused from {str(done['reused_from'])[:12]} (computed in {_fmt_s(done.get('computed_wall_seconds'))})"
+            if done.get("reused_from")
+            else "computed"
+        )
+        if not fresh:
+            return "stale", f"{why}; was {miou}{how}"
+        return "done", f"{miou}wall {_fmt_s(wall)}, {how}"
+    job = jobs.get(stage) or {}
+    slurm = states.get(str(job.get("job_id", ""))) if job else None
+    progress = _read_json(folder / PROGRESS_FILE)
+    running = _lock_holder_alive(folder) or (slurm is not None and slurm.get("state") == "RUNNING")
+    if running:
+        if progress is None:
+            return "running", "starting" + (f" (job {job['job_id']})" if job else "")
+        detail = f"it {progress.get('iteration')}/{progress.get('total')}"
+        if progress.get("images_per_s") is not None:
+            detail += f", {float(progress['images_per_s']):.1f} images/s"
+        eta = progress.get("eta_s")
+        if eta is not None:
+            eta = float(eta) - (time.time() - float(progress.get("time", time.time())))
+        detail += f", ETA {_fmt_s(eta)}, updated {_fmt_s(time.time() - float(progress.get('time', time.time())))} ago"
+        return "running", detail + (f" (job {job['job_id']})" if job else "")
+    if slurm is not None and slurm.get("state") in ("PENDING", "CONFIGURING", "REQUEUED", "SUSPENDED"):
+        return slurm["state"].lower(), f"job {job['job_id']} ({slurm.get('reason') or 'no reason given'})"
+    failed = _read_json(folder / FAILED_FILE)
+    if failed is not None:
+        return "failed", f"exit code {failed.get('exit_code')}: {failed.get('error')}"
+    if slurm is not None and slurm.get("state"):
+        err = Path(str(job.get("stderr", "")))
+        lines = err.read_text(errors="replace").splitlines() if err.is_file() else []
+        code = slurm.get("exit_code", "?")
+        error = last_error_line(lines) if lines else f"no log at {err}"
+        return "failed", f"job {job['job_id']} {slurm['state']}, exit code {code}: {error}"
+    if progress is not None:
+        where = f"at it {progress.get('iteration')}/{progress.get('total')}"
+        return "stopped", f"{where}, no live process (relaunch to resume)"
+    return "not started", ""
+
+
+def status_rows(root: Path) -> list[tuple[str, str, str, str, str]]:
+    from sdca_dist.config.run_config import load_frozen
+    from sdca_dist.lineage import Lineage
+
+    folders = run_folders(root)
+    all_jobs = {rd: (_read_json(rd / JOBS_FILE) or {}) for _, _, rd in folders}
+    states = slurm_states([str(j["job_id"]) for jobs in all_jobs.values() for j in jobs.values() if "job_id" in j])
+    rows = []
+    for point, seed, rd in folders:
+        try:
+            cfg = load_frozen(rd)
+        except Exception:  # noqa: BLE001 - a view: an unreadable config only skips the freshness check
+            cfg = None
+        lineage = Lineage(rd)
+        for stage in _stages_of(rd):
+            try:
+                state, detail = stage_row(rd, stage, cfg, lineage, all_jobs[rd], states)
+            except Exception as exc:  # noqa: BLE001 - one unreadable stage must not hide the others
+                state, detail = "unknown", f"{type(exc).__name__}: {exc}"
+            rows.append((point, f"seed {seed}", stage, state, detail))
+    return rows
+
+
+def print_status(root: Path | str) -> int:
+    root = Path(root)
+    rows = status_rows(root)
+    if not rows:
+        print(f"{root}: no run folder here (no config.yaml, seed_*/ or grid.json)")
+        return 0
+    has_point = any(r[0] for r in rows)
+    head = (("point",) if has_point else ()) + ("seed", "stage", "state", "detail")
+    body = [((r[0],) if has_point else ()) + r[1:] for r in rows]
+    widths = [max(len(str(x[i])) for x in [head, *body]) for i in range(len(head) - 1)]
+    for r in [head, *body]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) + "  " + str(r[-1]))
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r[3]] = counts.get(r[3], 0) + 1
+    print(f"{root}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    return 0
