@@ -47,7 +47,7 @@ pipq() {  # pip, quiet; its full output goes to .venv/install.log and is shown o
 }
 pipq --upgrade pip
 # torch.version.cuda of the torch this venv sees ("cpu" for a CPU build, "none" without torch)
-have=$($py -c "import torch; print(torch.version.cuda or 'cpu')" 2>/dev/null || echo none)
+have=$($py -c "import torch; print(torch.version.cuda or 'cpu')" 2>>"$log" || echo none)
 if [ "$choice" = cpu ]; then
   if [ "$have" = none ]; then
     echo "install: no GPU; installing torch==$torch_version (CPU build) first"
@@ -69,7 +69,7 @@ else
     pipq --force-reinstall "torch==$torch_version" --index-url "$index" --extra-index-url https://pypi.org/simple
   fi
 fi
-$py - "$torch_version" <<'EOF' || exit 2
+PYTHONWARNINGS=ignore $py - "$torch_version" <<'EOF' || exit 2
 import sys, torch
 floor = tuple(int(x) for x in sys.argv[1].split(".")[:2])
 have = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
@@ -77,7 +77,7 @@ if have < floor:
     sys.exit(f"install: torch {torch.__version__} (from {torch.__file__}) is older than {sys.argv[1]}, the oldest "
              "tested; install without --system-site-packages")
 EOF
-have=$($py -c "import torch; print(torch.version.cuda or 'cpu')")
+have=$($py -c "import torch; print(torch.version.cuda or 'cpu')" 2>>"$log")
 dali=$(build dali --torch-cuda "$have") || exit 2
 pipq -e ".[${extras}${dali}]"
 if [ -n "$driver" ] && ! $py -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log"; then

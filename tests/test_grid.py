@@ -23,6 +23,9 @@ from engine_fixtures import run_launcher, tiny
 from sdca_dist.config import ConfigError
 from sdca_dist.launch.grid import expand, paired, parse_baseline, parse_sweeps, point_name, t_quantile_975
 
+#: the grid fixture launches 12 tiny stage processes (about 2 minutes on an idle 2-core machine)
+pytestmark = pytest.mark.timeout(2400)
+
 
 def _last_error(proc) -> str:
     lines = proc.stderr.strip().splitlines()
@@ -100,7 +103,7 @@ def grid(tmp_path_factory):
     dry = run_launcher([*args, "dry_run=true"])
     assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
     assert not (root / "tau").exists(), "a dry run writes nothing"
-    proc = run_launcher(args)
+    proc = run_launcher(args, timeout=2400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return root / "tau", dry, proc, args
 

@@ -25,6 +25,9 @@ from engine_fixtures import run_launcher, tiny
 from sdca_dist.files import sha256_file
 from sdca_dist.stage_cache import CachedStage, StageCache, recomputed
 
+#: the launcher tests start four tiny src stages (about a minute on an idle 2-core machine)
+pytestmark = pytest.mark.timeout(2400)
+
 
 def _stage_folder(root: Path, payload: bytes = b"weights") -> Path:
     folder = root / "src"
