@@ -81,7 +81,7 @@ def main(argv: Sequence[str], hooks: Optional[dict] = None) -> int:
             uses = ", ".join(f"{s} uses {plan[s]['world_size']}" for s in idle)
             print(
                 f"[launch] note: {uses} of {granted} ranks (published global batches); train.scale=auto uses "
-                "them all (README 'Scaling out')",
+                "them all (docs/scaling.md)",
                 flush=True,
             )
         if launch.dry_run:
