@@ -40,7 +40,7 @@ class DataConfig:
     #: 0.5-1.5; Cityscapes is stored at 2048x1024 and evaluated at 1024x512, so that is [1.0, 3.0]
     #: here, the same recipe (``sdca_dist.train_scale``)
     ssl_scale: list[float] = field(default_factory=lambda: [1.0, 3.0])
-    #: ssl crop [H, W] of the zoomed image; the zoom is floored so the crop is never padded
+    #: ssl crop [H, W] of the zoomed image, never padded (``ssl_scale`` starts at a zoom that covers it)
     ssl_crop: list[int] = field(default_factory=lambda: [512, 1024])
     #: a target-side training scale that misses the test scale by more than 2x (every image of a
     #: stage above 2x or below 0.5x ``eval_resize``) is refused unless this says it is on purpose
