@@ -159,3 +159,23 @@ def test_the_launcher_refuses_a_scale_mismatch_in_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "data.ssl_scale=[2.5, 3.0]" in lines[0], proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_frozen_run_configuration_with_a_stored_image_zoom_is_refused_on_load(tmp_path):
+    """A run folder frozen with the reference's stored-image zoom ([0.5, 1.5] on a 1024x512 crop)
+    would silently train at 1-1.5x of the test scale now that the zoom is of the evaluation size:
+    loading it is refused in one line naming the file and the key."""
+    from omegaconf import OmegaConf
+
+    from sdca_dist.config.run_config import CONFIG_FILE, load_frozen
+
+    data = OmegaConf.to_container(compose_config(["conf=gta2city"]), resolve=True)
+    data["data"]["ssl_scale"] = [0.5, 1.5]
+    (tmp_path / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(data)))
+    with pytest.raises(ConfigError) as err:
+        load_frozen(tmp_path, "ssl")
+    message = str(err.value)
+    assert "\n" not in message and str(tmp_path / CONFIG_FILE) in message and "data.ssl_scale=[0.5, 1.5]" in message
+    data["data"]["ssl_scale"] = [1.0, 3.0]
+    (tmp_path / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(data)))
+    assert list(load_frozen(tmp_path, "ssl").data.ssl_scale) == [1.0, 3.0]

@@ -97,7 +97,7 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
         raise ConfigError(_explain(exc)) from None
     finally:
         GlobalHydra.instance().clear()
-    _validate(cfg)
+    validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
@@ -156,7 +156,7 @@ def check_finite(cfg: DictConfig) -> None:
         raise ConfigError(f"{', '.join(bad)}: settings must be finite numbers (not inf or nan)")
 
 
-def _validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig) -> None:
     """Checks a type system cannot express; each failure names its key."""
     try:
         missing = sorted(OmegaConf.missing_keys(cfg))

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sdca_dist.config.compose import JOB_KEYS, ConfigError, check_finite, compose_config
+from sdca_dist.config.compose import JOB_KEYS, ConfigError, compose_config, validate
 from sdca_dist.config.schema import Config, LaunchConfig
 from sdca_dist.files import atomic_write_text
 
@@ -123,8 +123,11 @@ def config_path(run_dir: Path | str) -> Path:
 
 
 def load_frozen(run_dir: Path | str, stage: str | None = None) -> DictConfig:
-    """The frozen configuration of ``run_dir`` (validated against the schema), read-only, with
-    ``run_dir`` and ``stage`` set for this job."""
+    """The frozen configuration of ``run_dir``, read-only, with ``run_dir`` and ``stage`` set for
+    this job. It is validated as a composed one is (the schema's types and every range check), so
+    a hand-edited value, or a value this version of the code reads differently (a ``data.ssl_scale``
+    of the stored image where the evaluation size is meant), is refused in one line naming the
+    file and the key instead of running."""
     path = config_path(run_dir)
     try:
         data = OmegaConf.load(path)
@@ -134,13 +137,13 @@ def load_frozen(run_dir: Path | str, stage: str | None = None) -> DictConfig:
     except (OSError, OmegaConfBaseException, ValueError) as exc:
         raise ConfigError(f"{path} cannot be read as a run configuration: {' '.join(str(exc).split())[:200]}") from None
     assert isinstance(cfg, DictConfig)
-    try:
-        check_finite(cfg)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
     cfg.run_dir = str(run_dir)
     if stage is not None:
         cfg.stage = stage
+    try:
+        validate(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
