@@ -181,6 +181,12 @@ def stage_row(run_dir: Path, stage: str, cfg: Any, lineage: Any, jobs: dict, sta
     """(state, detail) of one stage of one run folder."""
     folder = run_dir / stage
     done = _read_json(folder / "DONE")
+    failed = _read_json(folder / FAILED_FILE)
+    if failed is not None and (
+        done is None or (folder / FAILED_FILE).stat().st_mtime >= (folder / "DONE").stat().st_mtime
+    ):
+        # the last attempt failed (a failure before the stage began keeps the earlier DONE)
+        return "failed", f"exit code {failed.get('exit_code')}: {failed.get('error')}"
     if done is not None:
         fresh, why = (True, "") if cfg is None else lineage.fresh(cfg, stage)
         metrics = _read_json(folder / "metrics.json") or {}
@@ -211,9 +217,6 @@ def stage_row(run_dir: Path, stage: str, cfg: Any, lineage: Any, jobs: dict, sta
         return "running", detail + (f" (job {job['job_id']})" if job else "")
     if slurm is not None and slurm.get("state") in ("PENDING", "CONFIGURING", "REQUEUED", "SUSPENDED"):
         return slurm["state"].lower(), f"job {job['job_id']} ({slurm.get('reason') or 'no reason given'})"
-    failed = _read_json(folder / FAILED_FILE)
-    if failed is not None:
-        return "failed", f"exit code {failed.get('exit_code')}: {failed.get('error')}"
     if slurm is not None and slurm.get("state"):
         err = Path(str(job.get("stderr", "")))
         lines = err.read_text(errors="replace").splitlines() if err.is_file() else []
