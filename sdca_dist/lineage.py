@@ -217,7 +217,7 @@ class Lineage:
         first damaged tar."""
         from sdca_dist.data.errors import DataError
         from sdca_dist.data.packing import damaged_shards
-        from sdca_dist.data.shards import load_manifest
+        from sdca_dist.data.shard_set import load_manifest
 
         try:
             m = load_manifest(manifest)
@@ -339,7 +339,7 @@ class Lineage:
     def _shards_changed(self, key: str, manifest: Path, recorded: dict) -> Optional[str]:
         """Why the shard tars of ``manifest`` are not the ones a stage read (None: the same)."""
         from sdca_dist.data.errors import DataError
-        from sdca_dist.data.shards import load_manifest
+        from sdca_dist.data.shard_set import load_manifest
 
         try:
             m = load_manifest(manifest)

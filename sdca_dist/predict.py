@@ -165,12 +165,12 @@ def list_inputs(input_path: Path, rank: int = 0, world_size: int = 1) -> tuple[i
     """(total number of images, this rank's images ``i % world_size == rank`` in a fixed order).
 
     A folder with ``manifest.json`` is a shard set (read with the ``webdataset`` library through
-    ``sdca_dist.data.shard_reader``); any other folder is searched recursively for images.
+    ``sdca_dist.data.webdataset_reader``); any other folder is searched recursively for images.
     Two inputs with the same output name are refused up front (one would overwrite the other).
     """
     if (input_path / "manifest.json").is_file():
-        from sdca_dist.data.shard_reader import iter_samples
-        from sdca_dist.data.shards import load_manifest
+        from sdca_dist.data.shard_set import load_manifest
+        from sdca_dist.data.webdataset_reader import iter_samples
 
         manifest = load_manifest(input_path / "manifest.json")
         stems = [_shard_stem(s) for s in manifest.samples]

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _build(a, ap) -> int:
     from sdca_dist.data.packing import PackOptions, pack
-    from sdca_dist.data.shards import parse_size
+    from sdca_dist.data.shard_set import parse_size
 
     if a.layout is None or a.root is None:
         ap.error("--layout and --root are required to build (--verify alone checks an existing --out)")
@@ -159,7 +159,7 @@ def _build(a, ap) -> int:
 
 def _verify(out: Path) -> int:
     from sdca_dist.data.packing import verify
-    from sdca_dist.data.shards import load_manifest
+    from sdca_dist.data.shard_set import load_manifest
 
     m = load_manifest(out)
     problems = verify(m.path)
@@ -196,8 +196,8 @@ def inspect(path: Path, limit: int = 5) -> int:
     import numpy as np
     from PIL import Image
 
-    from sdca_dist.data.shard_reader import iter_samples
-    from sdca_dist.data.shards import load_manifest
+    from sdca_dist.data.shard_set import load_manifest
+    from sdca_dist.data.webdataset_reader import iter_samples
 
     m = load_manifest(path)
     info = m.info

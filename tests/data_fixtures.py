@@ -11,7 +11,7 @@ from PIL import Image
 
 from sdca_dist.classes import colorize
 from sdca_dist.data.packing import PackOptions, pack
-from sdca_dist.data.shards import ShardWriter, write_manifest
+from sdca_dist.data.shard_set import ShardWriter, write_manifest
 from sdca_dist.synth import SynthConfig, generate
 
 TINY = SynthConfig(

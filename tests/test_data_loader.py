@@ -13,7 +13,7 @@ from PIL import Image
 
 from sdca_dist.classes import CITYSCAPES_PALETTE, colorize, target_label_map
 from sdca_dist.data.loader import IMAGENET_MEAN, IMAGENET_STD, ShardLoader
-from sdca_dist.data.shards import ShardReader, ShardWriter, load_manifest, write_manifest
+from sdca_dist.data.shard_set import ShardReader, ShardWriter, load_manifest, write_manifest
 
 AUG = dict(resize=(40, 64), crop_size=(32, 48), scale_range=(0.5, 1.5), flip=True)
 
@@ -189,7 +189,7 @@ def test_resume_is_bitwise_exact(shard_sets, balanced):
 
 def _no_void_set(tmp_path, size_hw=(48, 80), n=6):
     """Labels without 255 anywhere: any 255 in a batch was introduced by padding."""
-    from sdca_dist.data.shards import ShardWriter, write_manifest
+    from sdca_dist.data.shard_set import ShardWriter, write_manifest
 
     rng = np.random.default_rng(0)
     w = ShardWriter(tmp_path, prefix="nv", shard_size=1 << 20, num_classes=19)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from sdca_dist.data.sampling import SUB_EPOCH, ClassBalancedSampler, epoch_order
-from sdca_dist.data.shards import Manifest
+from sdca_dist.data.shard_set import Manifest
 
 K = 4
 
@@ -172,7 +172,7 @@ def test_cli_prints_keys(shard_sets, tmp_path):
     cmd = [sys.executable, "-m", "sdca_dist.data.sampling", str(m), "--draws", "25", "--seed", "3"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
     assert len(out) == 25
-    from sdca_dist.data.shards import load_manifest
+    from sdca_dist.data.shard_set import load_manifest
 
     man = load_manifest(m)
     keys = [s["key"] for s in man.samples]

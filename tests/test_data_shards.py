@@ -14,7 +14,7 @@ from PIL import Image
 
 from sdca_dist import shard as shard_cli
 from sdca_dist.data.layouts import list_pairs, read_label
-from sdca_dist.data.shards import ShardReader, ShardWriter, load_manifest, write_manifest
+from sdca_dist.data.shard_set import ShardReader, ShardWriter, load_manifest, write_manifest
 
 
 def test_manifest_and_labels_byte_exact(shard_sets, synth_root):

@@ -23,7 +23,7 @@ from engine_fixtures import run_launcher, tiny
 from PIL import Image
 
 from sdca_dist.data.loader import own_size_rows
-from sdca_dist.data.shard_reader import iter_samples
+from sdca_dist.data.webdataset_reader import iter_samples
 from sdca_dist.shard import shard_command
 from sdca_dist.synth import synth_command
 

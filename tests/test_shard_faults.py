@@ -21,7 +21,7 @@ from PIL import Image
 from sdca_dist import shard as shard_cli
 from sdca_dist.data.errors import DataError
 from sdca_dist.data.layouts import read_label
-from sdca_dist.data.shards import load_manifest
+from sdca_dist.data.shard_set import load_manifest
 from sdca_dist.synth import SynthConfig, generate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -309,7 +309,7 @@ def test_a_shard_set_reads_with_webdataset_alone(clean, raw, tmp_path, capsys):
         assert s["png"].mode == "L" and np.array_equal(np.asarray(s["png"]), want)
     assert keys == [r["key"] for r in load_manifest(out).samples]
     # our own reader (same library) and the inspection command
-    from sdca_dist.data.shard_reader import iter_samples
+    from sdca_dist.data.webdataset_reader import iter_samples
 
     assert [s.key for s in iter_samples(out)] == keys
     assert [s.key for s in iter_samples(out, rank=1, world_size=3)] == keys[1::3]
@@ -342,7 +342,7 @@ def test_a_resume_rebuilds_from_a_damaged_shard_on(raw, clean, tmp_path, capsys)
 
 
 def test_random_access_reader_names_shard_and_key_of_a_corrupt_sample(clean, tmp_path):
-    from sdca_dist.data.shards import ShardReader
+    from sdca_dist.data.shard_set import ShardReader
 
     for name, data in clean.items():
         (tmp_path / name).write_bytes(data)

@@ -19,7 +19,7 @@ from PIL import Image
 from sdca_dist.classes import colorize
 from sdca_dist.config import ConfigError, compose_config
 from sdca_dist.data.loader import ShardLoader
-from sdca_dist.data.shards import ShardWriter, write_manifest
+from sdca_dist.data.shard_set import ShardWriter, write_manifest
 from sdca_dist.engine.data import make_loader
 from sdca_dist.engine.distributed import DistContext
 from sdca_dist.engine.stages.supervised import ssl_augmentation

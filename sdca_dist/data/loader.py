@@ -43,7 +43,7 @@ from sdca_dist.data.sampling import (
     shard_bounds,
     steps_per_epoch,
 )
-from sdca_dist.data.shards import Manifest, ShardReader, load_manifest
+from sdca_dist.data.shard_set import Manifest, ShardReader, load_manifest
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

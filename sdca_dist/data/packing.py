@@ -38,7 +38,7 @@ from typing import Callable, Iterator
 
 from sdca_dist.data.errors import DataError, OutputError, UsageError
 from sdca_dist.data.layouts import LAYOUTS, SamplePair, get_layout, list_pairs, read_image, read_label
-from sdca_dist.data.shards import (
+from sdca_dist.data.shard_set import (
     DEFAULT_SHARD_SIZE,
     Manifest,
     ShardInfo,

@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sdca_dist.cli import int_at_least
     from sdca_dist.data.errors import DataError
-    from sdca_dist.data.shards import load_manifest
+    from sdca_dist.data.shard_set import load_manifest
 
     ap = argparse.ArgumentParser(prog="python -m sdca_dist.data.sampling", description=main.__doc__.split("\n")[0])
     ap.add_argument("manifest", help="manifest.json of a shard set, or its folder")

@@ -50,7 +50,7 @@ def _probabilities(model, batch: dict, device) -> list[tuple[slice, torch.Tensor
 @torch.no_grad()
 def run(sc: StageContext) -> dict:
     from sdca_dist.classes import class_names
-    from sdca_dist.data.shards import ShardReader, ShardWriter, write_manifest
+    from sdca_dist.data.shard_set import ShardReader, ShardWriter, write_manifest
     from sdca_dist.method import ClassThresholds, ConfusionMatrix, apply_thresholds, miou_report
 
     cfg, ctx, obs = sc.cfg, sc.ctx, sc.observer

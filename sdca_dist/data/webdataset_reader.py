@@ -4,7 +4,7 @@ The tars are plain WebDataset shards (``key.jpg`` or ``key.img.png``, ``key.png`
 ``key.json`` meta), so any WebDataset user can open them with ``webdataset.WebDataset``; this
 module is that reader for our own tools (``python -m sdca_dist.shard --inspect``, prediction on a
 shard set, tests). It streams each shard sequentially (no random access; use
-``shards.ShardReader`` for that) and checks every sample against the manifest, so a tar that does
+``shard_set.ShardReader`` for that) and checks every sample against the manifest, so a tar that does
 not belong to its manifest, or a damaged one, fails with one line naming the shard and key.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from sdca_dist.data.errors import DataError
-from sdca_dist.data.shards import Manifest, load_manifest
+from sdca_dist.data.shard_set import Manifest, load_manifest
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ uint8 "L" trainId label with 255 = ignore, ``key.json``), a DALI index ``.idx`` 
 the tar bytes depend only on the inputs (fixed header fields), so a resumed run reproduces them.
 Sidecars written by ``python -m sdca_dist.shard`` also carry the shard's source records (raw-file
 hashes, see ``packing``). Manifest shard and index names are plain file names in the manifest's
-folder (checked on load); reading outside DALI with ``webdataset``: ``shard_reader.iter_samples``.
+folder (checked on load); reading outside DALI with ``webdataset``: ``webdataset_reader.iter_samples``.
 """
 
 from __future__ import annotations
