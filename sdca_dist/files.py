@@ -10,9 +10,10 @@ shard tools use it too.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Callable, Optional
 
 
 def sha256_file(path: Path | str) -> str:
@@ -55,3 +56,13 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
 
 def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+def read_json_dict(path: Path) -> Optional[dict]:
+    """The JSON object in ``path``, or None when it is missing, unreadable, not JSON or not an
+    object (a record being written by another process is never half-read: writers are atomic)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from sdca_dist.files import atomic_write_text, sha256_file
+from sdca_dist.files import atomic_write_text, read_json_dict, sha256_file
 from sdca_dist.stage_table import StageInput, inputs_of, spec, weights_read
 
 DONE = "DONE"
@@ -56,14 +56,6 @@ class StageOutputError(ValueError):
 
 class RunFolderBusy(RuntimeError):
     """Another live job holds the stage's lock."""
-
-
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -164,7 +156,7 @@ class Lineage:
         return self.root / stage
 
     def done_record(self, stage: str) -> Optional[dict]:
-        return _read_json(self.folder(stage) / DONE)
+        return read_json_dict(self.folder(stage) / DONE)
 
     # --- what a stage reads ---------------------------------------------------------------------
     def verified_inputs(self, cfg: Any, stage: str) -> dict[str, str]:
@@ -250,7 +242,7 @@ class Lineage:
         Returns True when earlier work was discarded."""
         folder = self.folder(stage)
         folder.mkdir(parents=True, exist_ok=True)
-        previous = _read_json(folder / LINEAGE)
+        previous = read_json_dict(folder / LINEAGE)
         stale = previous != lineage and any(p.name not in (LOCK, LINEAGE) for p in folder.iterdir())
         if stale:
             log(f"{folder} holds work from other settings or inputs; discarding it")

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from sdca_dist.config.compose import ConfigError
+from sdca_dist.files import read_json_dict
 
 GRID_FILE = "grid.json"
 #: keys a grid cannot sweep: they name the job or the seeds (``seeds=K`` gives seeds)
@@ -354,31 +355,23 @@ def seed_folders(point_dir: Path) -> list[tuple[int, Path]]:
     return []
 
 
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
 def grid_table(root: Path) -> dict[str, Any]:
     """{point: {stage: {per_seed: {seed: mIoU}, mean, std, reused: [seeds]}}} from the DONE
     records and metrics of every point's run folders."""
-    grid = _read_json(root / GRID_FILE) or {}
+    grid = read_json_dict(root / GRID_FILE) or {}
     out: dict[str, Any] = {}
     for name in grid.get("points", []):
         rows: dict[str, Any] = {}
         for stage in grid.get("stages", []):
             per_seed, reused, walls = {}, [], []
             for seed, rd in seed_folders(root / name):
-                done = _read_json(rd / stage / "DONE")
+                done = read_json_dict(rd / stage / "DONE")
                 if done is None:
                     continue
                 walls.append(float(done.get("wall_seconds", float("nan"))))
                 if done.get("reused_from"):
                     reused.append(seed)
-                metrics = _read_json(rd / stage / "metrics.json")
+                metrics = read_json_dict(rd / stage / "metrics.json")
                 if metrics is not None and "mIoU" in metrics:
                     per_seed[seed] = float(metrics["mIoU"])
             if not walls:
@@ -395,7 +388,7 @@ def write_grid_summary(root: Path | str, log: Callable[[str], None] = print) -> 
     """``summary.md`` / ``summary.json`` at the grid folder: the points x stages table (mIoU mean
     ± std over seeds) and, per stage, each point minus the baseline point paired by seed."""
     root = Path(root)
-    grid = _read_json(root / GRID_FILE)
+    grid = read_json_dict(root / GRID_FILE)
     if grid is None:
         return None
     table = grid_table(root)

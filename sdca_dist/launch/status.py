@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from sdca_dist.files import atomic_write_text
+from sdca_dist.files import atomic_write_text, read_json_dict
 
 JOBS_FILE = "jobs.json"
 FAILED_FILE = "FAILED.json"
@@ -79,7 +79,7 @@ def run_recorded(cmd: list[str], folder: Path) -> int:
 def record_job(run_dir: Path, stage: str, job_id: str, stderr: str) -> None:
     """Remember which SLURM job runs ``stage`` of ``run_dir`` (for the status view)."""
     path = Path(run_dir) / JOBS_FILE
-    jobs = _read_json(path) or {}
+    jobs = read_json_dict(path) or {}
     jobs[stage] = {"job_id": str(job_id), "stderr": str(stderr), "submitted": time.time()}
     atomic_write_text(path, json.dumps(jobs, indent=1) + "\n")
 
@@ -87,12 +87,6 @@ def record_job(run_dir: Path, stage: str, job_id: str, stderr: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # the view
 # ----------------------------------------------------------------------------------------------
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
 
 
 def _fmt_s(seconds: Optional[float]) -> str:
@@ -157,7 +151,7 @@ def run_folders(root: Path) -> list[tuple[str, int, Path]]:
     """(point name or "", seed, run folder) under ``root``: a grid, a multi-seed run or a run."""
     from sdca_dist.launch.grid import GRID_FILE, seed_folders
 
-    grid = _read_json(root / GRID_FILE)
+    grid = read_json_dict(root / GRID_FILE)
     if grid is not None:
         seeds = [int(s) for s in grid.get("seeds", [0])]
         out = []
@@ -173,15 +167,15 @@ def run_folders(root: Path) -> list[tuple[str, int, Path]]:
 def _stages_of(run_dir: Path) -> list[str]:
     from sdca_dist.stage_table import CHAIN, ordered
 
-    plan = _read_json(run_dir / "plan.json")
+    plan = read_json_dict(run_dir / "plan.json")
     return ordered(plan["stages"]) if plan and isinstance(plan.get("stages"), dict) else list(CHAIN)
 
 
 def stage_row(run_dir: Path, stage: str, cfg: Any, lineage: Any, jobs: dict, states: dict) -> tuple[str, str]:
     """(state, detail) of one stage of one run folder."""
     folder = run_dir / stage
-    done = _read_json(folder / "DONE")
-    failed = _read_json(folder / FAILED_FILE)
+    done = read_json_dict(folder / "DONE")
+    failed = read_json_dict(folder / FAILED_FILE)
     if failed is not None and (
         done is None or (folder / FAILED_FILE).stat().st_mtime >= (folder / "DONE").stat().st_mtime
     ):
@@ -189,7 +183,7 @@ def stage_row(run_dir: Path, stage: str, cfg: Any, lineage: Any, jobs: dict, sta
         return "failed", f"exit code {failed.get('exit_code')}: {failed.get('error')}"
     if done is not None:
         fresh, why = (True, "") if cfg is None else lineage.fresh(cfg, stage)
-        metrics = _read_json(folder / "metrics.json") or {}
+        metrics = read_json_dict(folder / "metrics.json") or {}
         miou = f"mIoU {float(metrics['mIoU']):.2f}, " if "mIoU" in metrics else ""
         wall = float(done.get("wall_seconds", float("nan")))
         how = (
@@ -202,7 +196,7 @@ def stage_row(run_dir: Path, stage: str, cfg: Any, lineage: Any, jobs: dict, sta
         return "done", f"{miou}wall {_fmt_s(wall)}, {how}"
     job = jobs.get(stage) or {}
     slurm = states.get(str(job.get("job_id", ""))) if job else None
-    progress = _read_json(folder / PROGRESS_FILE)
+    progress = read_json_dict(folder / PROGRESS_FILE)
     running = _lock_holder_alive(folder) or (slurm is not None and slurm.get("state") == "RUNNING")
     if running:
         if progress is None:
@@ -234,7 +228,7 @@ def status_rows(root: Path) -> list[tuple[str, str, str, str, str]]:
     from sdca_dist.lineage import Lineage
 
     folders = run_folders(root)
-    all_jobs = {rd: (_read_json(rd / JOBS_FILE) or {}) for _, _, rd in folders}
+    all_jobs = {rd: (read_json_dict(rd / JOBS_FILE) or {}) for _, _, rd in folders}
     states = slurm_states([str(j["job_id"]) for jobs in all_jobs.values() for j in jobs.values() if "job_id" in j])
     rows = []
     for point, seed, rd in folders:

@@ -18,14 +18,8 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
+from sdca_dist.files import read_json_dict
 from sdca_dist.stage_table import TABLE, spec
-
-
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def write_summary(cfg: DictConfig, root: Path, runs: list[tuple[int, Path]], stages: list[str]) -> Optional[Path]:
@@ -35,11 +29,11 @@ def write_summary(cfg: DictConfig, root: Path, runs: list[tuple[int, Path]], sta
     for stage in stages:
         per_seed, walls, per_class = [], [], []
         for seed, rd in runs:
-            done = _read_json(rd / stage / "DONE")
+            done = read_json_dict(rd / stage / "DONE")
             if done is None:
                 continue
             walls.append(float(done.get("wall_seconds", float("nan"))))
-            metrics = _read_json(rd / stage / "metrics.json")
+            metrics = read_json_dict(rd / stage / "metrics.json")
             if metrics is not None:
                 row = {"seed": seed, "mIoU": float(metrics["mIoU"])}
                 if "mIoU13" in metrics:
@@ -133,7 +127,7 @@ def _selected_on_val(rd: Path, stage: str, metrics: dict) -> Optional[dict]:
     selected = metrics.get("selected")
     model_from = str(metrics.get("model_from") or "")
     if selected is None and stage == "eval" and model_from and not model_from.endswith(".pt"):
-        selected = (_read_json(rd / model_from / "metrics.json") or {}).get("selected")
+        selected = (read_json_dict(rd / model_from / "metrics.json") or {}).get("selected")
     return selected if isinstance(selected, dict) and selected.get("rule") == "best_val" else None
 
 
