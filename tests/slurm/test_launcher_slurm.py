@@ -98,7 +98,9 @@ def _wait_log(path_glob, pattern: str, timeout_s: float, base: Path) -> str:
 
 def test_usr2_mid_stage_checkpoints_requeues_and_resumes_bitwise(slurm, tmp_path):
     shards = tmp_path / "shards"
-    common = ["stages=[src]", "wait=true", "train.iters=24", "train.checkpoint_every=1000"]
+    # cache=false: both runs have the same settings, so the second would reuse the first's src
+    # from the stage cache instead of training (and being interrupted)
+    common = ["stages=[src]", "wait=true", "train.iters=24", "train.checkpoint_every=1000", "cache=false"]
     straight = run_launcher(tiny(shards, *_cluster(slurm, *common, f"run_dir={tmp_path / 'straight'}")))
     for j in _job_ids(straight.stdout).values():
         slurm.track(j)
