@@ -21,7 +21,14 @@ from sdca_dist.shard import shard_command
 from sdca_dist.synth import synth_command
 
 REPO = Path(__file__).resolve().parents[1]
-OVERRIDES = ["conf=synthetic", "model=small", "data.eval_resize=[48,96]", "train.eval_batch_size=2"]
+# ssl_crop follows eval_resize: the ssl zoom of the preset starts at the test scale, which must cover the crop
+OVERRIDES = [
+    "conf=synthetic",
+    "model=small",
+    "data.eval_resize=[48,96]",
+    "data.ssl_crop=[48,96]",
+    "train.eval_batch_size=2",
+]
 
 
 def _env():
