@@ -115,11 +115,16 @@ def test_every_stage_of_the_table_declares_its_schedule_section(cfg):
 
 def test_fresh_compares_the_settings_the_stage_reads(cfg, tmp_path):
     """A src DONE made under tau=100 is fresh for tau=10; an sdca DONE is not."""
+    from sdca_dist.data.shard_set import write_manifest
+    from sdca_dist.engine.data import SYNTHETIC_RECORD, generator_settings
+
     shards = tmp_path / "shards"
     for name in ("gta5_train", "cityscapes_train", "cityscapes_val"):
         (shards / name).mkdir(parents=True)
-        (shards / name / "manifest.json").write_text("{}")
+        write_manifest(shards / name, [], 19)  # empty shard sets: only their records are hashed
     base = with_values(cfg, data__shards_root=str(shards))
+    # the synthetic benchmark's generator record: these sets belong to the preset's settings
+    (shards / SYNTHETIC_RECORD).write_text(json.dumps(generator_settings(base)))
     run = Lineage(tmp_path / "run")
     for stage in ("src", "dist_init", "sdca"):
         folder = run.folder(stage)
