@@ -40,18 +40,10 @@ def child_env() -> dict[str, str]:
 
 
 def train_cmd(ranks: int, overrides: list[str]) -> list[str]:
-    if ranks > 1:
-        return [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={ranks}",
-            "-m",
-            "sdca_dist.train",
-            *overrides,
-        ]
-    return [sys.executable, "-m", "sdca_dist.train", *overrides]
+    """The launcher's own local command for a stage (torchrun for several ranks)."""
+    from sdca_dist.launch.backends.local import train_command
+
+    return train_command(ranks, overrides)
 
 
 def tiny(shards_root: Path, *overrides: str) -> list[str]:

@@ -22,6 +22,23 @@ from sdca_dist.launch.plan import LaunchError, Todo
 from sdca_dist.stage_table import spec
 
 
+def train_command(ranks: int, args: list[str]) -> list[str]:
+    """The command that runs ``python -m sdca_dist.train args`` on ``ranks`` local ranks: torchrun
+    (standalone rendezvous) for several, one plain process for one."""
+    if ranks > 1:
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={ranks}",
+            "-m",
+            "sdca_dist.train",
+            *args,
+        ]
+    return [sys.executable, "-m", "sdca_dist.train", *args]
+
+
 def run_local(todo: Todo, plan: dict[str, dict], model_from: str) -> list[dict]:
     """The chain on this machine: one torchrun (or plain python) process group per stage, each
     with its planned world size."""
@@ -34,19 +51,7 @@ def run_local(todo: Todo, plan: dict[str, dict], model_from: str) -> list[dict]:
             args = [f"stage={stage}", f"run_dir={run_dir}"] + (
                 [f"eval.model_from={model_from}"] if stage == "eval" else []
             )
-            if ranks > 1:
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "torch.distributed.run",
-                    "--standalone",
-                    f"--nproc_per_node={ranks}",
-                    "-m",
-                    "sdca_dist.train",
-                    *args,
-                ]
-            else:
-                cmd = [sys.executable, "-m", "sdca_dist.train", *args]
+            cmd = train_command(ranks, args)
             print(f"[launch] seed {seed} {stage} ({why}): {' '.join(cmd[1:])}", flush=True)
             t0 = time.time()
             rc = run_recorded(cmd, run_dir / stage)  # a failure leaves FAILED.json for the status view
