@@ -14,9 +14,17 @@ Layers (markers), assigned to every collected test here so that no test file has
 
 A test that carries ``@pytest.mark.unit`` or ``@pytest.mark.integration`` itself keeps it.
 
-Fixtures: ``shards`` (below) is the one tiny synthetic benchmark that the engine tests share;
+Fixtures: ``shards`` (below) is the one tiny synthetic benchmark that the engine tests share and
+``tiny_chain`` the one finished chain on it that the lineage, fault and status tests copy;
 ``synth_root`` / ``shard_sets`` (the data tests' in-process benchmark) are registered from
 ``data_fixtures``. The ``*_fixtures`` modules stay importable for their plain helpers.
+
+Parallel runs (``-n 2``, pytest-xdist): the scheduler below hands each worker whole scopes
+(``layers.xdist_scope``): a test module, so that each module-scoped fixture (a trained chain, a
+grid) is computed once, and all of ``tests/slurm`` as one, as those tests share one cluster and
+derive their ranks' port from the job id. Each worker has its own session fixtures (its own tiny
+benchmark), so a test that changes a shard set for a moment (and restores it) never races with
+another worker.
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from layers import HERE, LAYERS, slurm_skip_reason, starts_processes
+from engine_fixtures import run_launcher, tiny
+from layers import HERE, LAYERS, slurm_skip_reason, starts_processes, xdist_scope
 
 pytest_plugins = ["data_fixtures"]
 
@@ -43,6 +52,28 @@ def shards(tmp_path_factory) -> Path:
     generates missing shards on first use, under a lock, so concurrent ranks wait for one
     generator); every later test reuses it."""
     return tmp_path_factory.mktemp("tiny_shards")
+
+
+@pytest.fixture(scope="session")
+def tiny_chain(shards, tmp_path_factory) -> Path:
+    """A finished run folder of the whole chain with the alignment ablation (``train.iters=2``),
+    made once per session through the launcher's local mode. Tests that change a run copy it
+    first (``shutil.copytree``); nothing may write into this folder."""
+    run = tmp_path_factory.mktemp("tiny_chain") / "run"
+    proc = run_launcher(tiny(shards, "cluster=local", f"run_dir={run}", "train.iters=2", "with_ablation=true"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: unused without it
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ScopeScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid)
+
+    return ScopeScheduling(config, log)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

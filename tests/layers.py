@@ -31,6 +31,13 @@ _SPAWNS = (
 )
 
 
+def xdist_scope(nodeid: str) -> str:
+    """The scope a pytest-xdist worker runs whole (tests/conftest.py): ``tests/slurm`` for every
+    SLURM test, else the test's module (``tests/test_x.py::test_y[p]`` -> ``tests/test_x.py``)."""
+    module = nodeid.split("::", 1)[0]
+    return "tests/slurm" if module.startswith("tests/slurm/") else module
+
+
 def slurm_skip_reason() -> str | None:
     """Why tests/slurm cannot run here (one line), or None."""
     if os.environ.get("SDCA_SLURM_EXTERNAL") == "1":

@@ -19,25 +19,11 @@ import re
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
-from engine_fixtures import run_launcher, run_train, tiny
+from engine_fixtures import run_train, tiny
 
 from sdca_dist.config.run_config import load_frozen
 from sdca_dist.lineage import Lineage
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("shards")
-
-
-@pytest.fixture(scope="module")
-def finished(shards, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("faults") / "run"
-    proc = run_launcher(tiny(shards, "cluster=local", f"run_dir={run}", "train.iters=2"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return run
 
 
 def _copy(run: Path, dest: Path) -> Path:
@@ -64,28 +50,29 @@ def _flip_members(tar: Path, manifest: Path, part: str, count: int = 40) -> None
     tar.write_bytes(bytes(data))
 
 
-def test_a_shard_tar_changed_after_packing_is_refused_and_makes_its_readers_stale(finished, shards):
+def test_a_shard_tar_changed_after_packing_is_refused_and_makes_its_readers_stale(tiny_chain, shards, tmp_path):
+    run = _copy(tiny_chain, tmp_path / "run")
     source = next(p for p in shards.rglob("manifest.json") if p.parent.name == "gta5_train")
     tar = sorted(source.parent.glob("*.tar"))[0]
     original = tar.read_bytes()
-    try:
+    try:  # the session's shard set, restored below: nothing else runs in this worker meanwhile
         _flip_members(tar, source, "image")  # 40 bytes flipped inside every JPEG of the tar
         assert tar.stat().st_size == len(original)
-        proc = run_train(1, ["stage=dist_init", f"run_dir={finished}"])
+        proc = run_train(1, ["stage=dist_init", f"run_dir={run}"])
         assert proc.returncode == 2, proc.stderr[-2000:]
         err = _error(proc)
         assert err.startswith("error: stage 'dist_init' refuses ") and str(tar) in err and "--repair" in err, err
-        cfg = load_frozen(finished)
+        cfg = load_frozen(run)
         for stage in ("src", "dist_init", "sdca"):
-            ok, why = Lineage(finished).fresh(cfg, stage)
+            ok, why = Lineage(run).fresh(cfg, stage)
             assert not ok and str(tar) in why, (stage, why)
     finally:
         tar.write_bytes(original)
-    assert Lineage(finished).fresh(load_frozen(finished), "src") == (True, "done")
+    assert Lineage(run).fresh(load_frozen(run), "src") == (True, "done")
 
 
-def test_a_replaced_pseudo_label_tar_is_refused_naming_it(finished, tmp_path):
-    run = _copy(finished, tmp_path / "run")
+def test_a_replaced_pseudo_label_tar_is_refused_naming_it(tiny_chain, tmp_path):
+    run = _copy(tiny_chain, tmp_path / "run")
     manifest = run / "pseudo_label" / "shards" / "manifest.json"
     before = manifest.read_bytes()
     tar = sorted(manifest.parent.glob("*.tar"))[0]
@@ -101,8 +88,8 @@ def test_a_replaced_pseudo_label_tar_is_refused_naming_it(finished, tmp_path):
     assert not ok and str(tar) in why, why
 
 
-def test_a_stage_run_directly_refuses_an_input_made_with_other_settings(finished, tmp_path):
-    run = _copy(finished, tmp_path / "run")
+def test_a_stage_run_directly_refuses_an_input_made_with_other_settings(tiny_chain, tmp_path):
+    run = _copy(tiny_chain, tmp_path / "run")
     config = run / "config.yaml"
     text = config.read_text()
     assert "lr: 0.01\n" in text
@@ -126,16 +113,16 @@ def test_settings_must_be_finite(tmp_path):
     assert proc.returncode == 2 and "method.tau=nan" in _error(proc)
 
 
-def test_a_hand_edited_config_with_inf_is_refused(finished, tmp_path):
-    run = _copy(finished, tmp_path / "run")
+def test_a_hand_edited_config_with_inf_is_refused(tiny_chain, tmp_path):
+    run = _copy(tiny_chain, tmp_path / "run")
     config = run / "config.yaml"
     config.write_text(config.read_text().replace("lr: 0.01\n", "lr: .inf\n", 1))
     proc = run_train(1, ["stage=src", f"run_dir={run}"])
     assert proc.returncode == 2 and "src.lr=inf" in _error(proc) and str(config) in _error(proc), proc.stderr[-2000:]
 
 
-def test_no_done_for_distributions_that_are_not_finite(finished, tmp_path):
-    run = _copy(finished, tmp_path / "run")
+def test_no_done_for_distributions_that_are_not_finite(tiny_chain, tmp_path):
+    run = _copy(tiny_chain, tmp_path / "run")
     model = run / "src" / "model_final.pt"
     state = torch.load(model, weights_only=True)
     state = {k: (torch.full_like(v, float("nan")) if v.is_floating_point() else v) for k, v in state.items()}

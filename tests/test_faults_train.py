@@ -18,11 +18,6 @@ from fault_fixtures import tmpfs
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("shards")
-
-
-@pytest.fixture(scope="module")
 def src_done(shards, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("faults_train") / "run"
     proc = run_train(1, tiny(shards, "stage=src", f"run_dir={run}", "train.iters=2", "train.checkpoint_every=1"))

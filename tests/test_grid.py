@@ -94,9 +94,8 @@ def test_bad_grid_is_one_line_exit_2_and_nothing_written(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def grid(tmp_path_factory):
+def grid(shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("grid")
-    shards = root / "shards"
     args = tiny(
         shards, "cluster=local", "train.iters=2", "method.tau=1,10", "seeds=2", "stages=[src,dist_init,sdca]"
     ) + [f"run_dir={root / 'tau'}", "baseline=method.tau=10"]

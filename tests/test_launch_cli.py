@@ -76,6 +76,7 @@ def test_dry_run_prints_each_stage_plan_and_sbatch_parameters(tmp_path):
         params = row["sbatch"]
         assert params["nodes"] == 1 and params["ntasks_per_node"] == 4 and params["gpus_per_node"] == 4
         assert params["partition"] == "gpu" and params["signal_delay_s"] == 120
+        assert params["srun_args"] == ["--kill-on-bad-exit=1"]  # a dead rank ends the step
     assert (rows["src"]["global_batch"], rows["src"]["lr"], rows["src"]["iters"]) == (8, 5e-4, 20000)
     assert (rows["sdca"]["global_batch"], rows["sdca"]["global_target_batch"]) == (4, 4)
     assert not (tmp_path / "run").exists(), "a dry run wrote into the run folder"

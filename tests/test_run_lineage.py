@@ -29,29 +29,21 @@ from engine_fixtures import REPO, child_env, run_launcher, run_train, tiny, trai
 CHAIN = ["src", "dist_init", "sdca", "pseudo_label", "ssl"]
 
 
-@pytest.fixture(scope="module")
-def finished(shards, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("lineage") / "run"
-    proc = run_launcher(tiny(shards, "cluster=local", f"run_dir={run}", "train.iters=2", "with_ablation=true"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return run
-
-
-def test_with_ablation_trains_sdca_without_alignment_from_the_same_inputs(finished):
+def test_with_ablation_trains_sdca_without_alignment_from_the_same_inputs(tiny_chain):
     """The one-command ablation is a stage of the table, reported beside sdca."""
-    sdca = json.loads((finished / "sdca" / "DONE").read_text())
-    off = json.loads((finished / "sdca_no_align" / "DONE").read_text())
+    sdca = json.loads((tiny_chain / "sdca" / "DONE").read_text())
+    off = json.loads((tiny_chain / "sdca_no_align" / "DONE").read_text())
     assert off["lineage"]["inputs"] == sdca["lineage"]["inputs"]  # same src model, distributions, shards
     assert off["final_scalars"]["feat_src"] > 0 and off["final_scalars"]["loss"] == pytest.approx(
         off["final_scalars"]["seg"], rel=1e-6
     )  # the terms are computed but weigh nothing
-    summary = json.loads((finished / "summary.json").read_text())
+    summary = json.loads((tiny_chain / "summary.json").read_text())
     assert "sdca_no_align" in summary["stages"]
     effect = summary["alignment_effect"]
     assert effect["per_seed"]["0"] == pytest.approx(
         summary["stages"]["sdca"]["mIoU"][0] - summary["stages"]["sdca_no_align"]["mIoU"][0]
     )
-    assert "Alignment effect (sdca - sdca_no_align, paired by seed)" in (finished / "summary.md").read_text()
+    assert "Alignment effect (sdca - sdca_no_align, paired by seed)" in (tiny_chain / "summary.md").read_text()
 
 
 def _copy(run: Path, dest: Path) -> Path:
@@ -106,8 +98,8 @@ def test_resume_with_another_setting_is_refused_naming_the_key(shards, tmp_path)
     assert (run / "src" / "DONE").is_file()
 
 
-def test_finished_run_relaunched_with_other_settings_is_refused(finished, tmp_path):
-    run = _copy(finished, tmp_path / "run")
+def test_finished_run_relaunched_with_other_settings_is_refused(tiny_chain, tmp_path):
+    run = _copy(tiny_chain, tmp_path / "run")
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     proc = run_launcher(["conf=synthetic", "cluster=local", f"run_dir={run}", "model=deeplabv2_vgg16", "src.lr=0.5"])
     assert proc.returncode == 2
@@ -116,8 +108,8 @@ def test_finished_run_relaunched_with_other_settings_is_refused(finished, tmp_pa
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before, "something was written"
 
 
-def test_relaunch_skips_fresh_stages_and_redo_reruns_everything_after(finished, tmp_path):
-    run = _copy(finished, tmp_path / "run")
+def test_relaunch_skips_fresh_stages_and_redo_reruns_everything_after(tiny_chain, tmp_path):
+    run = _copy(tiny_chain, tmp_path / "run")
     same = run_launcher([f"run_dir={run}", "cluster=local"])
     assert same.returncode == 0, same.stderr[-2000:]
     assert same.stdout.count("DONE with these settings and inputs, skipped") == len(CHAIN)  # ablation not planned
@@ -141,8 +133,8 @@ def test_relaunch_skips_fresh_stages_and_redo_reruns_everything_after(finished, 
     )
 
 
-def test_corrupt_input_is_refused_by_its_consumer_and_redone_by_the_launcher(finished, tmp_path):
-    run = _copy(finished, tmp_path / "run")
+def test_corrupt_input_is_refused_by_its_consumer_and_redone_by_the_launcher(tiny_chain, tmp_path):
+    run = _copy(tiny_chain, tmp_path / "run")
     model = run / "src" / "model_final.pt"
     data = bytearray(model.read_bytes())
     for i in range(1000, 1400):  # 400 flipped bytes inside the tensor data
@@ -182,11 +174,11 @@ def test_second_run_in_a_stage_folder_is_refused_and_a_dead_holder_is_taken_over
     assert taken.returncode == 0, taken.stderr[-2000:]
 
 
-def test_ssl_from_imagenet_reads_no_sdca_model(finished, tmp_path):
+def test_ssl_from_imagenet_reads_no_sdca_model(tiny_chain, tmp_path):
     """The published ssl starts from ImageNet weights (model.pretrained), not from the sdca
     model; its lineage then holds only the pseudo labels (and the shard sets)."""
     run = tmp_path / "run"  # the chain with ssl.init=imagenet: a stage never builds on other settings' outputs
-    shards = json.loads((finished / "config.origin.json").read_text())["overrides"]
+    shards = json.loads((tiny_chain / "config.origin.json").read_text())["overrides"]
     root = [o for o in shards if o.startswith("data.shards_root=")][0].split("=", 1)[1]
     proc = run_launcher(tiny(root, "cluster=local", f"run_dir={run}", "train.iters=2", "ssl.init=imagenet"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

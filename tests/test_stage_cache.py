@@ -115,10 +115,9 @@ def test_redo_recomputes_the_named_stage_and_every_later_one():
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
+def two_runs(shards, tmp_path_factory):
     """tau=100 computes src; tau=10 reuses it; a cache=false run computes it again."""
     root = tmp_path_factory.mktemp("cache_runs")
-    shards = root / "shards"
     common = ["cluster=local", "train.iters=2", "stages=[src]", f"cache_dir={root / 'cache'}"]
     out = {}
     for name, extra in (("a", ["method.tau=100"]), ("b", ["method.tau=10"]), ("c", ["method.tau=10", "cache=false"])):
@@ -146,7 +145,7 @@ def test_a_run_reading_the_same_settings_reuses_src_byte_identical_to_a_recomput
 
 def test_redo_computes_again_instead_of_reusing(two_runs):
     root, _ = two_runs
-    proc = run_launcher([f"run_dir={root / 'b'}", "redo=[src]"])
+    proc = run_launcher([f"run_dir={root / 'b'}", "stages=[src]", "redo=[src]"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     done = json.loads((root / "b" / "src" / "DONE").read_text())
     assert "reused_from" not in done and "[src] reused from" not in proc.stdout

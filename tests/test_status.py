@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
-from engine_fixtures import run_launcher, tiny
+from engine_fixtures import run_launcher
 
 from sdca_dist.lineage import StageLock
 
@@ -33,15 +34,15 @@ def _rows(stdout: str) -> dict[str, tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("status")
-    args = tiny(root / "shards", "cluster=local", "train.iters=2", "stages=[src,dist_init]", f"run_dir={root / 'run'}")
-    proc = run_launcher(args)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (root / "run" / "plan.json").write_text(
-        json.dumps({"stages": {s: {} for s in ("src", "dist_init", "sdca")}})
-    )  # the status view lists the planned stages
-    return root / "run"
+def run(tiny_chain, tmp_path_factory):
+    """A run stopped after dist_init: the shared chain's folder without the later stages' folders,
+    and a plan of src, dist_init and sdca (the status view lists the planned stages)."""
+    later = {"sdca", "sdca_no_align", "pseudo_label", "ssl", ".lock"}
+    run = tmp_path_factory.mktemp("status") / "run"
+    shutil.copytree(tiny_chain, run, ignore=lambda d, names: [n for n in names if Path(d) == tiny_chain and n in later])
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["dist_init", "src"]
+    (run / "plan.json").write_text(json.dumps({"stages": {s: {} for s in ("src", "dist_init", "sdca")}}))
+    return run
 
 
 def test_done_and_not_started_rows(run):

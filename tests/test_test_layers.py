@@ -3,6 +3,8 @@ one line where it cannot run instead of failing."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import layers
 import pytest
 
@@ -35,3 +37,13 @@ def test_slurm_tests_skip_with_one_line_where_they_cannot_run(monkeypatch, euid,
         assert reason is None
     else:
         assert expect in reason and "\n" not in reason
+
+
+def test_a_parallel_worker_runs_a_whole_module_and_all_slurm_tests(request):
+    """``-n N`` hands whole scopes to a worker: a module's fixtures are computed once, and one worker
+    runs every SLURM test against the one cluster."""
+    for item in request.session.items:
+        path = Path(str(item.fspath)).resolve().relative_to(layers.HERE.parent).as_posix()
+        assert layers.xdist_scope(item.nodeid) == ("tests/slurm" if path.startswith("tests/slurm/") else path)
+    assert layers.xdist_scope(request.node.nodeid) == "tests/test_test_layers.py"
+    assert layers.xdist_scope("tests/slurm/test_b.py::test_c[1-x]") == layers.xdist_scope("tests/slurm/test_a.py::t")

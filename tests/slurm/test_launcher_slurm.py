@@ -37,13 +37,13 @@ def _cluster(slurm, *extra: str) -> list[str]:
     return ["nodes=2", f"cluster.partition={slurm.low_partition}", "cluster.time_min=30", *extra]
 
 
-def test_whole_chain_on_two_nodes_of_four_tasks_takes_each_stage_its_planned_shape(slurm, tmp_path):
+def test_whole_chain_on_two_nodes_of_four_tasks_takes_each_stage_its_planned_shape(slurm, shards, tmp_path):
     """2 nodes x 4 CPU ranks granted; with train.scale=2 the tiny chain's src and ssl
     (global batch 8) and the inference stages use all 8 ranks on both nodes, sdca (4 + 4) one
     node of 4. sacct's NNodes / NTasks of every job equal the dry run's plan."""
     run = tmp_path / "run"
     args = tiny(
-        tmp_path / "shards",
+        shards,
         *_cluster(slurm, f"run_dir={run}", "cluster.tasks_per_node=4", "train.scale=2", "train.iters=4"),
     )
     dry = run_launcher(args + ["dry_run=true"])
@@ -96,8 +96,7 @@ def _wait_log(path_glob, pattern: str, timeout_s: float, base: Path) -> str:
     raise AssertionError(f"no {pattern!r} in {base}/{path_glob} after {timeout_s}s")
 
 
-def test_usr2_mid_stage_checkpoints_requeues_and_resumes_bitwise(slurm, tmp_path):
-    shards = tmp_path / "shards"
+def test_usr2_mid_stage_checkpoints_requeues_and_resumes_bitwise(slurm, shards, tmp_path):
     # cache=false: both runs have the same settings, so the second would reuse the first's src
     # from the stage cache instead of training (and being interrupted)
     common = ["stages=[src]", "wait=true", "train.iters=24", "train.checkpoint_every=1000", "cache=false"]
@@ -143,7 +142,7 @@ def test_usr2_mid_stage_checkpoints_requeues_and_resumes_bitwise(slurm, tmp_path
         assert torch.equal(a[k], b[k]), f"{k} differs after the requeue"
 
 
-def test_failing_stage_stops_the_chain_and_is_reported(slurm, tmp_path):
+def test_failing_stage_stops_the_chain_and_is_reported(slurm, shards, tmp_path):
     run = tmp_path / "run"
     (run / "src").mkdir(parents=True)
     (run / "src" / "model_final.pt").write_bytes(b"not a checkpoint")
@@ -153,9 +152,7 @@ def test_failing_stage_stops_the_chain_and_is_reported(slurm, tmp_path):
     (run / "src" / "DONE").write_text(
         json.dumps({"stage": "src", "outputs": {"model_final.pt": sha256_file(run / "src" / "model_final.pt")}})
     )
-    proc = run_launcher(
-        tiny(tmp_path / "shards", *_cluster(slurm, "stages=[dist_init,sdca]", "wait=true", f"run_dir={run}"))
-    )
+    proc = run_launcher(tiny(shards, *_cluster(slurm, "stages=[dist_init,sdca]", "wait=true", f"run_dir={run}")))
     jobs = _job_ids(proc.stdout)
     for j in jobs.values():
         slurm.track(j)
@@ -168,9 +165,9 @@ def test_failing_stage_stops_the_chain_and_is_reported(slurm, tmp_path):
     assert slurm.sacct(jobs["sdca"])[-1]["State"].split()[0] in {"CANCELLED", "PENDING"}
 
 
-def test_what_the_partition_cannot_give_is_refused_before_submission(slurm, tmp_path):
+def test_what_the_partition_cannot_give_is_refused_before_submission(slurm, shards, tmp_path):
     base = tiny(
-        tmp_path / "shards",
+        shards,
         f"run_dir={tmp_path / 'run'}",
         f"cluster.partition={slurm.low_partition}",
         "cluster.time_min=30",
@@ -186,11 +183,11 @@ def test_what_the_partition_cannot_give_is_refused_before_submission(slurm, tmp_
     assert not (tmp_path / "run" / "slurm").exists(), "something was submitted"
 
 
-def test_seeds_run_as_one_job_array_and_are_summarised(slurm, tmp_path):
+def test_seeds_run_as_one_job_array_and_are_summarised(slurm, shards, tmp_path):
     run = tmp_path / "run"
     proc = run_launcher(
         tiny(
-            tmp_path / "shards",
+            shards,
             *_cluster(slurm, "stages=[src]", "seeds=2", "wait=true", f"run_dir={run}", "train.iters=2"),
         )
     )
@@ -206,3 +203,29 @@ def test_seeds_run_as_one_job_array_and_are_summarised(slurm, tmp_path):
     assert summary["seeds"] == [0, 1] and len(summary["stages"]["src"]["mIoU"]) == 2
     for seed in (0, 1):
         assert f"seed: {seed}" in (run / f"seed_{seed}" / "config.yaml").read_text()
+
+
+def test_a_rank_that_dies_at_start_ends_the_job_instead_of_leaving_the_others_waiting(slurm, shards, tmp_path):
+    """Rank 0 cannot listen on the job's rendezvous port (another process holds it, as happens when
+    two jobs on one node derive the same port): it exits 1, and srun ends the other ranks
+    (``--kill-on-bad-exit``) instead of leaving them waiting for rank 0 until the 30-minute
+    process-group timeout; the launcher reports the failed stage."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("0.0.0.0", 0))
+        holder.listen()  # accepts connections into the backlog and never answers them
+        port = holder.getsockname()[1]
+        args = _cluster(slurm, "stages=[src]", "wait=true", "cluster.tasks_per_node=2", "cache=false")
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "launch" / "slurm.py"), *tiny(shards, *args, f"run_dir={tmp_path / 'run'}")],
+            cwd=REPO,
+            env={**child_env(), "MASTER_PORT": str(port)},  # sbatch passes it on to every rank
+            capture_output=True,
+            text=True,
+            timeout=240,  # a job left waiting for rank 0 never ends: subprocess.TimeoutExpired
+        )
+    for j in _job_ids(proc.stdout).values():
+        slurm.track(j)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: stage src job"), proc.stderr[-2000:]

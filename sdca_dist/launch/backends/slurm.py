@@ -54,7 +54,12 @@ def check_partition(cfg: DictConfig, launch: LaunchConfig) -> None:
 
 
 def slurm_parameters(cfg: DictConfig, stage: str, row: dict) -> dict[str, Any]:
-    """sbatch parameters of ``stage``'s job: its planned shape, one GPU per task."""
+    """sbatch parameters of ``stage``'s job: its planned shape, one GPU per task.
+
+    srun runs the ranks with ``--kill-on-bad-exit=1``: a rank that exits with an error (it could
+    not listen on the rendezvous port, ran out of memory, met a bad input) ends the whole step, so
+    the job fails at once and the launcher reports it, instead of the other ranks waiting for it
+    until the 30-minute process-group timeout while the allocation stays held."""
     c = cfg.cluster
     params: dict[str, Any] = {
         "job_name": f"sdca-{cfg.conf}-{stage}",
@@ -63,6 +68,7 @@ def slurm_parameters(cfg: DictConfig, stage: str, row: dict) -> dict[str, Any]:
         "cpus_per_task": int(c.cpus_per_task),
         "time": int(c.time_min),
         "signal_delay_s": int(c.signal_delay_s),
+        "srun_args": ["--kill-on-bad-exit=1"],
     }
     if int(c.gpus_per_node) > 0:
         params["gpus_per_node"] = int(row["ntasks_per_node"])
