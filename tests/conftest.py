@@ -17,7 +17,8 @@ A test that carries ``@pytest.mark.unit`` or ``@pytest.mark.integration`` itself
 Fixtures: ``shards`` (below) is the one tiny synthetic benchmark that the engine tests share and
 ``tiny_chain`` the one finished chain on it that the lineage, fault and status tests copy;
 ``synth_root`` / ``shard_sets`` (the data tests' in-process benchmark) are registered from
-``data_fixtures``. The ``*_fixtures`` modules stay importable for their plain helpers.
+``data_fixtures`` and ``valset`` (the predict tests' val set) from ``predict_fixtures``. The
+``*_fixtures`` modules stay importable for their plain helpers.
 
 Parallel runs (``-n 2``, pytest-xdist): the scheduler below hands each worker whole scopes
 (``layers.xdist_scope``): a test module, so that each module-scoped fixture (a trained chain, a
@@ -35,7 +36,7 @@ import pytest
 from engine_fixtures import run_launcher, tiny
 from layers import HERE, LAYERS, slurm_skip_reason, starts_processes, xdist_scope
 
-pytest_plugins = ["data_fixtures"]
+pytest_plugins = ["data_fixtures", "predict_fixtures"]
 
 
 def pytest_configure(config: pytest.Config) -> None:

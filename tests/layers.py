@@ -21,6 +21,7 @@ _SPAWNS = (
     "Popen",
     "run_train(",
     "run_launcher(",
+    "run_predict(",
     "train_cmd(",
     "run_distributed(",
     "mp.spawn",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 from fault_fixtures import tmpfs
-from test_predict import OVERRIDES, _run, valset  # noqa: F401 - the module's fixture
+from predict_fixtures import OVERRIDES, run_predict
 
 from sdca_dist.models import build_model
 
@@ -15,32 +15,32 @@ def _last(proc) -> str:
     return lines[-1] if lines else ""
 
 
-def test_garbage_or_wrong_class_count_weights_end_in_one_line(valset, tmp_path):  # noqa: F811
+def test_garbage_or_wrong_class_count_weights_end_in_one_line(valset, tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x80\x04not a checkpoint at all" * 50)
-    proc = _run([*OVERRIDES, f"model={garbage}", f"input={valset.shards}", f"out={tmp_path / 'a'}"])
+    proc = run_predict([*OVERRIDES, f"model={garbage}", f"input={valset.shards}", f"out={tmp_path / 'a'}"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert _last(proc).startswith("error: cannot read model weights ") and str(garbage) in _last(proc)
 
     sixteen = tmp_path / "sixteen.pt"
     torch.save(build_model("small", 16).state_dict(), sixteen)
-    proc = _run([*OVERRIDES, f"model={sixteen}", f"input={valset.shards}", f"out={tmp_path / 'b'}"])
+    proc = run_predict([*OVERRIDES, f"model={sixteen}", f"input={valset.shards}", f"out={tmp_path / 'b'}"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert _last(proc).startswith("error: ") and str(sixteen) in _last(proc)
 
 
-def test_out_on_a_full_file_system_leaves_no_partial_set(valset, tmp_path):  # noqa: F811
+def test_out_on_a_full_file_system_leaves_no_partial_set(valset, tmp_path):
     out = tmp_path / "full"
     with tmpfs(out, size="24k"):
-        proc = _run([*OVERRIDES, f"model={valset.weights}", f"input={valset.shards}", f"out={out}"])
+        proc = run_predict([*OVERRIDES, f"model={valset.weights}", f"input={valset.shards}", f"out={out}"])
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert "No space left on device" in _last(proc) and str(out) in _last(proc), _last(proc)
         assert not [p for p in out.rglob("*") if p.is_file()], "partial predictions left behind"
 
 
-def test_out_on_a_read_only_file_system_ends_in_one_line(valset, tmp_path):  # noqa: F811
+def test_out_on_a_read_only_file_system_ends_in_one_line(valset, tmp_path):
     out = tmp_path / "ro"
     with tmpfs(out, read_only=True):
-        proc = _run([*OVERRIDES, f"model={valset.weights}", f"input={valset.shards}", f"out={out}/pred"])
+        proc = run_predict([*OVERRIDES, f"model={valset.weights}", f"input={valset.shards}", f"out={out}/pred"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "Read-only file system" in _last(proc) and str(out) in _last(proc), _last(proc)

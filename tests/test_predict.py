@@ -6,8 +6,6 @@ and cityscapesscripts' own ``evalPixelLevelSemanticLabeling.evaluateImgLists``.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,67 +13,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from predict_fixtures import OVERRIDES, run_predict
 
 from sdca_dist.predict import PredictError, parse_args, stem_of
-from sdca_dist.shard import shard_command
-from sdca_dist.synth import synth_command
-
-REPO = Path(__file__).resolve().parents[1]
-# ssl_crop follows eval_resize: the ssl zoom of the preset starts at the test scale, which must cover the crop
-OVERRIDES = [
-    "conf=synthetic",
-    "model=small",
-    "data.eval_resize=[48,96]",
-    "data.ssl_crop=[48,96]",
-    "train.eval_batch_size=2",
-]
-
-
-def _env():
-    import os
-
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
-def _run(args: list[str], ranks: int = 1) -> subprocess.CompletedProcess:
-    head = (
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-        if ranks > 1
-        else [sys.executable]
-    )
-    return subprocess.run(
-        [*head, "-m", "sdca_dist.predict", *args], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
-    )
-
-
-@pytest.fixture(scope="module")
-def valset(tmp_path_factory) -> SimpleNamespace:
-    """5 Cityscapes-layout val images, their lossless shard set, random small weights."""
-    root = tmp_path_factory.mktemp("predict")
-    raw = root / "raw"
-    for cmd in (
-        synth_command(raw, (1, 1, 5), (96, 48), (160, 80)),
-        shard_command("cityscapes", raw / "cityscapes", "val", root / "val") + ["--lossless", "--quiet"],
-    ):
-        proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr
-    from sdca_dist.models import build_model
-
-    torch.manual_seed(0)
-    model = build_model("small", 19)
-    for conv in model.classifier.branches:  # varied predictions, so that many classes are scored
-        torch.nn.init.normal_(conv.weight, std=0.3)
-    torch.save(model.state_dict(), root / "weights.pt")
-    return SimpleNamespace(
-        root=root,
-        images=raw / "cityscapes" / "leftImg8bit" / "val",
-        gt=raw / "cityscapes" / "gtFine" / "val",
-        shards=root / "val",
-        weights=root / "weights.pt",
-    )
 
 
 def _project_miou(valset) -> dict:
@@ -112,7 +52,7 @@ def _official_miou(pred_dir: Path, gt_dir: Path) -> float:
 def shard_predictions(valset) -> Path:
     """predict on the val shard set, one process."""
     out = valset.root / "pred"
-    proc = _run([*OVERRIDES, f"model={valset.weights}", f"input={valset.shards}", f"out={out}"])
+    proc = run_predict([*OVERRIDES, f"model={valset.weights}", f"input={valset.shards}", f"out={out}"])
     assert proc.returncode == 0, proc.stderr
     assert "ETA" in proc.stdout and "wrote 5 predictions" in proc.stdout
     return out
@@ -139,7 +79,7 @@ def test_folder_input_under_torchrun_matches_the_shard_set(valset, shard_predict
     """Two ranks over the raw PNGs (same pixels as the lossless shards): every image once, same bytes."""
     ref = shard_predictions
     out = tmp_path / "pred"
-    proc = _run([*OVERRIDES, f"model={valset.weights}", f"input={valset.images}", f"out={out}"], ranks=2)
+    proc = run_predict([*OVERRIDES, f"model={valset.weights}", f"input={valset.images}", f"out={out}"], ranks=2)
     assert proc.returncode == 0, proc.stderr
     assert "wrote 5 predictions" in proc.stdout
     written = sorted((out / "labelIds").rglob("*_labelIds.png"))
@@ -155,7 +95,7 @@ def test_test_time_augmentation_and_unreadable_images(valset, tmp_path: Path):
         (folder / p.name).write_bytes(p.read_bytes())
     Image.new("RGB", (70, 30), (90, 120, 30)).save(folder / "odd size.jpg")
     out = tmp_path / "tta"
-    proc = _run(
+    proc = run_predict(
         [*OVERRIDES, f"model={valset.weights}", f"input={folder}", f"out={out}", "flip=true", "scales=[0.75,1.25]"]
     )
     assert proc.returncode == 0, proc.stderr
@@ -167,7 +107,7 @@ def test_test_time_augmentation_and_unreadable_images(valset, tmp_path: Path):
     # a truncated PNG (valid header): one line naming the file, exit 2, no temporary file left
     good = sorted(folder.glob("*.png"))[0].read_bytes()
     (folder / "broken_leftImg8bit.png").write_bytes(good[: len(good) // 2])
-    proc = _run([*OVERRIDES, f"model={valset.weights}", f"input={folder}", f"out={tmp_path / 'x'}"])
+    proc = run_predict([*OVERRIDES, f"model={valset.weights}", f"input={folder}", f"out={tmp_path / 'x'}"])
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "broken_leftImg8bit.png" in proc.stderr, proc.stderr
     assert not list((tmp_path / "x").rglob(".tmp*"))
