@@ -180,8 +180,12 @@ def test_ssl_from_imagenet_reads_no_sdca_model(tiny_chain, tmp_path):
     run = tmp_path / "run"  # the chain with ssl.init=imagenet: a stage never builds on other settings' outputs
     shards = json.loads((tiny_chain / "config.origin.json").read_text())["overrides"]
     root = [o for o in shards if o.startswith("data.shards_root=")][0].split("=", 1)[1]
-    proc = run_launcher(tiny(root, "cluster=local", f"run_dir={run}", "train.iters=2", "ssl.init=imagenet"))
+    cache = tiny_chain.parent / "stage_cache"  # the chain's: its stages before ssl have these settings
+    proc = run_launcher(
+        tiny(root, "cluster=local", f"run_dir={run}", "train.iters=2", "ssl.init=imagenet", f"cache_dir={cache}")
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "[pseudo_label] reused from " in proc.stdout and "[ssl] reused from " not in proc.stdout
     assert "[ssl] initialised from" not in proc.stdout
     inputs = json.loads((run / "ssl" / "DONE").read_text())["lineage"]["inputs"]
     assert "pseudo_label/shards/manifest.json" in inputs and "sdca/model_final.pt" not in inputs
