@@ -65,12 +65,28 @@ def _called_names(src: str) -> set[str]:
     return {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
 
 
+def _suite_fixtures(item: pytest.Function) -> list:
+    """The functions of the fixtures ``item`` uses (``item.fixturenames``, which includes the
+    fixtures of its fixtures) that this suite defines: in the test's module, a ``conftest.py`` or a
+    ``*_fixtures`` plugin module. pytest's own fixtures (tmp_path, request) are not read."""
+    homes = [item.module] + [
+        p
+        for p in item.config.pluginmanager.get_plugins()
+        if inspect.ismodule(p) and getattr(p, "__file__", None) and Path(p.__file__).resolve().is_relative_to(HERE)
+    ]
+    found = []
+    for name in item.fixturenames:
+        for home in homes:
+            fixture = getattr(home, name, None)
+            if fixture is not None and inspect.isfunction(inspect.unwrap(fixture)):
+                found.append(fixture)
+    return found
+
+
 def starts_processes(item: pytest.Function) -> bool:
     """Whether the test, a fixture it uses, or a module helper either calls, starts a process."""
     module = item.module
-    todo = [item.function]
-    for defs in item._fixtureinfo.name2fixturedefs.values():
-        todo += [d.func for d in defs if Path(inspect.getfile(d.func)).resolve().is_relative_to(HERE)]
+    todo = [item.function, *_suite_fixtures(item)]
     seen: set[int] = set()
     while todo:
         fn = inspect.unwrap(todo.pop())
