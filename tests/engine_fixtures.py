@@ -67,6 +67,20 @@ def run_launcher(overrides: list[str], timeout: int = 1200) -> subprocess.Comple
     )
 
 
+def last_error(proc: subprocess.CompletedProcess) -> str:
+    """The last line of a finished command's stderr (where the CLIs put their one-line error)."""
+    lines = proc.stderr.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    """A copy of the run folder ``run`` at ``dest`` without stage locks, for a test to change."""
+    import shutil
+
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns(".lock"))
+    return dest
+
+
 def worker_pids(parent: int) -> list[int]:
     """Direct children of ``parent`` (torchrun's rank processes)."""
     pids = []

@@ -14,7 +14,17 @@ import time
 from pathlib import Path
 
 import pytest
-from engine_fixtures import REPO, child_env, dry_run_plan, fake_shard_sets, run_launcher, tiny, train_cmd, worker_pids
+from engine_fixtures import (
+    REPO,
+    child_env,
+    dry_run_plan,
+    fake_shard_sets,
+    last_error,
+    run_launcher,
+    tiny,
+    train_cmd,
+    worker_pids,
+)
 
 from sdca_dist.config import compose_config
 from sdca_dist.scaling import plan_warnings
@@ -24,11 +34,6 @@ def _run(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", *args], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout
     )
-
-
-def _last(proc) -> str:
-    lines = proc.stderr.strip().splitlines()
-    return lines[-1] if lines else ""
 
 
 @pytest.mark.parametrize(
@@ -44,7 +49,7 @@ def _last(proc) -> str:
 def test_out_of_range_arguments_are_refused_in_one_line(args, option):
     proc = _run(*args)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert f"argument {option}: must be >= " in _last(proc), _last(proc)
+    assert f"argument {option}: must be >= " in last_error(proc), last_error(proc)
     assert not proc.stdout.strip(), "a table was printed"
 
 

@@ -16,24 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
-from engine_fixtures import run_train, tiny
+from engine_fixtures import copy_run, last_error, run_train, tiny
 
 from sdca_dist.config.run_config import load_frozen
 from sdca_dist.lineage import Lineage
-
-
-def _copy(run: Path, dest: Path) -> Path:
-    shutil.copytree(run, dest, ignore=shutil.ignore_patterns(".lock"))
-    return dest
-
-
-def _error(proc) -> str:
-    lines = proc.stderr.strip().splitlines()
-    return lines[-1] if lines else ""
 
 
 def _flip_members(tar: Path, manifest: Path, part: str, count: int = 40) -> None:
@@ -51,7 +40,7 @@ def _flip_members(tar: Path, manifest: Path, part: str, count: int = 40) -> None
 
 
 def test_a_shard_tar_changed_after_packing_is_refused_and_makes_its_readers_stale(tiny_chain, shards, tmp_path):
-    run = _copy(tiny_chain, tmp_path / "run")
+    run = copy_run(tiny_chain, tmp_path / "run")
     source = next(p for p in shards.rglob("manifest.json") if p.parent.name == "gta5_train")
     tar = sorted(source.parent.glob("*.tar"))[0]
     original = tar.read_bytes()
@@ -60,7 +49,7 @@ def test_a_shard_tar_changed_after_packing_is_refused_and_makes_its_readers_stal
         assert tar.stat().st_size == len(original)
         proc = run_train(1, ["stage=dist_init", f"run_dir={run}"])
         assert proc.returncode == 2, proc.stderr[-2000:]
-        err = _error(proc)
+        err = last_error(proc)
         assert err.startswith("error: stage 'dist_init' refuses ") and str(tar) in err and "--repair" in err, err
         cfg = load_frozen(run)
         for stage in ("src", "dist_init", "sdca"):
@@ -72,7 +61,7 @@ def test_a_shard_tar_changed_after_packing_is_refused_and_makes_its_readers_stal
 
 
 def test_a_replaced_pseudo_label_tar_is_refused_naming_it(tiny_chain, tmp_path):
-    run = _copy(tiny_chain, tmp_path / "run")
+    run = copy_run(tiny_chain, tmp_path / "run")
     manifest = run / "pseudo_label" / "shards" / "manifest.json"
     before = manifest.read_bytes()
     tar = sorted(manifest.parent.glob("*.tar"))[0]
@@ -82,14 +71,14 @@ def test_a_replaced_pseudo_label_tar_is_refused_naming_it(tiny_chain, tmp_path):
 
     proc = run_train(1, ["stage=ssl", f"run_dir={run}"])
     assert proc.returncode == 2, proc.stderr[-2000:]
-    err = _error(proc)
+    err = last_error(proc)
     assert str(tar) in err and "redo=[pseudo_label]" in err, err
     ok, why = Lineage(run).fresh(load_frozen(run), "ssl")
     assert not ok and str(tar) in why, why
 
 
 def test_a_stage_run_directly_refuses_an_input_made_with_other_settings(tiny_chain, tmp_path):
-    run = _copy(tiny_chain, tmp_path / "run")
+    run = copy_run(tiny_chain, tmp_path / "run")
     config = run / "config.yaml"
     text = config.read_text()
     assert "lr: 0.01\n" in text
@@ -97,7 +86,7 @@ def test_a_stage_run_directly_refuses_an_input_made_with_other_settings(tiny_cha
 
     proc = run_train(1, ["stage=dist_init", f"run_dir={run}"])
     assert proc.returncode == 2, proc.stderr[-2000:]
-    err = _error(proc)
+    err = last_error(proc)
     assert "stage src was done with other settings" in err and "src.lr: 0.01 -> 0.02" in err, err
     assert "redo=[src]" in err
     ok, why = Lineage(run).fresh(load_frozen(run), "src")
@@ -107,22 +96,24 @@ def test_a_stage_run_directly_refuses_an_input_made_with_other_settings(tiny_cha
 def test_settings_must_be_finite(tmp_path):
     proc = run_train(1, ["conf=synthetic", "stage=src", f"run_dir={tmp_path / 'run'}", "src.lr=inf"])
     assert proc.returncode == 2
-    assert _error(proc) == "error: src.lr=inf: settings must be finite numbers (not inf or nan)"
+    assert last_error(proc) == "error: src.lr=inf: settings must be finite numbers (not inf or nan)"
     assert not (tmp_path / "run").exists()
     proc = run_train(1, ["conf=synthetic", "stage=src", f"run_dir={tmp_path / 'run'}", "method.tau=nan"])
-    assert proc.returncode == 2 and "method.tau=nan" in _error(proc)
+    assert proc.returncode == 2 and "method.tau=nan" in last_error(proc)
 
 
 def test_a_hand_edited_config_with_inf_is_refused(tiny_chain, tmp_path):
-    run = _copy(tiny_chain, tmp_path / "run")
+    run = copy_run(tiny_chain, tmp_path / "run")
     config = run / "config.yaml"
     config.write_text(config.read_text().replace("lr: 0.01\n", "lr: .inf\n", 1))
     proc = run_train(1, ["stage=src", f"run_dir={run}"])
-    assert proc.returncode == 2 and "src.lr=inf" in _error(proc) and str(config) in _error(proc), proc.stderr[-2000:]
+    assert proc.returncode == 2 and "src.lr=inf" in last_error(proc) and str(config) in last_error(proc), proc.stderr[
+        -2000:
+    ]
 
 
 def test_no_done_for_distributions_that_are_not_finite(tiny_chain, tmp_path):
-    run = _copy(tiny_chain, tmp_path / "run")
+    run = copy_run(tiny_chain, tmp_path / "run")
     model = run / "src" / "model_final.pt"
     state = torch.load(model, weights_only=True)
     state = {k: (torch.full_like(v, float("nan")) if v.is_floating_point() else v) for k, v in state.items()}
@@ -133,7 +124,7 @@ def test_no_done_for_distributions_that_are_not_finite(tiny_chain, tmp_path):
 
     proc = run_train(1, ["stage=dist_init", f"run_dir={run}"])
     assert proc.returncode == 2, proc.stderr[-2000:]
-    err = _error(proc)
+    err = last_error(proc)
     assert f"{run / 'dist_init' / 'distributions.pt'} holds " in err and "non-finite values" in err, err
     assert not (run / "dist_init" / "DONE").exists()
 
@@ -144,7 +135,7 @@ def test_no_done_for_weights_that_are_not_finite(shards, tmp_path):
         1, tiny(shards, "stage=src", f"run_dir={run}", "train.iters=3", "src.lr=1e30", "train.eval_at_end=false")
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
-    err = _error(proc)
+    err = last_error(proc)
     # the weights check names the file; a stop on a non-finite loss (in the training loop) names the loss
     assert re.search(r"non-finite|nan|inf", err, re.I) and "src" in err, err
     assert not (run / "src" / "DONE").exists()

@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from engine_fixtures import run_train, tiny
+from engine_fixtures import last_error, run_train, tiny
 from fault_fixtures import tmpfs
 
 
@@ -25,15 +25,10 @@ def src_done(shards, tmp_path_factory) -> Path:
     return run
 
 
-def _last(proc) -> str:
-    lines = proc.stderr.strip().splitlines()
-    return lines[-1] if lines else ""
-
-
 def _one_line(proc, *needles: str) -> str:
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    line = _last(proc)
+    line = last_error(proc)
     for needle in needles:
         assert needle in line, line
     return line

@@ -18,18 +18,13 @@ import math
 import re
 
 import pytest
-from engine_fixtures import run_launcher, tiny
+from engine_fixtures import last_error, run_launcher, tiny
 
 from sdca_dist.config import ConfigError
 from sdca_dist.launch.grid import expand, paired, parse_baseline, parse_sweeps, point_name, t_quantile_975
 
 #: the grid fixture launches 12 tiny stage processes (about 2 minutes on an idle 2-core machine)
 pytestmark = pytest.mark.timeout(2400)
-
-
-def _last_error(proc) -> str:
-    lines = proc.stderr.strip().splitlines()
-    return lines[-1] if lines else ""
 
 
 # --- parsing (no launch) --------------------------------------------------------------------------
@@ -80,14 +75,14 @@ def test_bad_grid_is_one_line_exit_2_and_nothing_written(tmp_path):
         ("method.tau=1,,10", "error: method.tau=1,,10 has an empty value (position 2); remove the extra comma"),
     ):
         proc = run_launcher(["conf=synthetic", "cluster=local", arg, f"run_dir={tmp_path / 'g'}"], timeout=300)
-        assert proc.returncode == 2 and _last_error(proc) == message, proc.stderr[-2000:]
+        assert proc.returncode == 2 and last_error(proc) == message, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
     bad_base = run_launcher(
         ["conf=synthetic", "cluster=local", "method.tau=1,10", "baseline=method.tau=5", f"run_dir={tmp_path / 'g'}"],
         timeout=300,
     )
     assert bad_base.returncode == 2
-    assert _last_error(bad_base) == (
+    assert last_error(bad_base) == (
         "error: baseline=method.tau=5 matches no point of the grid (method.tau=1, method.tau=10)"
     )
     assert not (tmp_path / "g").exists()
@@ -157,5 +152,5 @@ def test_a_point_whose_folder_holds_other_settings_is_refused(grid):
     proc = run_launcher(changed)
     assert proc.returncode == 2
     assert "was started with other settings (train.iters: 2 -> 3)" in proc.stderr
-    assert _last_error(proc) == "error: grid point method.tau=1 cannot run (above); nothing launched"
+    assert last_error(proc) == "error: grid point method.tau=1 cannot run (above); nothing launched"
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == before, "something was written"

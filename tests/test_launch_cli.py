@@ -5,27 +5,22 @@ These never reach a cluster: every one must fail (or print) before sbatch would 
 
 from __future__ import annotations
 
-from engine_fixtures import dry_run_plan, fake_shard_sets, run_launcher
-
-
-def _last_error(proc) -> str:
-    lines = proc.stderr.strip().splitlines()
-    return lines[-1] if lines else ""
+from engine_fixtures import dry_run_plan, fake_shard_sets, last_error, run_launcher
 
 
 def test_unknown_preset_lists_the_valid_choices():
     proc = run_launcher(["conf=gta2cty", "nodes=4"], timeout=120)
     assert proc.returncode == 2
-    assert _last_error(proc) == "error: unknown conf='gta2cty'; valid choices: gta2city, synthetic, synthia2city"
+    assert last_error(proc) == "error: unknown conf='gta2cty'; valid choices: gta2city, synthetic, synthia2city"
 
 
 def test_unknown_key_and_wrong_type_fail_before_submission():
     bad_key = run_launcher(["conf=gta2city", "cluster.partiton=gpu"], timeout=120)
-    assert bad_key.returncode == 2 and "cluster.partiton" in _last_error(bad_key)
+    assert bad_key.returncode == 2 and "cluster.partiton" in last_error(bad_key)
     bad_type = run_launcher(["conf=gta2city", "nodes=four"], timeout=120)
-    assert bad_type.returncode == 2 and "nodes" in _last_error(bad_type)
+    assert bad_type.returncode == 2 and "nodes" in last_error(bad_type)
     zero = run_launcher(["conf=gta2city", "nodes=0"], timeout=120)
-    assert zero.returncode == 2 and _last_error(zero) == "error: nodes=0 must be >= 1"
+    assert zero.returncode == 2 and last_error(zero) == "error: nodes=0 must be >= 1"
 
 
 def test_missing_shards_and_weights_are_all_named(tmp_path):
@@ -40,7 +35,7 @@ def test_missing_shards_and_weights_are_all_named(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2
-    err = _last_error(proc)
+    err = last_error(proc)
     for name in ("gta5_train", "cityscapes_train", "cityscapes_val"):
         assert f"{tmp_path}/{name}/manifest.json" in err
     assert f"model.pretrained={tmp_path}/resnet101.pth" in err
@@ -51,7 +46,7 @@ def test_a_stage_whose_producer_is_not_planned_needs_its_input(tmp_path):
         ["conf=synthetic", "cluster=local", "stages=[sdca]", f"run_dir={tmp_path}", "dry_run=true"], timeout=120
     )
     assert proc.returncode == 2
-    assert f"stage sdca needs {tmp_path}/src/model_final.pt (from stage src, not planned)" in _last_error(proc)
+    assert f"stage sdca needs {tmp_path}/src/model_final.pt (from stage src, not planned)" in last_error(proc)
 
 
 def test_dry_run_prints_each_stage_plan_and_sbatch_parameters(tmp_path):

@@ -17,14 +17,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
-from engine_fixtures import REPO, child_env, run_launcher, run_train, tiny, train_cmd
+from engine_fixtures import REPO, child_env, copy_run, last_error, run_launcher, run_train, tiny, train_cmd
 
 CHAIN = ["src", "dist_init", "sdca", "pseudo_label", "ssl"]
 
@@ -44,16 +42,6 @@ def test_with_ablation_trains_sdca_without_alignment_from_the_same_inputs(tiny_c
         summary["stages"]["sdca"]["mIoU"][0] - summary["stages"]["sdca_no_align"]["mIoU"][0]
     )
     assert "Alignment effect (sdca - sdca_no_align, paired by seed)" in (tiny_chain / "summary.md").read_text()
-
-
-def _copy(run: Path, dest: Path) -> Path:
-    shutil.copytree(run, dest, ignore=shutil.ignore_patterns(".lock"))
-    return dest
-
-
-def _error(proc) -> str:
-    lines = proc.stderr.strip().splitlines()
-    return lines[-1] if lines else ""
 
 
 def _start_until(argv: list[str], pattern: str, timeout: float = 300) -> subprocess.Popen:
@@ -82,7 +70,7 @@ def test_resume_with_another_setting_is_refused_naming_the_key(shards, tmp_path)
 
     changed = run_train(1, tiny(shards, "stage=src", f"run_dir={run}", "train.iters=60", "src.lr=0.05"))
     assert changed.returncode == 2
-    assert "src.lr: 0.01 -> 0.05" in _error(changed) and "use a new run_dir" in _error(changed)
+    assert "src.lr: 0.01 -> 0.05" in last_error(changed) and "use a new run_dir" in last_error(changed)
     assert (run / "config.yaml").read_text() == frozen, "the refused command rewrote the frozen config"
     for key, value, shown in (
         ("seed", "3", "seed: 0 -> 3"),
@@ -90,7 +78,7 @@ def test_resume_with_another_setting_is_refused_naming_the_key(shards, tmp_path)
         ("model", "deeplabv2_vgg16", "model.name: small -> deeplabv2_vgg16"),
     ):
         other = run_train(1, ["stage=src", f"run_dir={run}", f"{key}={value}"])
-        assert other.returncode == 2 and shown in _error(other), other.stderr[-2000:]
+        assert other.returncode == 2 and shown in last_error(other), other.stderr[-2000:]
 
     resumed = run_train(1, ["stage=src", f"run_dir={run}"])  # the run folder is all it takes
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -99,17 +87,17 @@ def test_resume_with_another_setting_is_refused_naming_the_key(shards, tmp_path)
 
 
 def test_finished_run_relaunched_with_other_settings_is_refused(tiny_chain, tmp_path):
-    run = _copy(tiny_chain, tmp_path / "run")
+    run = copy_run(tiny_chain, tmp_path / "run")
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     proc = run_launcher(["conf=synthetic", "cluster=local", f"run_dir={run}", "model=deeplabv2_vgg16", "src.lr=0.5"])
     assert proc.returncode == 2
-    err = _error(proc)
+    err = last_error(proc)
     assert "model.name: small -> deeplabv2_vgg16" in err and "src.lr: 0.01 -> 0.5" in err
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before, "something was written"
 
 
 def test_relaunch_skips_fresh_stages_and_redo_reruns_everything_after(tiny_chain, tmp_path):
-    run = _copy(tiny_chain, tmp_path / "run")
+    run = copy_run(tiny_chain, tmp_path / "run")
     same = run_launcher([f"run_dir={run}", "cluster=local"])
     assert same.returncode == 0, same.stderr[-2000:]
     assert same.stdout.count("DONE with these settings and inputs, skipped") == len(CHAIN)  # ablation not planned
@@ -134,7 +122,7 @@ def test_relaunch_skips_fresh_stages_and_redo_reruns_everything_after(tiny_chain
 
 
 def test_corrupt_input_is_refused_by_its_consumer_and_redone_by_the_launcher(tiny_chain, tmp_path):
-    run = _copy(tiny_chain, tmp_path / "run")
+    run = copy_run(tiny_chain, tmp_path / "run")
     model = run / "src" / "model_final.pt"
     data = bytearray(model.read_bytes())
     for i in range(1000, 1400):  # 400 flipped bytes inside the tensor data
@@ -143,7 +131,7 @@ def test_corrupt_input_is_refused_by_its_consumer_and_redone_by_the_launcher(tin
 
     proc = run_train(1, ["stage=dist_init", f"run_dir={run}"])
     assert proc.returncode == 2
-    assert _error(proc) == (
+    assert last_error(proc) == (
         f"error: {model} is not the file stage src wrote (sha256 differs from its DONE record): "
         "corrupt or replaced; run stage src again (launcher: redo=[src])"
     )
@@ -162,7 +150,7 @@ def test_second_run_in_a_stage_folder_is_refused_and_a_dead_holder_is_taken_over
     try:
         second = run_train(1, ["stage=src", f"run_dir={run}"], timeout=120)
         assert second.returncode == 2
-        assert _error(second) == (
+        assert last_error(second) == (
             f"error: run folder {run} (stage src) is in use by pid {first.pid} on "
             f"{os.uname().nodename}; wait for it or use another run_dir"
         )
