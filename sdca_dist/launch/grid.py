@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from sdca_dist.config.compose import ConfigError
 from sdca_dist.files import read_json_dict
+from sdca_dist.launch.figures import grid_figure
 
 GRID_FILE = "grid.json"
 #: keys a grid cannot sweep: they name the job or the seeds (``seeds=K`` gives seeds)
@@ -444,5 +445,6 @@ def write_grid_summary(root: Path | str, log: Callable[[str], None] = print) -> 
 
     atomic_write_text(root / "summary.json", json.dumps(payload, indent=1) + "\n")
     atomic_write_text(root / "summary.md", "\n".join(lines) + "\n")
+    grid_figure(root)  # grid_differences.png beside summary.json (sdca_dist.launch.figures)
     log("\n".join(lines))
     return root / "summary.md"

@@ -6,7 +6,8 @@ means; single-seed numbers are hard to reproduce. Rows whose weights were select
 evaluation set (``train.select=best_val``) are marked. Each ablation stage (``StageSpec.paired_with``)
 is also reported as a paired difference, its stage minus the ablation seed by seed, under the
 name its ``effect`` gives (``alignment_effect``: sdca - sdca_no_align); an unpaired reference
-stage (the oracle) is also reported at summary.json's top level.
+stage (the oracle) is also reported at summary.json's top level. Both files say which shard set
+scored (``data.target_val``); the pictures beside them come from ``sdca_dist.launch.figures``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig
 
 from sdca_dist.files import read_json_dict
+from sdca_dist.launch.figures import write_run_figures
 from sdca_dist.stage_table import TABLE, spec
 
 
@@ -67,6 +69,8 @@ def write_summary(cfg: DictConfig, root: Path, runs: list[tuple[int, Path]], sta
     lines = [
         f"# {cfg.conf}: {len(runs)} seed(s), run folder {root}",
         "",
+        f"mIoU on {cfg.data.target_val} (target val), every stage; {describe_data(cfg)}",
+        "",
         "| stage | mIoU mean ± std | per seed | wall time (s, mean) |",
         "|---|---|---|---|",
     ]
@@ -109,7 +113,7 @@ def write_summary(cfg: DictConfig, root: Path, runs: list[tuple[int, Path]], sta
             lines.append(f"| {name} | " + " | ".join("n/a" if v is None else f"{v:.1f}" for v in vals) + " |")
     lines += ["", f"TensorBoard: tensorboard --logdir {root}"]
     root.mkdir(parents=True, exist_ok=True)
-    payload = {"conf": cfg.conf, "seeds": [s for s, _ in runs], "stages": table}
+    payload = {"conf": cfg.conf, "seeds": [s for s, _ in runs], "scored_on": str(cfg.data.target_val), "stages": table}
     for stage in table:
         if spec(stage).launch_flag and not spec(stage).paired_with:
             payload[stage] = table[stage]
@@ -117,8 +121,23 @@ def write_summary(cfg: DictConfig, root: Path, runs: list[tuple[int, Path]], sta
         payload[str(spec(ablation).effect).replace(" ", "_")] = effect
     (root / "summary.json").write_text(json.dumps(payload, indent=1) + "\n")
     (root / "summary.md").write_text("\n".join(lines) + "\n")
+    write_run_figures(cfg, root, runs, stages)
     print("\n".join(lines), flush=True)
     return root / "summary.md"
+
+
+def data_manifest(cfg: DictConfig, name: str) -> Path:
+    """The manifest path of the shard set ``name`` of a run's data section."""
+    from sdca_dist.engine.data import manifest_path, shard_set
+
+    return manifest_path(shard_set(cfg, name))
+
+
+def describe_data(cfg: DictConfig) -> str:
+    """One line: source -> target (labelled or not), the split every stage is scored on, the classes."""
+    from sdca_dist.data.labelled import data_line
+
+    return data_line(cfg, lambda name: data_manifest(cfg, name))
 
 
 def _selected_on_val(rd: Path, stage: str, metrics: dict) -> Optional[dict]:
