@@ -125,17 +125,19 @@ def examples_panel(run_dir: Path, stages: list[str], palette: np.ndarray, path: 
 
 def write_run_figures(cfg, root: Path, runs: list[tuple[int, Path]], stages: list[str]) -> list[Path]:
     """The run summary's pictures (``IOU_FIGURE``, ``EXAMPLES_FIGURE``) in ``root``; the paths written."""
-    from sdca_dist.classes import run_classes
+    from sdca_dist.classes import builtin_table, run_classes
 
     root = Path(root)
     written = []
-    scored_on = f"scored on {cfg.data.target_val}"
+    data = cfg.get("data")
+    scored_on = f"scored on {data.target_val}" if data is not None else "scored on target val"
     p = iou_figure(
         per_class_by_stage(runs, stages), root / IOU_FIGURE, f"{cfg.conf}: per-class IoU by stage, {scored_on}"
     )
     written += [p] if p else []
     if runs:
-        p = examples_panel(runs[0][1], stages, run_classes(cfg.data).palette(), root / EXAMPLES_FIGURE)
+        table = run_classes(data) if data is not None else builtin_table(19)
+        p = examples_panel(runs[0][1], stages, table.palette(), root / EXAMPLES_FIGURE)
         written += [p] if p else []
     return written
 

@@ -66,11 +66,10 @@ def write_summary(cfg: DictConfig, root: Path, runs: list[tuple[int, Path]], sta
         table[stage] = entry
     if not table:
         return None
-    lines = [
-        f"# {cfg.conf}: {len(runs)} seed(s), run folder {root}",
-        "",
-        f"mIoU on {cfg.data.target_val} (target val), every stage; {describe_data(cfg)}",
-        "",
+    data = cfg.get("data")  # a summary re-drawn from bare records may have no data section
+    lines = [f"# {cfg.conf}: {len(runs)} seed(s), run folder {root}", ""]
+    lines += [describe_data(cfg), ""] if data is not None else []
+    lines += [
         "| stage | mIoU mean ± std | per seed | wall time (s, mean) |",
         "|---|---|---|---|",
     ]
@@ -113,7 +112,9 @@ def write_summary(cfg: DictConfig, root: Path, runs: list[tuple[int, Path]], sta
             lines.append(f"| {name} | " + " | ".join("n/a" if v is None else f"{v:.1f}" for v in vals) + " |")
     lines += ["", f"TensorBoard: tensorboard --logdir {root}"]
     root.mkdir(parents=True, exist_ok=True)
-    payload = {"conf": cfg.conf, "seeds": [s for s, _ in runs], "scored_on": str(cfg.data.target_val), "stages": table}
+    payload = {"conf": cfg.conf, "seeds": [s for s, _ in runs], "stages": table}
+    if data is not None:
+        payload["scored_on"] = str(data.target_val)  # the shard set every stage's mIoU is computed on
     for stage in table:
         if spec(stage).launch_flag and not spec(stage).paired_with:
             payload[stage] = table[stage]
