@@ -243,3 +243,32 @@ def test_manifest_records_labelled_only_when_false(tmp_path):
     m = _pack(tmp_path, "dark_zurich", root, "train", conditions=("day",))
     assert json.loads(m.path.read_text())["info"]["labelled"] is False
     assert load_manifest(m.path).info["labelled"] is False
+
+
+def test_a_run_refuses_folder_shards_of_other_classes(tmp_path):
+    from sdca_dist.config import compose_config
+    from sdca_dist.engine.data import DataConfigError, check_classes
+
+    root, classes = tmp_path / "mine", tmp_path / "classes.yaml"
+    classes.write_text(FIVE_CLASSES)
+    folder_tree(root, "val", 2)
+    m = _pack(tmp_path, "folder", root, "val", classes=classes)
+    check_classes(compose_config(["conf=folder", f"data.classes={classes}"]), m.path)  # the same classes
+    other = tmp_path / "other.yaml"
+    other.write_text(FIVE_CLASSES.replace("vehicle", "car"))
+    with pytest.raises(DataConfigError, match=r"packed with classes \[.*'vehicle'\], data.classes=.*other.yaml has"):
+        check_classes(compose_config(["conf=folder", f"data.classes={other}"]), m.path)
+    with pytest.raises(DataConfigError, match=r"packed with a classes file \(5 classes: road, sidewalk,"):
+        check_classes(compose_config(["conf=gta2city"]), m.path)
+
+
+def test_predictions_of_a_classes_file_use_its_values_and_colours(tmp_path):
+    from sdca_dist.classes import colorize
+    from sdca_dist.predict import class_value_table
+
+    path = tmp_path / "classes.yaml"
+    path.write_text(FIVE_CLASSES)
+    table = load_classes(path)
+    pred = np.array([[0, 3], [4, 255]], np.uint8)
+    assert class_value_table(table)[pred].tolist() == [[1, 9], [14, 0]]
+    assert colorize(pred, 5, table.palette()).tolist() == [[[128, 64, 128], [107, 142, 35]], [[0, 0, 142], [0, 0, 0]]]
