@@ -39,7 +39,9 @@ def evaluate(sc: StageContext, module: torch.nn.Module, tag: str = "eval", itera
     from sdca_dist.engine.observe import denormalize
     from sdca_dist.engine.val_examples import ValExamples
 
-    examples = ValExamples(sc.folder, ctx.is_main)  # a few images for the summary's picture panel
+    # a few images for the summary's picture panel (an evaluation outside a stage keeps none)
+    folder = getattr(sc, "folder", None)
+    examples = ValExamples(folder or ".", ctx.is_main and folder is not None)
     t0 = time.time()
     images = 0
     shown = False
