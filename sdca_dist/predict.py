@@ -6,6 +6,9 @@ Predictions in the Cityscapes benchmark's format for every image of a folder (re
   OUT/labelIds/<sub>/<stem>_labelIds.png   Cityscapes label ids (what the official evaluator reads)
   OUT/color/<sub>/<stem>_color.png         the Cityscapes palette
 
+With ``data.classes=FILE`` (docs/datasets.md) labelIds holds each class's first label value of that
+file (the user's own encoding) and color its colours.
+
 ``<stem>`` is the file name without ``_leftImg8bit.png`` (other images: without the extension);
 ``<sub>`` is the image's folder relative to DIR (empty for shard sets). The two kinds go to two
 trees because the official ``evalPixelLevelSemanticLabeling`` globs ``<city>_<seq>_<frame>*.png``
