@@ -105,7 +105,11 @@ def test_relaunch_skips_fresh_stages_and_redo_reruns_everything_after(tiny_chain
 
     old = {s: json.loads((run / s / "DONE").read_text())["finished"] for s in CHAIN}
     src_hash = json.loads((run / "src" / "DONE").read_text())["outputs"]["model_final.pt"]
-    redo = run_launcher([f"run_dir={run}", "redo=[sdca]"])
+    # the shared chain's stage cache holds sdca, pseudo_label and ssl under these very keys: a redo
+    # must compute them all the same
+    cache = tiny_chain.parent / "stage_cache"
+    assert cache.is_dir()
+    redo = run_launcher([f"run_dir={run}", "redo=[sdca]", f"cache_dir={cache}"])
     assert redo.returncode == 0, redo.stdout[-2000:] + redo.stderr[-2000:]
     skipped = re.findall(r"\[launch\] \S+ (\w+): DONE with these settings and inputs, skipped", redo.stdout)
     assert skipped == ["src", "dist_init"]  # sdca_no_align is not planned without with_ablation
