@@ -91,6 +91,7 @@ def test_point_folder_names_are_safe_paths_never_read_as_sweeps():
         fixed, sweeps = parse_sweeps([f"run_dir=runs/g/{name}", *(f"{k}={v}" for k, v in points[names.index(name)])])
         assert sweeps == [] and fixed[0] == f"run_dir=runs/g/{name}"
     assert point_names([(("method.tau", "1"), ("sdca.lr", "0.1"))]) == ["method.tau=1+sdca.lr=0.1"]
+    assert parse_sweeps(["run_dir=runs/a,b", "method.tau=1,2"])[0] == ["run_dir=runs/a,b"]  # a folder, not a sweep
     long = [(("model.pretrained", "x" * 200),)]
     assert len(point_names(long)[0]) == 120
 
@@ -396,3 +397,24 @@ def test_a_failed_point_stops_only_what_depends_on_it(shards, tmp_path):
     )
     md = (root / "summary.md").read_text()
     assert f"- {bad} seed 0 {first['stage']}: failed; exit code 2" in md and f"- {bad2}: {why}" in md
+
+
+def test_seed_arrays_wait_seed_by_seed_and_a_failure_blocks_only_its_dependants():
+    """The SLURM backend's dependency rules, from its own functions: arrays over the same seeds
+    chain with aftercorr (task k on task k), otherwise afterok; a task is blocked only by a
+    failed task it depends on."""
+    from sdca_dist.launch.backends.slurm import StageArray, _blocked, dependency_on, dependency_parameter
+
+    assert dependency_on("11", [0, 1], [0, 1]) == ("aftercorr", "11")
+    assert dependency_on("11", [0, 1], [1]) == ("afterok", "11")  # seed 0's stage was fresh
+    assert dependency_on("11", [0], [0]) == ("afterok", "11")  # one seed: no array to correspond
+    assert dependency_parameter([("aftercorr", "11"), ("afterok", "12"), ("aftercorr", "13")]) == (
+        "aftercorr:11:13,afterok:12"
+    )
+    corr = StageArray("dist_init", [], [0, 1], [("aftercorr", "11")])
+    whole = StageArray("dist_init", [], [0, 1], [("afterok", "11")])
+    other = StageArray("src", [], [0, 1], [("aftercorr", "21")])
+    failed = {"11": {1}}  # seed 1's task of job 11 failed
+    assert not _blocked(corr, 0, failed) and _blocked(corr, 1, failed)
+    assert _blocked(whole, 0, failed) and _blocked(whole, 1, failed)
+    assert not _blocked(other, 0, failed) and not _blocked(other, 1, failed)  # another point's chain
