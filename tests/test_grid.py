@@ -15,7 +15,9 @@ Specifications:
   swept seed, a baseline that is no point, a tied level of the wrong length; a point whose run
   folder holds other settings;
 * a failed point (``src.lr=1e9``) stops only the point that takes its src; the others finish, the
-  summary names what failed and why, the launch exits 2.
+  summary names what failed and why, the launch exits 2; a failed seed stops only its own chain;
+* the SLURM dependency rules: aftercorr between arrays over the same seeds, a failed task blocks
+  only its dependants.
 """
 
 from __future__ import annotations
@@ -418,3 +420,29 @@ def test_seed_arrays_wait_seed_by_seed_and_a_failure_blocks_only_its_dependants(
     assert not _blocked(corr, 0, failed) and _blocked(corr, 1, failed)
     assert _blocked(whole, 0, failed) and _blocked(whole, 1, failed)
     assert not _blocked(other, 0, failed) and not _blocked(other, 1, failed)  # another point's chain
+
+
+def test_a_failed_seed_stops_only_its_own_chain(shards, tmp_path):
+    """seeds=2, local: seed 0's src cannot run (its stage folder is held by another process, exit
+    2); seed 0 runs no later stage, seed 1 runs src and dist_init; the summary is written with
+    seed 1 and the launch exits 2 naming seed 0's stage."""
+    from sdca_dist.lineage import StageLock
+
+    run = tmp_path / "run"
+    lock = StageLock(run / "seed_0" / "src")
+    lock.acquire()
+    try:
+        proc = run_launcher(
+            tiny(shards, "cluster=local", "src.iters=2", "seeds=2", "stages=[src,dist_init]", f"run_dir={run}")
+        )
+    finally:
+        lock.release()
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[launch] seed 0 src failed (exit 2); not run for this seed: dist_init; other seeds go on" in proc.stdout
+    assert all((run / "seed_1" / st / "DONE").is_file() for st in ("src", "dist_init")), proc.stdout[-3000:]
+    assert not (run / "seed_0" / "src" / "DONE").exists() and not (run / "seed_0" / "dist_init").exists()
+    assert last_error(proc) == (
+        f"error: stage src (seed 0) failed with exit code 2; see its output above and {run / 'seed_0' / 'src'}"
+    )
+    summary = json.loads((run / "summary.json").read_text())
+    assert [r["seed"] for r in summary["stages"]["src"]["per_seed"]] == [1]
