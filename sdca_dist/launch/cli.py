@@ -22,6 +22,7 @@ from sdca_dist.launch.plan import (
     Todo,
     _arg,
     check_shape,
+    missing_data,
     planned_stages,
     preflight,
     run_configs,
@@ -34,8 +35,9 @@ from sdca_dist.stage_table import spec
 
 
 def main(argv: Sequence[str], hooks: Optional[dict] = None) -> int:
-    """``hooks``: set by a grid (``sdca_dist.launch.grid``) for each of its points: ``after``
-    {stage: [job ids]} the point's jobs depend on; ``submitted`` receives {stage: job id}."""
+    """``hooks``: set by a grid (``sdca_dist.launch.grid``) for each of its points, whose command
+    line is then one run (never read as a sweep again): ``after`` {stage: [{"job", "seeds"}]}
+    the point's jobs depend on; ``submitted`` receives {stage: {"job", "seeds"}}."""
     if any(a in ("-h", "--help") for a in argv):
         print(sdca_dist.launch.__doc__)
         return 0
@@ -51,7 +53,7 @@ def main(argv: Sequence[str], hooks: Optional[dict] = None) -> int:
             return print_status(Path(_arg(run_overrides, "run_dir") or "runs/default"))
         from sdca_dist.launch.grid import is_grid, run_grid
 
-        if is_grid(user):
+        if hooks is None and is_grid(user):
             from sdca_dist.launch.backends.slurm import wait_slurm
 
             return run_grid(user, main, wait_slurm)
@@ -66,6 +68,9 @@ def main(argv: Sequence[str], hooks: Optional[dict] = None) -> int:
         problems += label_problems(cfg, stages, lambda name: data_manifest(cfg, name))
         if problems:
             raise LaunchError("; ".join(dict.fromkeys(problems)))
+        needs = list(dict.fromkeys(n for _, _, c, _ in runs for n in missing_data(c, stages)))
+        if needs and not launch.dry_run:
+            raise LaunchError("; ".join(needs))
         from sdca_dist.config.run_config import differing_from_preset
 
         changed = differing_from_preset(cfg)
@@ -88,6 +93,10 @@ def main(argv: Sequence[str], hooks: Optional[dict] = None) -> int:
                 flush=True,
             )
         if launch.dry_run:
+            for line in needs:
+                print(f"[launch] the run will need: {line}", flush=True)
+            if needs:
+                print(f"[launch] {len(needs)} input(s) missing: a real launch refuses until they exist", flush=True)
             return 0
         from sdca_dist.lineage import Lineage
         from sdca_dist.stage_cache import launch_cache_dir, recomputed, write_run_cache_setting
@@ -106,7 +115,7 @@ def main(argv: Sequence[str], hooks: Optional[dict] = None) -> int:
                 Lineage(folder).invalidate(stage)
             write_run_cache_setting(folder, cache_dir, recompute=recompute)
         if cfg.data.synthetic:
-            from sdca_dist.engine.data import ensure_synthetic_shards
+            from sdca_dist.data.sets import ensure_synthetic_shards
 
             ensure_synthetic_shards(cfg, log=lambda m: print(f"[launch] {m}", flush=True))
         todo: Todo = [(seed, folder, stages_to_run(c, folder, stages)) for seed, folder, c, _ in runs]
