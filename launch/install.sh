@@ -85,8 +85,9 @@ else
     echo "install: GPU (driver $driver${cc:+, compute capability $cc}); installing torch==$spec from $index"
   fi
   # the build's own index only, and its label pinned: no other index can substitute another build;
-  # torch's own dependencies come with the project's below (PyPI, pinned by the lock)
+  # then its dependencies from the default index (the installed build satisfies the pin itself)
   pipq --force-reinstall --no-deps "torch==$spec" --index-url "$index" "${pins[@]}"
+  pipq "torch==$spec" "${pins[@]}"
   want=${spec#*+}
 fi
 check_build() {  # the torch now installed is the build asked for (after each pip run that could change it)

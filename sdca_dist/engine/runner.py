@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from sdca_dist.engine.data import DataConfigError, check_manifests, ensure_synthetic_shards
 from sdca_dist.engine.distributed import DistContext, broadcast_object, init_distributed, shutdown_distributed
+from sdca_dist.engine.environment import record_environment
 from sdca_dist.engine.observe import StageObserver
 from sdca_dist.engine.run_dir import RunDir
 from sdca_dist.engine.stage_context import StageContext
@@ -158,6 +159,7 @@ def run_stage(cfg: DictConfig) -> dict:
                 for line in plan_warnings(cfg, [stage]):
                     observer.log(line)
             observer.text("config", config_path(run.root).read_text() if config_path(run.root).is_file() else "")
+            record_environment(run.stage(stage), ctx.device, log=observer.log)
         sc = StageContext(cfg=cfg, ctx=ctx, run=run, name=stage, observer=observer)
         t0 = time.time()
         summary = stage_spec.function()(sc)
