@@ -1,4 +1,7 @@
-"""mIoU on the target val shards: every rank evaluates its share, one all-reduce of the confusion."""
+"""mIoU on the target val shards: every rank evaluates its share, one all-reduce of the confusion.
+
+The forward runs under ``engine.amp`` (bf16 autocast on CUDA by default, none on the CPU); the
+confusion matrix is accumulated on the device and read once, after its all-reduce."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import torch
 
 from sdca_dist.data.loader import own_size_rows
 from sdca_dist.engine.data import make_loader, manifest_path, shard_set
+from sdca_dist.engine.model_engine import inference_amp, inference_autocast
 from sdca_dist.engine.stage_context import StageContext
 from sdca_dist.method.segmentation_loss import upsample_logits
 
@@ -31,6 +35,7 @@ def evaluate(sc: StageContext, module: torch.nn.Module, tag: str = "eval", itera
     was_training = module.training
     module.eval()
     cm = ConfusionMatrix(num_classes, device=ctx.device)
+    amp = inference_amp(sc.settings.engine, ctx.device)
     t0 = time.time()
     images = 0
     shown = False
@@ -39,7 +44,8 @@ def evaluate(sc: StageContext, module: torch.nn.Module, tag: str = "eval", itera
         label = batch["label"].to(ctx.device)
         valid = batch["valid"].to(ctx.device)
         dtype = next(module.parameters()).dtype
-        _, logits = module(image.to(dtype))
+        with inference_autocast(amp, ctx.device):
+            _, logits = module(image.to(dtype))
         label = torch.where(valid[:, None, None], label, torch.full_like(label, 255))
         for rows, own in own_size_rows(label, batch.get("label_size")):
             up = upsample_logits(logits[rows].float(), tuple(own.shape[-2:]))
@@ -48,7 +54,7 @@ def evaluate(sc: StageContext, module: torch.nn.Module, tag: str = "eval", itera
             if not shown:
                 sc.observer.images(iteration, f"{tag}/val", image[rows][0], own[0], pred[0])
                 shown = True
-        images += int(valid.sum())
+        images += valid.sum()  # on the loader's device; read once below
     cm.all_reduce()
     from sdca_dist.classes import class_names
 
@@ -56,7 +62,7 @@ def evaluate(sc: StageContext, module: torch.nn.Module, tag: str = "eval", itera
     # strict JSON: a class with empty union (absent and never predicted) is null, not NaN
     report["per_class"] = {k: (None if v != v else v) for k, v in report["per_class"].items()}
     report["table"] = cm.table(class_names(num_classes))
-    report["images_rank0"] = int(images)
+    report["images_rank0"] = int(images)  # the one host read of the count
     report["eval_seconds"] = round(time.time() - t0, 2)
     sc.observer.log(
         f"{tag}: mIoU {report['mIoU']:.2f}" + (f" (13-class {report['mIoU13']:.2f})" if "mIoU13" in report else "")

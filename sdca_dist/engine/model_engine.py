@@ -56,6 +56,23 @@ def speed_settings(engine: EngineConfig, train: TrainConfig, device: torch.devic
     )
 
 
+def inference_amp(engine: EngineConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of inference (eval, dist_init, pseudo_label, predict) under either
+    engine: ``engine.amp`` resolved as for DDP training (auto: bf16 on CUDA, none on the CPU;
+    ``engine.bf16`` means bf16). The weights stay as loaded; outputs are read as float32."""
+    choice = engine.amp if engine.amp != "auto" else ("bf16" if device.type == "cuda" or engine.bf16 else "fp32")
+    if engine.bf16:
+        choice = "bf16"
+    return torch.bfloat16 if choice == "bf16" else None
+
+
+def inference_autocast(amp: torch.dtype | None, device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``amp`` on ``device``; nothing (the exact fp32 path) for None."""
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp)
+
+
 def apply_backend_settings(speed: SpeedSettings) -> None:
     """Process-wide switches: cuDNN autotuning and deterministic algorithms. Deterministic mode
     warns (``warn_only``) for an op without a deterministic kernel instead of failing the run: a
