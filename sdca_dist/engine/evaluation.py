@@ -35,7 +35,7 @@ def evaluate(sc: StageContext, module: torch.nn.Module, tag: str = "eval", itera
     was_training = module.training
     module.eval()
     cm = ConfusionMatrix(num_classes, device=ctx.device)
-    amp = inference_amp(sc.settings.engine, ctx.device)
+    amp = inference_amp(cfg.engine, ctx.device)
     t0 = time.time()
     images = 0
     shown = False

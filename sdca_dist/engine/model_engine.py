@@ -59,7 +59,8 @@ def speed_settings(engine: EngineConfig, train: TrainConfig, device: torch.devic
 def inference_amp(engine: EngineConfig, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of inference (eval, dist_init, pseudo_label, predict) under either
     engine: ``engine.amp`` resolved as for DDP training (auto: bf16 on CUDA, none on the CPU;
-    ``engine.bf16`` means bf16). The weights stay as loaded; outputs are read as float32."""
+    ``engine.bf16`` means bf16). The weights stay as loaded; outputs are read as float32.
+    ``engine``: an EngineConfig or the run configuration's ``engine`` section (same keys)."""
     choice = engine.amp if engine.amp != "auto" else ("bf16" if device.type == "cuda" or engine.bf16 else "fp32")
     if engine.bf16:
         choice = "bf16"

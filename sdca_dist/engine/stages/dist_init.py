@@ -39,7 +39,7 @@ def run(sc: StageContext) -> dict:
     obs.total = int(loader.steps_per_epoch)
     obs.restart_clock(0)
     health = TrainingHealth(sc.name, ctx, cfg.data.num_classes)  # out-of-range labels: one line, not an assert
-    amp = inference_amp(sc.settings.engine, ctx.device)
+    amp = inference_amp(cfg.engine, ctx.device)
     t0 = time.time()
     for step, batch in enumerate(loader, 1):
         image = batch["image"].to(ctx.device)

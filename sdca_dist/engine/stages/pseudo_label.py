@@ -64,7 +64,7 @@ def run(sc: StageContext) -> dict:
     num_classes = cfg.data.num_classes
     model = sc.build_model(init_from=sc.run.model_of("sdca"), freeze_bn=True)
     model.eval()
-    amp = inference_amp(sc.settings.engine, ctx.device)
+    amp = inference_amp(cfg.engine, ctx.device)
     t0 = time.time()
 
     # pass 1: thresholds
