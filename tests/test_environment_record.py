@@ -12,8 +12,10 @@ import torch
 from sdca_dist.engine.environment import FILE, changed_versions, record_environment
 
 
-def test_the_record_holds_the_versions_that_move_figures(tmp_path):
+def test_the_record_holds_the_versions_that_move_figures(tmp_path, monkeypatch):
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")
     env = record_environment(tmp_path, log=lambda m: None)
+    assert env["variables"]["DNNL_MAX_CPU_ISA"] == "AVX2"  # a kernel choice made by hand is on record
     on_disk = json.loads((tmp_path / FILE).read_text())
     assert on_disk == env
     assert env["torch_build"] == torch.__version__ and env["packages"]["numpy"] == numpy.__version__

@@ -34,6 +34,8 @@ PACKAGES = (
     "cityscapesscripts",
 )
 FILE = "environment.json"
+#: environment variables that change which kernels run (recorded when set)
+KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA", "OMP_NUM_THREADS", "CUBLAS_WORKSPACE_CONFIG")
 
 
 def _cpu_model() -> str:
@@ -79,6 +81,7 @@ def environment(device=None) -> dict:
             "torch_threads": torch.get_num_threads(),
         },
         "gpu": cuda,
+        "variables": {k: os.environ[k] for k in KERNEL_VARIABLES if k in os.environ},
         "executable": sys.executable,
     }
 
