@@ -249,6 +249,9 @@ class DeepSpeedEngine(ModelEngine):
         }
         if bf16:
             config["bf16"] = {"enabled": True}
+            # a BatchNorm that trains has bf16 parameters: its buffers must be bf16 too, else "expected
+            # scalar type BFloat16 but found Float"; frozen BatchNorms get fp32 back below
+            config["data_types"] = {"buffer_dtype": "bf16"}
         self.ctx = ctx
         self.micro_steps = micro_steps
         self.freeze_bn = freeze_bn
