@@ -194,7 +194,7 @@ LOCK_HEADER = """\
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = p.add_subparsers(dest="what", required=True)
     t = sub.add_parser("torch", help="print the torch build (cpu, 12 or 13), its index URL and the exact version")
     t.add_argument("--driver", default="", help="NVIDIA driver version; empty: no GPU")
