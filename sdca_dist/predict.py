@@ -380,25 +380,33 @@ def output_paths(out: Path, item: InputImage) -> tuple[Path, Path]:
 
 # --------------------------------------------------------------------------- model
 class Predictor:
-    """A model in eval mode on a device; ``labels(views, sizes)`` gives per-image class maps."""
+    """A model in eval mode on a device; ``labels(views, sizes)`` gives per-image class maps.
 
-    def __init__(self, model, device, flip: bool):
+    ``launch`` queues a batch's forward (under ``amp``, the autocast dtype; None: fp32) and
+    returns its class maps still on the device; ``fetch`` copies them to the host. Between the
+    two the caller decodes the next batch, so on a GPU decoding overlaps inference."""
+
+    def __init__(self, model, device, flip: bool, amp=None):
         self.model = model.to(device).eval()
         self.device = device
         self.flip = flip
+        self.amp = amp
 
-    def labels(self, views, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+    def launch(self, views, sizes: list[tuple[int, int]]) -> list:
         import torch
         import torch.nn.functional as F
+
+        from sdca_dist.engine.model_engine import inference_autocast
 
         tta = self.flip or len(views) > 1
         logits_per_view = []
         with torch.no_grad():
             for view in views:
-                x = view.to(self.device)
-                logits_per_view.append((self.model(x)[1].float(), False))
-                if self.flip:
-                    logits_per_view.append((self.model(x.flip(-1))[1].float(), True))
+                x = view.to(self.device, non_blocking=True)
+                with inference_autocast(self.amp, self.device):
+                    logits_per_view.append((self.model(x)[1].float(), False))
+                    if self.flip:
+                        logits_per_view.append((self.model(x.flip(-1))[1].float(), True))
             out = []
             for i, (h, w) in enumerate(sizes):
                 total = None
@@ -409,8 +417,15 @@ class Predictor:
                     up = F.interpolate(one, size=(h, w), mode="bilinear", align_corners=True)
                     score = up.softmax(1) if tta else up
                     total = score if total is None else total + score
-                out.append(total[0].argmax(0).to(torch.uint8).cpu().numpy())
+                out.append(total[0].argmax(0).to(torch.uint8))
         return out
+
+    @staticmethod
+    def fetch(launched: list) -> list[np.ndarray]:
+        return [t.cpu().numpy() for t in launched]
+
+    def labels(self, views, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+        return self.fetch(self.launch(views, sizes))
 
 
 def class_value_table(table) -> np.ndarray:
@@ -441,7 +456,9 @@ def run(args: PredictArgs, cfg, ctx, log=print, written: Optional[list[Path]] = 
     pre = EvalPreprocessor(
         list(cfg.data.eval_resize), args.scales, batch_size, int(cfg.data.num_threads), cuda_device=ctx.device
     )
-    predictor = Predictor(model, ctx.device, args.flip)
+    from sdca_dist.engine.model_engine import inference_amp
+
+    predictor = Predictor(model, ctx.device, args.flip, amp=inference_amp(cfg.engine, ctx.device))
     if ctx.is_main:
         tta = f", flip={args.flip}, scales={list(args.scales)}" if args.flip or args.scales != (1.0,) else ""
         log(
@@ -450,16 +467,10 @@ def run(args: PredictArgs, cfg, ctx, log=print, written: Optional[list[Path]] = 
         )
     t0 = last_report = time.time()
     done = 0
-    for batch in batches(items, batch_size):
-        encoded = [item.read() for item in batch]
-        sizes = [image_size(item.source, data) for item, data in zip(batch, encoded)]
-        try:
-            views = pre(encoded)
-        except Exception:  # DALI's message is opaque: find and name the file
-            for item, data in zip(batch, encoded):
-                check_decodable(item.source, data)
-            raise
-        for item, label in zip(batch, predictor.labels(views, sizes)):
+
+    def write(batch: list[InputImage], launched: list) -> None:
+        nonlocal done, last_report
+        for item, label in zip(batch, predictor.fetch(launched)):
             label_path, color_path = output_paths(args.out, item)
             outputs = (
                 (label_path, _png_bytes(ids[label])),
@@ -482,6 +493,23 @@ def run(args: PredictArgs, cfg, ctx, log=print, written: Optional[list[Path]] = 
                 flush=True,
             )
             last_report = now
+
+    in_flight = None  # (batch, its class maps still on the device): decoding the next overlaps it
+    for batch in batches(items, batch_size):
+        encoded = [item.read() for item in batch]
+        sizes = [image_size(item.source, data) for item, data in zip(batch, encoded)]
+        try:
+            views = pre(encoded)
+        except Exception:  # DALI's message is opaque: find and name the file
+            for item, data in zip(batch, encoded):
+                check_decodable(item.source, data)
+            raise
+        launched = predictor.launch(views, sizes)
+        if in_flight is not None:
+            write(*in_flight)
+        in_flight = (batch, launched)
+    if in_flight is not None:
+        write(*in_flight)
     return done
 
 

@@ -54,6 +54,8 @@ def _state(path: Path) -> dict:
 def test_chain_writes_every_stage_output(chain: Path):
     for stage in STAGES:
         assert (chain / stage / "DONE").is_file(), stage
+        env = json.loads((chain / stage / "environment.json").read_text())  # the versions it ran with
+        assert env["torch_build"] == torch.__version__ and env["packages"]["numpy"], stage
     for stage in ("src", "sdca", "ssl"):
         metrics = json.loads((chain / stage / "metrics.json").read_text())
         assert 0.0 <= metrics["mIoU"] <= 100.0

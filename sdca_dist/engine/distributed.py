@@ -208,12 +208,14 @@ class StopVote:
     slowest rank (2 ms of a 66 ms sdca step on 2 CPU ranks, ``python -m sdca_dist.bench scale``).
     One step of delay is nothing against SLURM's warning time (``cluster.signal_delay_s``).
 
-    Single process: the request itself, at once. Call :meth:`close` before leaving the loop
-    (it waits for the vote in flight, which every rank has launched).
+    Single process: the request itself, at once, unless ``collective`` (the GPU check runs the
+    NCCL path, pinned copy and event included, on one GPU). Call :meth:`close` before leaving the
+    loop (it waits for the vote in flight, which every rank has launched).
     """
 
-    def __init__(self, ctx: DistContext) -> None:
+    def __init__(self, ctx: DistContext, collective: bool = False) -> None:
         self.ctx = ctx
+        self.collective = collective
         #: (work to wait for or None, the vote's CPU tensor, CUDA event of its copy or None)
         self._in_flight: tuple[Any, torch.Tensor, Any] | None = None
 
@@ -223,7 +225,7 @@ class StopVote:
         On CUDA nothing here waits for the GPU: the vote is made on the device (a fill, not a copy
         from the host), its all-reduce is ordered on the stream, and the result is copied to
         pinned host memory behind an event; reading it one step later waits for that event only."""
-        if not self.ctx.distributed or self.ctx.world_size == 1:
+        if not self.ctx.distributed or (self.ctx.world_size == 1 and not self.collective):
             return requested
         agreed = self._result()
         t = torch.full((1,), 1.0 if requested else 0.0, device=self.ctx.device)

@@ -1,4 +1,7 @@
-"""mIoU on the target val shards: every rank evaluates its share, one all-reduce of the confusion."""
+"""mIoU on the target val shards: every rank evaluates its share, one all-reduce of the confusion.
+
+The forward runs under ``engine.amp`` (bf16 autocast on CUDA by default, none on the CPU); the
+confusion matrix is accumulated on the device and read once, after its all-reduce."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import torch
 from sdca_dist.data.loader import own_size_rows
 from sdca_dist.data.sets import manifest_path, shard_set
 from sdca_dist.engine.data import make_loader
+from sdca_dist.engine.model_engine import inference_amp, inference_autocast
 from sdca_dist.engine.stage_context import StageContext
 from sdca_dist.method.segmentation_loss import upsample_logits
 
@@ -43,6 +47,7 @@ def evaluate(sc: StageContext, module: torch.nn.Module, tag: str = "eval", itera
     # a few images for the summary's picture panel (an evaluation outside a stage keeps none)
     folder = getattr(sc, "folder", None)
     examples = ValExamples(folder or ".", ctx.is_main and folder is not None)
+    amp = inference_amp(cfg.engine, ctx.device)
     t0 = time.time()
     images = 0
     shown = False
@@ -51,7 +56,8 @@ def evaluate(sc: StageContext, module: torch.nn.Module, tag: str = "eval", itera
         label = batch["label"].to(ctx.device)
         valid = batch["valid"].to(ctx.device)
         dtype = next(module.parameters()).dtype
-        _, logits = module(image.to(dtype))
+        with inference_autocast(amp, ctx.device):
+            _, logits = module(image.to(dtype))
         label = torch.where(valid[:, None, None], label, torch.full_like(label, 255))
         for rows, own in own_size_rows(label, batch.get("label_size")):
             up = upsample_logits(logits[rows].float(), tuple(own.shape[-2:]))
@@ -63,7 +69,7 @@ def evaluate(sc: StageContext, module: torch.nn.Module, tag: str = "eval", itera
             for j in range(own.shape[0]):
                 if examples.wanted and bool(valid[rows][j]):
                     examples.add(denormalize(image[rows][j]), own[j].cpu().numpy(), pred[j].cpu().numpy())
-        images += int(valid.sum())
+        images += valid.sum()  # on the loader's device; read once below
     cm.all_reduce()
     examples.write()
     report = miou_report(cm, num_classes, table.names)
@@ -71,7 +77,7 @@ def evaluate(sc: StageContext, module: torch.nn.Module, tag: str = "eval", itera
     report["per_class"] = {k: (None if v != v else v) for k, v in report["per_class"].items()}
     report["table"] = cm.table(table.names)
     report["scored_on"] = str(cfg.data.target_val)  # which split scored (the summary names it)
-    report["images_rank0"] = int(images)
+    report["images_rank0"] = int(images)  # the one host read of the count
     report["eval_seconds"] = round(time.time() - t0, 2)
     sc.observer.log(
         f"{tag}: mIoU {report['mIoU']:.2f}" + (f" (13-class {report['mIoU13']:.2f})" if "mIoU13" in report else "")

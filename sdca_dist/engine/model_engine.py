@@ -56,6 +56,24 @@ def speed_settings(engine: EngineConfig, train: TrainConfig, device: torch.devic
     )
 
 
+def inference_amp(engine: EngineConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of inference (eval, dist_init, pseudo_label, predict) under either
+    engine: ``engine.amp`` resolved as for DDP training (auto: bf16 on CUDA, none on the CPU;
+    ``engine.bf16`` means bf16). The weights stay as loaded; outputs are read as float32.
+    ``engine``: an EngineConfig or the run configuration's ``engine`` section (same keys)."""
+    choice = engine.amp if engine.amp != "auto" else ("bf16" if device.type == "cuda" or engine.bf16 else "fp32")
+    if engine.bf16:
+        choice = "bf16"
+    return torch.bfloat16 if choice == "bf16" else None
+
+
+def inference_autocast(amp: torch.dtype | None, device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``amp`` on ``device``; nothing (the exact fp32 path) for None."""
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp)
+
+
 def apply_backend_settings(speed: SpeedSettings) -> None:
     """Process-wide switches: cuDNN autotuning and deterministic algorithms. Deterministic mode
     warns (``warn_only``) for an op without a deterministic kernel instead of failing the run: a
@@ -231,16 +249,20 @@ class DeepSpeedEngine(ModelEngine):
         }
         if bf16:
             config["bf16"] = {"enabled": True}
-            # BatchNorm buffers must be bf16 too, else "expected scalar type BFloat16 but found Float"
+            # a BatchNorm that trains has bf16 parameters: its buffers must be bf16 too, else "expected
+            # scalar type BFloat16 but found Float"; frozen BatchNorms get fp32 back below
             config["data_types"] = {"buffer_dtype": "bf16"}
         self.ctx = ctx
         self.micro_steps = micro_steps
         self.freeze_bn = freeze_bn
         self.dtype = torch.bfloat16 if bf16 else torch.float32
         self._base_groups = optimizer.param_groups
-        engine, ds_opt, _, _ = deepspeed.initialize(model=model.to(ctx.device), optimizer=optimizer, config=config)
+        model = model.to(ctx.device)
+        fp32 = _frozen_batchnorm_state(model) if bf16 else {}
+        engine, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.engine = engine
         self.module = engine.module
+        _restore_fp32(self.module, fp32)
         self.optimizer = ds_opt
         self.zero_stage = zero_stage
 
@@ -301,6 +323,28 @@ class DeepSpeedEngine(ModelEngine):
                 self.optimizer.load_state_dict([state] * self.ctx.world_size, load_from_fp32_weights=True)
             else:
                 self.optimizer.load_state_dict(state)
+
+
+def _frozen_batchnorm_state(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """fp32 copies of the parameters and buffers of every BatchNorm whose parameters are all
+    frozen (``freeze_bn``: the published setting), by module name, taken before DeepSpeed's bf16
+    cast rounds them. A BatchNorm that trains keeps DeepSpeed's bf16 (its parameters live in the
+    optimizer's flat bf16 groups)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+            out[name] = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    return out
+
+
+def _restore_fp32(module: nn.Module, saved: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Give the frozen BatchNorms back their fp32 statistics and affine parameters (exact values,
+    not the bf16-rounded ones): BN then runs on bf16 inputs with fp32 statistics, as under DDP's
+    autocast, and ``model_state()`` / ``model_final.pt`` hold them in fp32."""
+    for name, state in saved.items():
+        m = module.get_submodule(name)
+        m.float()
+        m.load_state_dict(state)
 
 
 def _is_plain(value: Any) -> bool:

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from sdca_dist.config import reads
 from sdca_dist.data.sets import DataConfigError, check_manifests, ensure_synthetic_shards
 from sdca_dist.engine.distributed import DistContext, broadcast_object, init_distributed, shutdown_distributed
+from sdca_dist.engine.environment import record_environment
 from sdca_dist.engine.observe import StageObserver
 from sdca_dist.engine.run_dir import RunDir
 from sdca_dist.engine.stage_context import StageContext
@@ -180,6 +181,7 @@ def run_stage(cfg: DictConfig) -> dict:
             observer.log(line)
         if ctx.is_main:
             _log_start(cfg, ctx, run, observer)
+            record_environment(run.stage(stage), ctx.device, log=observer.log)
         sc = StageContext(cfg=cfg, ctx=ctx, run=run, name=stage, observer=observer)
         t0 = time.time()
         summary = stage_spec.function()(sc)

@@ -16,50 +16,92 @@ class ConfusionMatrix:
     """``mat[t, p]`` = pixels of true class t predicted as p (int64, on the device given).
 
     Each rank updates its own; :meth:`all_reduce` sums them once, after which every rank reports
-    the same numbers.
+    the same numbers. A label outside [0, C) (other than the ignore index) or a prediction outside
+    [0, C) is an error (a wrong class table upstream). On the CPU :meth:`update` raises it at once;
+    on a GPU (``defer_checks``) such pixels are counted on the device instead of read back every
+    batch, kept out of the matrix, and the error is raised when the matrix is read (after the
+    all-reduce, on every rank alike): the evaluation loop never waits for the GPU.
     """
 
     def __init__(
-        self, num_classes: int, *, device: torch.device | str = "cpu", all_reduce: AllReduce | None = None
+        self,
+        num_classes: int,
+        *,
+        device: torch.device | str = "cpu",
+        all_reduce: AllReduce | None = None,
+        defer_checks: bool | None = None,
     ) -> None:
         self.num_classes = int(num_classes)
         self._all_reduce = all_reduce
         self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        #: pixels with a label / a prediction out of range, counted on the device (deferred checks)
+        self._bad = torch.zeros(2, dtype=torch.int64, device=device)
+        self.defer_checks = torch.device(device).type == "cuda" if defer_checks is None else bool(defer_checks)
+        self.ignore_index = IGNORE_INDEX
 
     def to(self, device: torch.device | str) -> "ConfusionMatrix":
         self.mat = self.mat.to(device)
+        self._bad = self._bad.to(device)
         return self
 
     def update(self, pred: Tensor, label: Tensor, ignore_index: int = IGNORE_INDEX) -> None:
-        """Count ``pred``/``label`` [B, H, W] pairs; labels equal to ``ignore_index`` are skipped.
-
-        Any other label outside [0, C) is an error (it means a wrong class table upstream).
-        """
+        """Count ``pred``/``label`` [B, H, W] pairs; labels equal to ``ignore_index`` are skipped."""
         if pred.shape != label.shape:
             raise ValueError(f"pred {tuple(pred.shape)} and label {tuple(label.shape)} shapes differ")
         C = self.num_classes
+        self.ignore_index = ignore_index
         with torch.no_grad():
             t = label.reshape(-1).long().to(self.mat.device)
             p = pred.reshape(-1).long().to(self.mat.device)
             valid = t != ignore_index
-            # A clear error now, not torch._assert_async: on CUDA that is a device-side assert that
-            # surfaces later at an unrelated call. One host read per evaluated batch.
-            if bool((valid & ((t < 0) | (t >= C))).any()):
-                raise ValueError(f"labels must lie in [0, {C}) or equal ignore_index={ignore_index}")
-            if bool(((p < 0) | (p >= C)).any()):
-                raise ValueError(f"predictions must lie in [0, {C})")
-            # Ignored pixels go to an extra bin C*C: static shapes, no host sync.
-            flat = torch.where(valid, t * C + p, torch.full_like(t, C * C))
+            bad_label = valid & ((t < 0) | (t >= C))
+            bad_pred = (p < 0) | (p >= C)
+            if not self.defer_checks:
+                # A clear error now (one host read per batch, free on the CPU), never a CUDA
+                # device-side assert that surfaces later at an unrelated call
+                if bool(bad_label.any()):
+                    raise ValueError(f"labels must lie in [0, {C}) or equal ignore_index={ignore_index}")
+                if bool(bad_pred.any()):
+                    raise ValueError(f"predictions must lie in [0, {C})")
+            else:
+                self._bad += torch.stack([bad_label.sum(), bad_pred.sum()])
+            # Ignored (and out-of-range) pixels go to an extra bin C*C: static shapes, no host sync.
+            ok = valid & ~bad_label & ~bad_pred
+            flat = torch.where(ok, t * C + p, torch.full_like(t, C * C))
             counts = torch.zeros(C * C + 1, dtype=torch.int64, device=flat.device)
             counts.index_add_(0, flat, torch.ones_like(flat))  # bincount would read max(flat) on the host
             self.mat += counts[: C * C].view(C, C)
 
+    def _check(self) -> None:
+        """Raise the deferred error, if any pixel was out of range (one host read)."""
+        if not self.defer_checks:
+            return
+        bad_label, bad_pred = (int(v) for v in self._bad.tolist())
+        if bad_label:
+            raise ValueError(
+                f"labels must lie in [0, {self.num_classes}) or equal ignore_index={self.ignore_index} "
+                f"({bad_label} pixels outside)"
+            )
+        if bad_pred:
+            raise ValueError(f"predictions must lie in [0, {self.num_classes}) ({bad_pred} pixels outside)")
+
     def all_reduce(self) -> None:
-        """Sum the matrices of all ranks in place (one collective). Call exactly once."""
-        resolve_all_reduce(self._all_reduce)(self.mat)
+        """Sum the matrices of all ranks in place (one collective). Call exactly once. Deferred
+        range errors travel in the same collective, so every rank raises them alike."""
+        reduce = resolve_all_reduce(self._all_reduce)
+        if self.defer_checks:
+            C = self.num_classes
+            flat = torch.cat([self.mat.reshape(-1), self._bad])
+            reduce(flat)
+            self.mat.copy_(flat[: C * C].view(C, C))
+            self._bad.copy_(flat[C * C :])
+            self._check()
+        else:
+            reduce(self.mat)
 
     def iou(self) -> Tensor:
         """Per-class IoU (float64, 0-1); NaN for a class with empty union (absent and never predicted)."""
+        self._check()
         m = self.mat.double()
         tp = m.diagonal()
         union = m.sum(0) + m.sum(1) - tp

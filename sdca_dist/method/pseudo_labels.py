@@ -67,15 +67,20 @@ class ClassThresholds:
         self.counts = self.counts.to(device)
         return self
 
-    def update(self, probs: Tensor) -> None:
-        """Add a batch of softmax maps ``probs [B, C, H, W]`` (on the counts' device)."""
+    def update(self, probs: Tensor, rows: Tensor | None = None) -> None:
+        """Add a batch of softmax maps ``probs [B, C, H, W]`` (on the counts' device); ``rows``
+        (bool [B]) counts only those images (a mask, not an index: nothing is read on the host)."""
         if probs.dim() != 4 or probs.shape[1] != self.num_classes:
             raise ValueError(f"probs must be [B, {self.num_classes}, H, W], got {tuple(probs.shape)}")
         with torch.no_grad():
             conf, pred = probs.max(dim=1)
             b = (conf.float() * self.bins).long().clamp_(0, self.bins - 1)
             flat = (pred * self.bins + b).reshape(-1)
-            self.counts += torch.bincount(flat, minlength=self.num_classes * self.bins).view_as(self.counts)
+            ones = torch.ones_like(flat)
+            if rows is not None:
+                ones = rows.to(flat.device, torch.int64)[:, None, None].expand_as(pred).reshape(-1)
+            # index_add_, not bincount: bincount reads its maximum on the host (a sync on CUDA)
+            self.counts.view(-1).index_add_(0, flat, ones)
 
     def compute(self, cap: float = 0.9) -> Tensor:
         """Per-class thresholds float32 [C] over all ranks' pixels (collective)."""

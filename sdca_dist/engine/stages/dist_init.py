@@ -1,7 +1,9 @@
 """dist_init: one distributed pass of the src model over the whole source set.
 
 Every rank reads its share of the shards; the per-class statistics are all-reduced at every
-update, so at the end each rank holds the distributions of the entire source set.
+update, so at the end each rank holds the distributions of the entire source set. The forward
+runs under ``engine.amp`` (bf16 autocast on CUDA by default); the statistics are accumulated from
+its outputs in float32, as in training.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from sdca_dist.data.loader import own_size_rows
 from sdca_dist.data.sets import manifest_path, shard_set
 from sdca_dist.engine.data import make_loader
 from sdca_dist.engine.health import TrainingHealth
+from sdca_dist.engine.model_engine import inference_amp, inference_autocast
 from sdca_dist.engine.run_dir import DISTRIBUTIONS
 from sdca_dist.engine.stage_context import StageContext
 from sdca_dist.engine.stages.distributions import DistributionPair, save_distributions
@@ -37,12 +40,15 @@ def run(sc: StageContext) -> dict:
     obs.total = int(loader.steps_per_epoch)
     obs.restart_clock(0)
     health = TrainingHealth(sc.name, ctx, cfg.data.num_classes)  # out-of-range labels: one line, not an assert
+    amp = inference_amp(cfg.engine, ctx.device)
     t0 = time.time()
     for step, batch in enumerate(loader, 1):
         image = batch["image"].to(ctx.device)
         label = batch["label"].to(ctx.device)  # padding samples arrive as 255 (the loader masks them)
         health.labels(step - 1, "source", label)
-        feats, logits = model(image)
+        with inference_autocast(amp, ctx.device):
+            feats, logits = model(image)
+        feats, logits = feats.float(), logits.float()  # no-ops in fp32
         # each label at its own size, resized to the features (a smaller image's label is not
         # stretched over the padding); rows then concatenated: one estimator update per batch
         parts = [

@@ -5,6 +5,11 @@ Pass 1 streams max-softmax histograms (all-reduced once) to get each class's med
 bytes, as WebDataset shards + manifest in the same format as ``python -m sdca_dist.shard``, so
 the ssl stage reads them through the same loader. Each rank writes its own part files; rank 0
 writes the manifest last, so the shard set appears complete or not at all.
+
+The forward runs under ``engine.amp`` (bf16 autocast on CUDA by default; the softmax is taken in
+float32). Statistics stay on the device: the histograms, the kept-pixel count and the quality
+confusion matrix are read once at the end; pass 2 copies each batch's labels to the host once,
+to write them.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from sdca_dist.data.loader import own_size_rows
 from sdca_dist.data.sets import manifest_path, shard_set
 from sdca_dist.engine.data import make_loader
 from sdca_dist.engine.distributed import all_gather_object, all_reduce_sum
+from sdca_dist.engine.model_engine import inference_amp, inference_autocast
 from sdca_dist.engine.run_dir import PSEUDO_SHARDS, THRESHOLDS
 from sdca_dist.engine.stage_context import StageContext
 
@@ -36,13 +42,14 @@ def _loader(sc: StageContext):
     )
 
 
-def _probabilities(model, batch: dict, device) -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
+def _probabilities(model, batch: dict, device, amp=None) -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
     """``(batch rows, softmax probabilities on ``device``, labels as loaded)``, both at those
     labels' OWN size (``own_size_rows``: a smaller image's prediction is never stretched over
-    padding)."""
+    padding). ``amp``: the forward's autocast dtype (None: fp32)."""
     from sdca_dist.method import upsample_logits
 
-    _, logits = model(batch["image"].to(device))
+    with inference_autocast(amp, device):
+        _, logits = model(batch["image"].to(device))
     return [
         (rows, upsample_logits(logits[rows].float(), tuple(own.shape[-2:])).softmax(dim=1), own)
         for rows, own in own_size_rows(batch["label"], batch.get("label_size"))
@@ -59,6 +66,7 @@ def run(sc: StageContext) -> dict:
     num_classes = cfg.data.num_classes
     model = sc.build_model(init_from=sc.run.model_of("sdca"), freeze_bn=True)
     model.eval()
+    amp = inference_amp(cfg.engine, ctx.device)
     t0 = time.time()
 
     # pass 1: thresholds
@@ -68,10 +76,8 @@ def run(sc: StageContext) -> dict:
     thresholds = ClassThresholds(num_classes, bins=cfg.method.threshold_bins, device=ctx.device)
     step = 0
     for batch in loader:
-        for rows, probs, _ in _probabilities(model, batch, ctx.device):
-            valid = batch["valid"][rows]
-            if bool(valid.any()):
-                thresholds.update(probs[valid.to(ctx.device)])
+        for rows, probs, _ in _probabilities(model, batch, ctx.device, amp):
+            thresholds.update(probs, rows=batch["valid"][rows])
         step += 1
         if step % cfg.train.log_every == 0:
             obs.progress(step, {})
@@ -93,39 +99,43 @@ def run(sc: StageContext) -> dict:
     reader = ShardReader(manifest_path(shard_set(cfg, cfg.data.target_train)))
     writer = ShardWriter(out, prefix=f"part-r{ctx.rank:05d}")
     quality = ConfusionMatrix(num_classes, device=ctx.device)  # pseudo label vs the held-back GT
-    kept = total = 0
+    kept = torch.zeros((), dtype=torch.int64, device=ctx.device)  # confident pixels, read once at the end
+    total = 0
+    thr_device = thr.to(ctx.device)
     for batch in _loader(sc):
-        per_image = []  # (batch row, pseudo label at its own size, ground truth at its own size)
-        for rows, probs, gts in _probabilities(model, batch, ctx.device):
-            labels = apply_thresholds(probs, thr.to(ctx.device))
+        valid, index = batch["valid"].tolist(), batch["index"].tolist()  # the loader's host-side records
+        for rows, probs, gts in _probabilities(model, batch, ctx.device, amp):
+            labels = apply_thresholds(probs, thr_device)
             gts = gts.to(ctx.device)
-            per_image += [(rows.start + j, labels[j], gts[j]) for j in range(labels.shape[0])]
-        for i, label_i, gt_i in per_image:
-            if not bool(batch["valid"][i]):
-                continue
-            sample = reader.read(int(batch["index"][i]))
-            lab = label_i.to(torch.uint8).cpu().numpy()
-            writer.add(
-                sample["key"],
-                sample["image"],
-                sample["image_ext"],
-                lab,
-                {"path": sample["meta"].get("path"), "source_index": int(batch["index"][i])},
-            )
-            confident = label_i != 255
-            # only confident pixels are scored: elsewhere the GT is masked to ignore
-            quality.update(
-                torch.where(confident, label_i, torch.zeros_like(label_i))[None],
-                torch.where(confident, gt_i, torch.full_like(gt_i, 255))[None],
-            )
-            kept += int(confident.sum())
-            total += int(lab.size)
+            host = labels.to(torch.uint8).cpu().numpy()  # one copy per batch: shards are written from the host
+            for j in range(labels.shape[0]):
+                i = rows.start + j
+                if not valid[i]:
+                    continue
+                sample = reader.read(int(index[i]))
+                lab = host[j]
+                writer.add(
+                    sample["key"],
+                    sample["image"],
+                    sample["image_ext"],
+                    lab,
+                    {"path": sample["meta"].get("path"), "source_index": int(index[i])},
+                )
+                label_i, gt_i = labels[j], gts[j]
+                confident = label_i != 255
+                # only confident pixels are scored: elsewhere the GT is masked to ignore
+                quality.update(
+                    torch.where(confident, label_i, torch.zeros_like(label_i))[None],
+                    torch.where(confident, gt_i, torch.full_like(gt_i, 255))[None],
+                )
+                kept += confident.sum()
+                total += int(lab.size)
         step += 1
         if step % cfg.train.log_every == 0:
             obs.progress(step, {})
     infos = writer.close()
     gathered = all_gather_object(infos, ctx)
-    counts = torch.tensor([kept, total], dtype=torch.float64, device=ctx.device)
+    counts = torch.stack([kept.to(torch.float64), torch.tensor(float(total), dtype=torch.float64, device=ctx.device)])
     all_reduce_sum(counts, ctx)
     quality.all_reduce()
     if ctx.is_main:
