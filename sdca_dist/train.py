@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from sdca_dist.config import ConfigError
@@ -49,9 +50,48 @@ def prepare(argv: Sequence[str]):
         return cfg
 
     cfg, new = resolve(run_dir, argv, stage=stage, adjust=adjust)
-    if new:
-        freeze(run_dir, cfg, argv)
-    return cfg
+    wrote = freeze(run_dir, cfg, argv) if new else False
+    return cfg, wrote
+
+
+class StartRecord:
+    """What a start that freezes a new run folder's configuration found there, so that a refused
+    start (another job holds the stage, an input is missing) can take back what it wrote: a
+    refusal leaves the folder as it was (the configuration may be started again with other
+    settings). Only a folder without ``config.yaml`` is recorded (a new run's, small)."""
+
+    def __init__(self, run_dir: str | None) -> None:
+        from sdca_dist.config.run_config import config_path
+
+        self.root = Path(run_dir) if run_dir and run_dir.strip() else None
+        self.existed = self.root is not None and self.root.exists()
+        self.before: set[Path] = set()
+        if self.root is not None and self.existed and not config_path(self.root).is_file():
+            self.before = set(self.root.rglob("*"))
+
+    def take_back(self) -> None:
+        """Remove the configuration this start wrote, and the folders it made, unless the start
+        left other files (then its configuration explains them and stays)."""
+        from sdca_dist.config.run_config import CONFIG_FILE, ORIGIN_FILE
+
+        if self.root is None or not self.root.is_dir():
+            return
+        written = {self.root / CONFIG_FILE, self.root / ORIGIN_FILE}
+        new = set(self.root.rglob("*")) - self.before - written
+        if any(not p.is_dir() for p in new):
+            return
+        for p in written:
+            p.unlink(missing_ok=True)
+        for d in sorted(new, key=lambda p: len(p.parts), reverse=True):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        if not self.existed:
+            try:
+                self.root.rmdir()
+            except OSError:
+                pass
 
 
 def main(argv: list[str]) -> int:
@@ -62,11 +102,20 @@ def main(argv: list[str]) -> int:
 
     if under_torchrun():  # the agent's death (e.g. SIGUSR2 to torchrun) stops this rank at a step boundary
         die_with_parent(signal.SIGTERM)
+    start = StartRecord(_arg(argv, "run_dir"))
     try:
-        cfg = prepare(argv)
+        cfg, wrote = prepare(argv)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    code = _run(cfg)
+    if code == 2 and wrote:
+        start.take_back()
+    return code
+
+
+def _run(cfg) -> int:
+    """Run the stage; the exit code (see the module's docstring)."""
     from sdca_dist.data.errors import DataError
     from sdca_dist.engine.data import DataConfigError
     from sdca_dist.engine.distributed import DeviceSetupError
@@ -74,6 +123,7 @@ def main(argv: list[str]) -> int:
     from sdca_dist.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
     from sdca_dist.engine.runner import run_stage
     from sdca_dist.lineage import MissingInputError, RunFolderBusy, StageInputError, StageOutputError
+    from sdca_dist.locks import LockError
     from sdca_dist.models.pretrained import WeightsError
     from sdca_dist.scaling import ScaleError
 
@@ -93,6 +143,7 @@ def main(argv: list[str]) -> int:
         DeviceSetupError,
         TrainingHealthError,
         WeightsError,
+        LockError,
         FileNotFoundError,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -33,6 +33,7 @@ from sdca_dist.lineage import (
     StageOutputError,
     settings_record,
 )
+from sdca_dist.locks import LockError
 from sdca_dist.scaling import ScaleError, check_world, plan_warnings, scaled_schedule
 from sdca_dist.stage_cache import open_cached_stage
 from sdca_dist.stage_keys import code_version, stage_key
@@ -49,6 +50,7 @@ _AGREED = {
         RunFolderBusy,
         DataConfigError,
         ScaleError,
+        LockError,
         FileNotFoundError,
         OSError,  # no space, a read-only run folder: one line naming the path
     )
@@ -70,6 +72,45 @@ def _on_rank0(ctx: DistContext, work: Callable[[], object]):
     if outcome[0] != "ok":
         raise _AGREED.get(outcome[0], RuntimeError)(outcome[1])
     return outcome[1]
+
+
+#: seconds between two tries for a stage-cache key that another job is computing
+CACHE_POLL_S = 2.0
+_NO_CACHE = object()
+
+
+def _cache_outcome(ctx: DistContext, cached):
+    """The stage cache's answer for this stage, waited for by every rank together: rank 0 tries
+    the key's lock without waiting, every rank learns the outcome (one short collective), and
+    while another job computes the key all ranks sleep and try again. No rank ever sits in a
+    collective while rank 0 waits for another job (it would pass the process-group timeout).
+    Returns the summary on a hit, None on a miss (this job computes), ``_NO_CACHE`` when the
+    cache's folder refuses lock files (one line said; the stage computes without the cache)."""
+    from sdca_dist.locks import LockError
+
+    def attempt():
+        if cached is None:
+            return "miss", None
+        try:
+            return cached.attempt()
+        except LockError as exc:
+            cached.cache.log(f"stage cache not used: {exc}")
+            return "off", None
+
+    said = False
+    while True:
+        outcome, summary = _on_rank0(ctx, attempt)
+        if outcome == "off":
+            return _NO_CACHE
+        if outcome != "busy":
+            return summary
+        if ctx.is_main and not said:
+            cached.cache.log(
+                f"stage cache: key {cached.key[:12]} is being computed by {cached.cache.holder(cached.key)}; "
+                "every rank waits for it, then reuses its result"
+            )
+        said = True
+        time.sleep(CACHE_POLL_S)
 
 
 def check_finite_outputs(stage: str, folder: Path) -> None:
@@ -128,7 +169,9 @@ def run_stage(cfg: DictConfig) -> dict:
         key = stage_key(cfg, stage, record["inputs"], world_size=ctx.world_size, device=ctx.device.type)
         if ctx.is_main:
             cached = open_cached_stage(run.root, stage, key)
-        reused = _on_rank0(ctx, lambda: cached.reuse() if cached is not None else None)
+        reused = _cache_outcome(ctx, cached)
+        if reused is _NO_CACHE:
+            cached, reused = None, None
         if reused is not None:
             ctx.barrier()
             if ctx.is_main:
