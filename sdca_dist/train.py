@@ -65,18 +65,17 @@ class StartRecord:
 
         self.root = Path(run_dir) if run_dir and run_dir.strip() else None
         self.existed = self.root is not None and self.root.exists()
-        self.before: set[Path] = set()
-        if self.root is not None and self.existed and not config_path(self.root).is_file():
-            self.before = set(self.root.rglob("*"))
+        self.fresh = self.root is not None and not config_path(self.root).is_file()
+        self.before: set[Path] = set(self.root.rglob("*")) if self.fresh and self.existed else set()
 
-    def take_back(self) -> None:
-        """Remove the configuration this start wrote, and the folders it made, unless the start
-        left other files (then its configuration explains them and stays)."""
+    def take_back(self, wrote: bool) -> None:
+        """Remove the folders this start made and, when it wrote it (``wrote``), the configuration,
+        unless the start left other files (then its configuration explains them and stays)."""
         from sdca_dist.config.run_config import CONFIG_FILE, ORIGIN_FILE
 
-        if self.root is None or not self.root.is_dir():
+        if not self.fresh or not self.root.is_dir():
             return
-        written = {self.root / CONFIG_FILE, self.root / ORIGIN_FILE}
+        written = {self.root / CONFIG_FILE, self.root / ORIGIN_FILE} if wrote else set()
         new = set(self.root.rglob("*")) - self.before - written
         if any(not p.is_dir() for p in new):
             return
@@ -94,6 +93,18 @@ class StartRecord:
                 pass
 
 
+def stopped_line(stage: str, exc: Exception, torchrun: bool) -> str:
+    """The one line a clean stop prints (rank 0): what happened and how to resume. Under torchrun
+    it says what torchrun prints next: its agent reports every rank that exits non-zero as a
+    failed child ("exitcode: 3") with a ChildFailedError traceback, and exits 1 itself."""
+    from sdca_dist.engine.preemption import PREEMPTED_EXIT_CODE
+
+    line = f"[{stage}] {exc}; resume: run the same command again (exit {PREEMPTED_EXIT_CODE})"
+    if torchrun:
+        line += "; torchrun reports the ranks below as failed with exitcode 3: that is this stop, not a crash"
+    return line
+
+
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
@@ -107,10 +118,11 @@ def main(argv: list[str]) -> int:
         cfg, wrote = prepare(argv)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        start.take_back(wrote=False)
         return 2
     code = _run(cfg)
-    if code == 2 and wrote:
-        start.take_back()
+    if code == 2:
+        start.take_back(wrote)
     return code
 
 
@@ -120,7 +132,7 @@ def _run(cfg) -> int:
     from sdca_dist.engine.data import DataConfigError
     from sdca_dist.engine.distributed import DeviceSetupError
     from sdca_dist.engine.health import TrainingHealthError
-    from sdca_dist.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
+    from sdca_dist.engine.preemption import PREEMPTED_EXIT_CODE, Preempted, under_torchrun
     from sdca_dist.engine.runner import run_stage
     from sdca_dist.lineage import MissingInputError, RunFolderBusy, StageInputError, StageOutputError
     from sdca_dist.locks import LockError
@@ -130,7 +142,8 @@ def _run(cfg) -> int:
     try:
         run_stage(cfg)
     except Preempted as exc:
-        print(f"[{cfg.stage}] {exc}", file=sys.stderr)
+        if int(os.environ.get("RANK") or 0) == 0:  # one line for the whole stop, not one per rank
+            print(stopped_line(cfg.stage, exc, under_torchrun()), file=sys.stderr, flush=True)
         return PREEMPTED_EXIT_CODE
     except (
         MissingInputError,
