@@ -139,6 +139,7 @@ def test_a_start_refused_for_a_missing_input_leaves_no_run_folder(tmp_path, shar
 
 
 def test_two_launches_wait_together_for_a_held_cache_key_and_share_one_result(tmp_path, shards):
+    from sdca_dist.engine.data import ensure_synthetic_shards
     from sdca_dist.lineage import Lineage
     from sdca_dist.locks import FileLock
     from sdca_dist.stage_keys import stage_key
@@ -150,6 +151,7 @@ def test_two_launches_wait_together_for_a_held_cache_key_and_share_one_result(tm
         (tmp_path / name).mkdir()
         (tmp_path / name / "cache.json").write_text(json.dumps({"enabled": True, "dir": str(cache), "recompute": []}))
     cfg, _ = prepare(argv["a"])  # the key both launches compute (2 CPU ranks)
+    ensure_synthetic_shards(cfg)  # the shared benchmark, made on first use
     key = stage_key(cfg, "src", Lineage(cfg.run_dir).current(cfg, "src")["inputs"], world_size=2, device="cpu")
     held = FileLock(cache / ".locks" / f"{key}.lock")  # another job computing the key
     assert held.try_acquire()
