@@ -169,7 +169,7 @@ def test_two_launches_wait_together_for_a_held_cache_key_and_share_one_result(tm
     def read(name: str) -> None:
         for line in procs[name].stdout:
             out[name].append(line)
-            if "every rank waits for it" in line:
+            if "is being computed by" in line:
                 waiting[name].set()
 
     readers = [threading.Thread(target=read, args=(n,), daemon=True) for n in procs]
