@@ -190,7 +190,10 @@ def _mount_of(path: Path) -> tuple[str, str]:
 
 
 def _refusal(path: Path, exc: OSError, setting: str) -> LockError:
-    mount, fstype = _mount_of(path.parent if path.parent.exists() else Path("/"))
+    where = path.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    mount, fstype = _mount_of(where)
     return LockError(
         f"cannot create the lock file {path} ({exc.strerror or exc}) on {mount} ({fstype}): locks need a folder "
         f"this job can write on a file system all nodes share; set {setting} to one"

@@ -1,12 +1,13 @@
 """Run one stage on this rank group: the single entry the CLI and the SLURM job share.
 
 Order of business (every rank agrees on each outcome before going on, so no rank is left
-waiting in a collective): the stage lock (rank 0), the job shape against the stage's global
-batches, the synthetic shards (rank 0 generates them on first use), the lineage (inputs
-verified against their producers' records; work from other settings or inputs discarded),
-then the stage's function from the stage table, then a check that every tensor the stage
-leaves for later stages (``model_final.pt``, ``distributions.pt``) is finite, then DONE with the
-lineage, the settings and the output hashes. Non-finite outputs: one line naming the file and
+waiting in a collective): the synthetic shards (generated on first use by the first rank to take
+their lock, before the process group exists), the stage lock (rank 0), the job shape against the
+stage's global batches, the lineage (inputs verified against their producers' records; work from
+other settings or inputs discarded), then the stage's function from the stage table, then a
+check that every tensor the stage leaves for later stages (``model_final.pt``,
+``distributions.pt``) is finite, then DONE with the lineage, the settings and the output hashes.
+Non-finite outputs: one line naming the file and
 the count, exit 2, no DONE (a later stage must never build on NaN weights).
 """
 
@@ -150,13 +151,15 @@ def run_stage(cfg: DictConfig) -> dict:
     run = RunDir(Path(cfg.run_dir))
     lineage = Lineage(run.root)
     lock = StageLock(run.stage(stage))
+    # the synthetic shards, by every rank before the process group exists: the first to take the
+    # generation lock makes them, the others (and other jobs) wait for the lock, not in a collective
+    logs: list[str] = []
+    ensure_synthetic_shards(cfg, log=logs.append)
     ctx = init_distributed(cfg.engine.backend, require_cuda=int(cfg.cluster.gpus_per_node) > 0)
     cached = None
     try:
         _on_rank0(ctx, lock.acquire)
         check_world(cfg, stage, ctx.world_size)
-        logs: list[str] = []
-        _on_rank0(ctx, lambda: ensure_synthetic_shards(cfg, log=logs.append))
         check_manifests(cfg, [getattr(cfg.data, k) for k in stage_spec.shard_sets])
 
         def begin() -> dict:
