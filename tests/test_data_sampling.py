@@ -189,6 +189,24 @@ def test_cli_prints_keys(shard_sets, tmp_path):
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "nope" in bad.stderr
 
 
+def test_cli_streams_long_draws_in_chunks(shard_sets, capsys):
+    """More draws than one output chunk (300,000): the per-class shares summed chunk by chunk are
+    those of the whole sequence drawn at once, and the keys come out in draw order."""
+    from sdca_dist.data.sampling import main
+    from sdca_dist.data.shard_set import load_manifest
+
+    man = load_manifest(shard_sets["gta5"])
+    n = 100 * SUB_EPOCH + 7
+    assert main([str(shard_sets["gta5"]), "--draws", str(n), "--seed", "2", "--summary"]) == 0
+    shares = [float(line.split("\t")[1]) for line in capsys.readouterr().out.splitlines()]
+    whole = ClassBalancedSampler(man.presence(), man.num_classes, 2)
+    idx = whole.draws(0, n)
+    assert shares == [round(float(x), 4) for x in whole.present[idx].mean(axis=0)]
+    assert main([str(shard_sets["gta5"]), "--draws", str(n), "--seed", "2"]) == 0
+    keys = capsys.readouterr().out.split()
+    assert keys == [man.samples[int(i)]["key"] for i in idx]
+
+
 def test_class_with_one_image():
     """The reference divides by (len - 1) when a one-image class wraps; here it simply repeats."""
     pres = [[0, 1]] * 5 + [[0, 2]]

@@ -139,7 +139,7 @@ def test_a_start_refused_for_a_missing_input_leaves_no_run_folder(tmp_path, shar
 
 
 def test_two_launches_wait_together_for_a_held_cache_key_and_share_one_result(tmp_path, shards):
-    from sdca_dist.engine.data import ensure_synthetic_shards
+    from sdca_dist.data.sets import ensure_synthetic_shards
     from sdca_dist.lineage import Lineage
     from sdca_dist.locks import FileLock
     from sdca_dist.stage_keys import stage_key

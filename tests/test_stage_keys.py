@@ -115,8 +115,8 @@ def test_every_stage_of_the_table_declares_its_schedule_section(cfg):
 
 def test_fresh_compares_the_settings_the_stage_reads(cfg, tmp_path):
     """A src DONE made under tau=100 is fresh for tau=10; an sdca DONE is not."""
+    from sdca_dist.data.sets import SYNTHETIC_RECORD, generator_settings
     from sdca_dist.data.shard_set import write_manifest
-    from sdca_dist.engine.data import SYNTHETIC_RECORD, generator_settings
 
     shards = tmp_path / "shards"
     for name in ("gta5_train", "cityscapes_train", "cityscapes_val"):

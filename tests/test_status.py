@@ -6,7 +6,9 @@ Specifications: one row per seed and stage, exit 0 in every case:
   lock's holder is alive;
 * failed: the exit code and the last error line of the stage's process (FAILED.json, written
   by the local launcher);
-* stale: DONE, but an output is no longer the file it wrote;
+* stale: DONE, but an output is no longer the file it wrote; and every stage built on a stale,
+  missing or redone stage, naming the stage it depends on (and the one where the change began),
+  whichever way the change came: settings, outputs, a deleted stage folder, input shards;
 * not started.
 """
 
@@ -15,10 +17,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from engine_fixtures import run_launcher
+from engine_fixtures import REPO, child_env, copy_run, run_launcher
 
 from sdca_dist.lineage import StageLock
 
@@ -95,6 +99,115 @@ def test_failed_and_stale_rows(run, tmp_path):
     )
 
 
+def test_the_status_view_imports_no_torch(tiny_chain):
+    """A login node's status call: every stage's freshness checked (settings, outputs, inputs,
+    shards) without loading torch."""
+    view = (
+        "import sys; from sdca_dist.launch.cli import main; "
+        f"rc = main(['run_dir={tiny_chain}', 'status=true']); "
+        "print('torch' in sys.modules); sys.exit(rc)"
+    )
+    proc = subprocess.run([sys.executable, "-c", view], cwd=REPO, env=child_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert " 6 done" in proc.stdout and proc.stdout.splitlines()[-1] == "False", proc.stdout
+
+
 def test_status_of_a_folder_that_is_no_run(tmp_path):
     proc = run_launcher([f"run_dir={tmp_path}", "status=true"], timeout=300)
     assert proc.returncode == 0 and "no run folder here" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# staleness follows the lineage: one change, every stage built on it is stale
+# ----------------------------------------------------------------------------------------------
+def _status_rows(run: Path) -> dict[str, tuple[str, str]]:
+    proc = run_launcher([f"run_dir={run}", "status=true"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return _rows(proc.stdout)
+
+
+def _assert_built_on(rows: dict, stage: str, producer: str, origin: str, cause: str) -> None:
+    """``stage`` is stale because of ``producer`` (through ``origin`` when that is further up)."""
+    state, detail = rows[stage]
+    through = f"through {origin}: " if origin != producer else ""
+    assert state == "stale", (stage, rows[stage])
+    assert detail.startswith(f"its input stage {producer} is stale ({through}{cause}"), (stage, detail)
+
+
+def test_settings_changed_makes_every_stage_built_on_it_stale(tiny_chain, tmp_path):
+    run = copy_run(tiny_chain, tmp_path / "run")
+    config = run / "config.yaml"
+    assert "lr: 0.01\n" in config.read_text()
+    config.write_text(config.read_text().replace("lr: 0.01\n", "lr: 0.02\n", 1))  # src.lr edited by hand
+    rows = _status_rows(run)
+    assert rows["src"][0] == "stale" and rows["src"][1].startswith("done with other settings (src.lr: 0.01 -> 0.02)")
+    cause = "done with other settings (src.lr: 0.01 -> 0.02)"
+    _assert_built_on(rows, "dist_init", "src", "src", cause)
+    _assert_built_on(rows, "sdca", "src", "src", cause)
+    _assert_built_on(rows, "sdca_no_align", "src", "src", cause)
+    _assert_built_on(rows, "pseudo_label", "sdca", "src", cause)
+    _assert_built_on(rows, "ssl", "sdca", "src", cause)
+
+
+def test_an_output_changed_makes_every_stage_built_on_it_stale(tiny_chain, tmp_path):
+    run = copy_run(tiny_chain, tmp_path / "run")
+    model = run / "src" / "model_final.pt"
+    model.write_bytes(model.read_bytes()[:-100])
+    rows = _status_rows(run)
+    cause = "its output model_final.pt is not the file it wrote"
+    assert rows["src"][0] == "stale" and rows["src"][1].startswith(cause)
+    _assert_built_on(rows, "dist_init", "src", "src", cause)
+    _assert_built_on(rows, "pseudo_label", "sdca", "src", cause)
+    _assert_built_on(rows, "ssl", "sdca", "src", cause)
+
+
+def test_a_deleted_stage_folder_makes_every_stage_built_on_it_stale(tiny_chain, tmp_path):
+    run = copy_run(tiny_chain, tmp_path / "run")
+    shutil.rmtree(run / "dist_init")
+    rows = _status_rows(run)
+    assert rows["src"][0] == "done" and rows["dist_init"] == ("not started", "")
+    for stage in ("sdca", "sdca_no_align"):
+        assert rows[stage] == ("stale", rows[stage][1]) and rows[stage][1].startswith(
+            "its input stage dist_init is missing (no dist_init/DONE)"
+        ), rows[stage]
+    _assert_built_on(rows, "pseudo_label", "sdca", "dist_init", "not done")
+    _assert_built_on(rows, "ssl", "sdca", "dist_init", "not done")
+
+
+def test_changed_input_shards_make_every_stage_built_on_them_stale(tiny_chain, shards, tmp_path):
+    """The source shards replaced (a copy of the session's shards root with one tar changed,
+    bind-mounted over it in a mount namespace of the status call alone): the stages reading
+    them are stale by their own check, and pseudo_label and ssl, which do not read them, are
+    stale through sdca."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is not installed")
+    run = copy_run(tiny_chain, tmp_path / "run")
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy, symlinks=True)
+    tar = sorted((copy / "gta5_train").glob("*.tar"))[0]
+    data = bytearray(tar.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    cmd = [sys.executable, str(REPO / "launch" / "slurm.py"), f"run_dir={run}", "status=true"]
+    proc = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" "$1" && shift && exec "$@"', copy, shards, *cmd],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if proc.returncode != 0 and ("Operation not permitted" in proc.stderr or "permission denied" in proc.stderr):
+        pytest.skip(f"no mount namespace here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = _rows(proc.stdout)
+    shard = shards / "gta5_train" / tar.name
+    for stage in ("src", "dist_init", "sdca"):
+        assert rows[stage][0] == "stale" and str(shard) in rows[stage][1], (stage, rows[stage])
+    for stage in ("pseudo_label", "ssl"):
+        state, detail = rows[stage]
+        assert state == "stale" and detail.startswith("its input stage sdca is stale (") and str(shard) in detail, (
+            stage,
+            detail,
+        )
+    assert _status_rows(run)["ssl"][0] == "done"  # outside the namespace the session's shards are unchanged

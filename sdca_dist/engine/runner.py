@@ -20,7 +20,7 @@ from typing import Callable
 
 from omegaconf import DictConfig
 
-from sdca_dist.engine.data import DataConfigError, check_manifests, ensure_synthetic_shards
+from sdca_dist.data.sets import DataConfigError, check_manifests, ensure_synthetic_shards
 from sdca_dist.engine.distributed import DistContext, broadcast_object, init_distributed, shutdown_distributed
 from sdca_dist.engine.observe import StageObserver
 from sdca_dist.engine.run_dir import RunDir

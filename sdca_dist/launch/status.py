@@ -4,7 +4,8 @@ One row per (grid point,) seed and stage, from the files alone plus ``squeue``/`
 SLURM is there:
 
 * ``done``: mIoU, wall time, computed or reused from the stage cache (``DONE``);
-* ``stale``: DONE, but no longer valid for the run's settings or inputs (``Lineage.fresh``);
+* ``stale``: DONE, but no longer valid for the run's settings or inputs, or built on a stage that
+  is stale, missing or redone, naming it (``Lineage.fresh``, the launcher's own rule);
 * ``running``: iteration i/N, images/s and ETA from the stage's progress record
   (``<stage>/progress.json``, written by rank 0 at each log step), when the stage lock's holder
   is alive on this machine or its SLURM job is running;
