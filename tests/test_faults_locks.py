@@ -66,13 +66,12 @@ os.open = _open_refusing_locks
 """
 
 
-def _shimmed(tmp_path: Path, code: str) -> dict[str, str]:
+def _shim_path(tmp_path: Path, code: str) -> str:
+    """PYTHONPATH for a child whose startup runs ``code`` (as its sitecustomize)."""
     shim = tmp_path / "shim"
     shim.mkdir()
     (shim / "sitecustomize.py").write_text(code)
-    env = child_env()
-    env["PYTHONPATH"] = os.pathsep.join([str(shim), str(REPO), env.get("PYTHONPATH", "")])
-    return env
+    return os.pathsep.join([str(shim), str(REPO), os.environ.get("PYTHONPATH", "")])
 
 
 def _lock_files(*roots: Path) -> list[Path]:
@@ -86,7 +85,7 @@ def test_every_lock_site_works_where_flock_fails(tmp_path):
     proc = subprocess.run(
         [*train_cmd(1, tiny(shards, "stage=src", f"run_dir={run}", "train.iters=2"))],
         cwd=REPO,
-        env=_shimmed(tmp_path, _NO_FLOCK),
+        env=child_env(PYTHONPATH=_shim_path(tmp_path, _NO_FLOCK)),
         capture_output=True,
         text=True,
         timeout=900,
@@ -103,7 +102,7 @@ def test_a_file_system_refusing_lock_files_is_one_line_and_leaves_nothing(tmp_pa
     proc = subprocess.run(
         train_cmd(1, tiny(shards, "stage=src", f"run_dir={run}")),
         cwd=REPO,
-        env=_shimmed(tmp_path, _NO_LOCK_FILES),
+        env=child_env(PYTHONPATH=_shim_path(tmp_path, _NO_LOCK_FILES)),
         capture_output=True,
         text=True,
         timeout=300,
@@ -156,7 +155,7 @@ def test_two_launches_wait_together_for_a_held_cache_key_and_share_one_result(tm
     held = FileLock(cache / ".locks" / f"{key}.lock")  # another job computing the key
     assert held.try_acquire()
 
-    env = {**child_env(), "SDCA_PG_TIMEOUT_S": "15"}
+    env = child_env(SDCA_PG_TIMEOUT_S="15")
     procs = {
         n: subprocess.Popen(
             train_cmd(2, a), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

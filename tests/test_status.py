@@ -3,7 +3,9 @@
 Specifications: one row per seed and stage, exit 0 in every case:
 * done: mIoU, wall time and "computed" (or "reused from <key>");
 * running: iteration i/N, images/s and ETA from the stage's progress record, while the stage
-  lock's holder is alive;
+  lock's holder is alive (a real src stage, held still with SIGSTOP during the call);
+* stopped: the same stage after SIGTERM (checkpoint, exit 3): where it stopped, no live process;
+* reused: a src restored from the shared chain's stage cache says so;
 * failed: the exit code and the last error line of the stage's process (FAILED.json, written
   by the local launcher);
 * stale: DONE, but an output is no longer the file it wrote; and every stage built on a stale,
@@ -15,14 +17,16 @@ Specifications: one row per seed and stage, exit 0 in every case:
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from engine_fixtures import REPO, child_env, copy_run, run_launcher
+from engine_fixtures import REPO, child_env, copy_run, run_launcher, tiny, train_cmd
 
 from sdca_dist.lineage import StageLock
 
@@ -211,3 +215,63 @@ def test_changed_input_shards_make_every_stage_built_on_them_stale(tiny_chain, s
             detail,
         )
     assert _status_rows(run)["ssl"][0] == "done"  # outside the namespace the session's shards are unchanged
+
+
+def test_a_real_stage_running_then_stopped_then_one_reused(shards, tiny_chain, tmp_path):
+    """Rows of real stages, no record written by the test: a src of 40 iterations is held still
+    (SIGSTOP) once it has logged iteration 3, so that it cannot finish during the status call,
+    then resumed and stopped with SIGTERM; a src of the shared chain's settings is restored from
+    its stage cache."""
+    run = tmp_path / "run"
+    argv = tiny(shards, "stage=src", f"run_dir={run}", "train.iters=40", "train.checkpoint_every=1000")
+    stage = subprocess.Popen(
+        train_cmd(1, argv), cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    log: list[str] = []
+    try:
+        for line in stage.stdout:
+            log.append(line)
+            m = re.search(r"\[src\] it (\d+)/40 ", line)
+            if m and int(m.group(1)) >= 3:
+                logged = int(m.group(1))
+                break
+        else:
+            pytest.fail("src ended before iteration 3:\n" + "".join(log[-30:]))
+        os.kill(stage.pid, signal.SIGSTOP)
+        try:
+            running = run_launcher([f"run_dir={run}", "status=true", "stages=[src]"], timeout=300)
+        finally:
+            os.kill(stage.pid, signal.SIGCONT)
+        os.kill(stage.pid, signal.SIGTERM)
+        rest, _ = stage.communicate(timeout=300)
+    finally:
+        if stage.poll() is None:
+            stage.kill()
+            stage.wait()
+    assert running.returncode == 0, running.stderr[-2000:]
+    state, detail = _rows(running.stdout)["src"]
+    assert state == "running", running.stdout
+    m = re.match(r"it (\d+)/40, \d+\.\d images/s, ETA \d+:\d\d:\d\d, updated \d+:\d\d:\d\d ago$", detail)
+    assert m and 1 <= int(m.group(1)) <= logged, (detail, logged)  # the stage's own record
+
+    assert stage.returncode == 3, rest[-2000:]
+    ckpt = sorted((run / "src" / "checkpoints").glob("iter_*"))[-1]
+    stopped_at = int(ckpt.name.split("_")[1])
+    stopped = run_launcher([f"run_dir={run}", "status=true"], timeout=300)
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    state, detail = _rows(stopped.stdout)["src"]
+    m = re.fullmatch(r"at it (\d+)/40, no live process \(relaunch to resume\)", detail)
+    assert state == "stopped" and m and logged - 1 <= int(m.group(1)) <= stopped_at, (state, detail, stopped_at)
+
+    # the shared chain's settings in a new folder, sharing its stage cache: src is restored
+    again = tmp_path / "again"
+    cache = tiny_chain.parent / "stage_cache"
+    assert cache.is_dir()
+    restored = run_launcher(
+        tiny(shards, "cluster=local", f"run_dir={again}", "train.iters=2", "stages=[src]", f"cache_dir={cache}")
+    )
+    assert restored.returncode == 0, restored.stdout[-2000:] + restored.stderr[-2000:]
+    key = json.loads((again / "src" / "DONE").read_text())["reused_from"]
+    status = run_launcher([f"run_dir={again}", "status=true"], timeout=300)
+    state, detail = _rows(status.stdout)["src"]
+    assert state == "done" and f"reused from {key[:12]} (computed in " in detail, detail

@@ -83,8 +83,16 @@ def test_whole_chain_on_two_nodes_of_two_tasks_takes_each_stage_its_planned_shap
         done = json.loads((run / stage / "DONE").read_text())
         assert done["world_size"] == want["world_size"], (stage, done["world_size"])
     assert (run / "ssl" / "metrics.json").is_file()
-    dependency = slurm.run("scontrol", "show", "job", jobs["ssl"], check=False).stdout
-    assert "afterok" in dependency.lower() or "Dependency=(null)" in dependency  # satisfied deps are cleared
+    # each stage after src was submitted afterok on the stage before it (sacct keeps no
+    # dependencies and scontrol clears satisfied ones: the batch script is the record)
+    for before, stage in zip(CHAIN, CHAIN[1:]):
+        scripts = sorted((run / "slurm" / stage).rglob("*_submission.sh"))
+        assert scripts, f"no batch script for {stage}"
+        deps = re.findall(r"^#SBATCH --dependency=(\S+)$", scripts[0].read_text(), re.M)
+        assert deps == [f"afterok:{jobs[before]}"], (stage, deps)
+    assert not re.search(
+        r"^#SBATCH --dependency", next((run / "slurm" / "src").rglob("*_submission.sh")).read_text(), re.M
+    )
 
 
 def _wait_log(path_glob, pattern: str, timeout_s: float, base: Path) -> str:
@@ -99,9 +107,9 @@ def _wait_log(path_glob, pattern: str, timeout_s: float, base: Path) -> str:
 
 
 def _slow_requeue(folder: Path, delay_s: int) -> dict[str, str]:
-    """An environment whose ``scontrol requeue`` takes ``delay_s`` seconds (a loaded controller):
-    a wrapper first on PATH, which the job inherits from the launcher. Each requeue it passes
-    on is recorded in ``folder/requeues``."""
+    """The PATH (for ``child_env``) whose ``scontrol requeue`` takes ``delay_s`` seconds (a loaded
+    controller): a wrapper first on PATH, which the job inherits from the launcher. Each requeue it
+    passes on is recorded in ``folder/requeues``."""
     folder.mkdir(parents=True)
     real = shutil.which("scontrol")
     assert real, "scontrol is not on PATH"
@@ -112,9 +120,7 @@ def _slow_requeue(folder: Path, delay_s: int) -> dict[str, str]:
         f'exec {real} "$@"\n'
     )
     wrapper.chmod(0o755)
-    env = child_env()
-    env["PATH"] = f"{folder}{os.pathsep}{env.get('PATH', '')}"
-    return env
+    return {"PATH": f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
 def test_usr2_mid_stage_checkpoints_requeues_and_resumes_bitwise(slurm, shards, tmp_path):
@@ -134,7 +140,7 @@ def test_usr2_mid_stage_checkpoints_requeues_and_resumes_bitwise(slurm, shards, 
     launcher = subprocess.Popen(
         [sys.executable, str(REPO / "launch" / "slurm.py"), *tiny(shards, *_cluster(slurm, *common, f"run_dir={run}"))],
         cwd=REPO,
-        env=_slow_requeue(slow, 15),
+        env=child_env(**_slow_requeue(slow, 15)),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
