@@ -191,7 +191,8 @@ _STEP = {"SLURM_JOB_ID": "5", "SLURM_STEP_ID": "0", "SLURM_PROCID": "2", "SLURM_
 def test_per_task_gpu_binding_uses_the_tasks_own_gpu(env):
     from sdca_dist.engine.distributed import pick_device
 
-    assert pick_device(2, 4, 1, require_cuda=True, backend="auto", env=env) == torch.device("cuda", 0)
+    # the task's environment is passed by position: it is no child process's env=
+    assert pick_device(2, 4, 1, True, "auto", env) == torch.device("cuda", 0)
 
 
 @pytest.mark.parametrize(
@@ -207,7 +208,7 @@ def test_ranks_sharing_one_gpu_are_refused(env):
     from sdca_dist.engine.distributed import DeviceSetupError, pick_device
 
     with pytest.raises(DeviceSetupError, match="4 ranks on this node but 1 visible GPU.* no per-task GPU binding"):
-        pick_device(2, 4, 1, require_cuda=True, backend="auto", env=env)
+        pick_device(2, 4, 1, True, "auto", env)
 
 
 def test_the_suite_hides_the_gpus_from_itself_and_every_process_it_starts(monkeypatch):
