@@ -6,6 +6,9 @@ Predictions in the Cityscapes benchmark's format for every image of a folder (re
   OUT/labelIds/<sub>/<stem>_labelIds.png   Cityscapes label ids (what the official evaluator reads)
   OUT/color/<sub>/<stem>_color.png         the Cityscapes palette
 
+With ``data.classes=FILE`` (docs/datasets.md) labelIds holds each class's first label value of that
+file (the user's own encoding) and color its colours.
+
 ``<stem>`` is the file name without ``_leftImg8bit.png`` (other images: without the extension);
 ``<sub>`` is the image's folder relative to DIR (empty for shard sets). The two kinds go to two
 trees because the official ``evalPixelLevelSemanticLabeling`` globs ``<city>_<seq>_<frame>*.png``
@@ -410,16 +413,27 @@ class Predictor:
         return out
 
 
+def class_value_table(table) -> np.ndarray:
+    """256-entry LUT for a classes file's run: class index -> the first label value of the class
+    (the user's own label encoding, as labelIds are Cityscapes'); unlabelled -> its first ignore value."""
+    from sdca_dist.classes import IGNORE_INDEX, lookup_table
+
+    fill = table.ignore[0] if table.ignore else IGNORE_INDEX
+    return lookup_table({i: vs[0] for i, vs in enumerate(table.values)}, fill=fill)
+
+
 # --------------------------------------------------------------------------- main
 def run(args: PredictArgs, cfg, ctx, log=print, written: Optional[list[Path]] = None) -> int:
     """Predict this rank's share of the inputs; returns the number of images written.
     ``written`` collects the path of every file written (to remove them after a failure)."""
-    from sdca_dist.classes import colorize
+    from sdca_dist.classes import colorize, run_classes
     from sdca_dist.engine.observe import format_duration
     from sdca_dist.models.convert import load_converted
 
     num_classes = int(cfg.data.num_classes)
-    ids = label_id_table(num_classes)
+    table = run_classes(cfg.data)
+    ids = label_id_table(num_classes) if not cfg.data.get("classes") else class_value_table(table)
+    palette = table.palette()
     model = load_converted(args.weights, str(cfg.model.name), num_classes)
     total, items = list_inputs(args.input, ctx.rank, ctx.world_size)
     mine = len(range(ctx.rank, total, ctx.world_size))
@@ -447,7 +461,10 @@ def run(args: PredictArgs, cfg, ctx, log=print, written: Optional[list[Path]] = 
             raise
         for item, label in zip(batch, predictor.labels(views, sizes)):
             label_path, color_path = output_paths(args.out, item)
-            outputs = ((label_path, _png_bytes(ids[label])), (color_path, _png_bytes(colorize(label, num_classes))))
+            outputs = (
+                (label_path, _png_bytes(ids[label])),
+                (color_path, _png_bytes(colorize(label, num_classes, palette))),
+            )
             for path, data in outputs:
                 try:
                     write_output(path, data)

@@ -1,6 +1,9 @@
 """``python -m sdca_dist.shard``: pack a dataset layout into WebDataset shards + manifest.json.
 
 Build:   ``python -m sdca_dist.shard --layout gta5 --root data/gta5 --out shards/gta5_train``
+         (layouts gta5, synthia, cityscapes, acdc, dark_zurich, bdd100k, mapillary and folder:
+         docs/datasets.md; ``--condition night`` picks ACDC / Dark Zurich conditions; a user's own
+         data: ``--layout folder --split S --classes classes.yaml``)
          (a rerun into the same --out resumes with identical bytes; other data or options there are
          refused, ``--overwrite`` rebuilds). Images: JPEG q90 for gta5 / synthia (GPU decode), PNG
          (lossless) for cityscapes; ``--image-format jpeg|png`` chooses explicitly.
@@ -65,7 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--layout", choices=sorted(LAYOUTS))
     ap.add_argument("--root", type=Path, help="dataset root folder")
-    ap.add_argument("--split", default="train", choices=["train", "val"])
+    ap.add_argument("--split", default="train", help="train or val (folder layout: any folder under images/)")
+    ap.add_argument(
+        "--condition",
+        default=None,
+        help="acdc: fog,night,rain,snow; dark_zurich: day,night,twilight (comma-separated; default: all)",
+    )
+    ap.add_argument("--classes", type=Path, default=None, help="the classes YAML file of --layout folder")
     ap.add_argument("--out", type=Path, help="folder that receives the tars + manifest.json")
     ap.add_argument("--shard-size", default="1GB", help="target shard size, e.g. 1GB, 256MB, 500k")
     ap.add_argument("--workers", type=_int, default=os.cpu_count() or 1)
@@ -169,6 +178,8 @@ def _build(a, ap) -> int:
         unknown_ids=a.unknown_ids,
         progress=not a.quiet,
         overwrite=a.overwrite,
+        classes=a.classes,
+        conditions=tuple(c for c in (a.condition or "").split(",") if c),
     )
     m = pack(opts)
     unknown = sum(u["pixels"] for u in m.info.get("unknown_ids", []))
@@ -180,6 +191,7 @@ def _build(a, ap) -> int:
             if unknown
             else ""
         )
+        + ("" if m.info.get("labelled", True) else ", unlabelled (every label pixel is ignore)")
     )
     return _verify(a.out) if a.verify else 0
 
@@ -233,6 +245,11 @@ def inspect(path: Path, limit: int = 5) -> int:
         f"{sum(int(s['bytes']) for s in m.shards)} bytes; layout {info.get('layout', '?')}/{info.get('split', '?')}, "
         f"options {info.get('options', {})}, source {info.get('source', {}).get('root', info.get('root', '?'))}"
     )
+    classes = (info.get("options") or {}).get("classes")
+    if classes:
+        print("classes: " + ", ".join(f"{i} {c['name']}" for i, c in enumerate(classes["classes"])))
+    if not info.get("labelled", True):
+        print("unlabelled: every label pixel is ignore")
     if m.skipped:
         print(f"skipped: {len(m.skipped)} ({m.skipped[0]['path']}: {m.skipped[0]['reason']}, ...)")
     for n, s in enumerate(iter_samples(m)):

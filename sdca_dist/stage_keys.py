@@ -43,6 +43,7 @@ COMMON_READS: tuple[str, ...] = (
     "engine",
     "train",
     "data.num_classes",
+    "data.classes",
     "data.shards_root",
     "data.num_threads",
     "data.synthetic",
@@ -77,7 +78,16 @@ def stage_settings(cfg: DictConfig, stage: str) -> dict[str, Any]:
     """The settings ``stage`` reads, as plain data keyed by their dotted names."""
     data = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(data, dict)
-    return {key: _select(data, key) for key in reads_of(stage)}
+    out = {key: _select(data, key) for key in reads_of(stage)}
+    classes = out.get("data.classes")
+    if isinstance(classes, str) and classes:  # the file's content, not only its path: names, colours, values
+        from sdca_dist.classes import ClassesError, load_classes
+
+        try:
+            out["data.classes"] = {"path": classes, "table": load_classes(classes).to_json()}
+        except ClassesError as exc:
+            out["data.classes"] = {"path": classes, "error": str(exc)}
+    return out
 
 
 def _digest(payload: Any) -> str:

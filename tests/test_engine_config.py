@@ -29,7 +29,10 @@ def test_command_line_group_choice_beats_the_preset():
 @pytest.mark.parametrize(
     "overrides, fragment",
     [
-        (["conf=nope"], "unknown conf='nope'; valid choices: gta2city, synthetic, synthia2city"),
+        (
+            ["conf=nope"],
+            "unknown conf='nope'; valid choices: city2acdc, city2darkzurich, folder, gta2city, synthetic, synthia2city",
+        ),
         (["conf=synthetic", "model=resnet9"], "unknown model='resnet9'; valid choices: deeplabv2_r101"),
         (["conf=synthetic", "train.itres=3"], "train.itres"),
         (["conf=synthetic", "train.iters=abc"], "train.iters"),

@@ -16,7 +16,10 @@ from engine_fixtures import REPO, child_env, dry_run_plan, fake_shard_sets, last
 def test_unknown_preset_lists_the_valid_choices():
     proc = run_launcher(["conf=gta2cty", "nodes=4"], timeout=120)
     assert proc.returncode == 2
-    assert last_error(proc) == "error: unknown conf='gta2cty'; valid choices: gta2city, synthetic, synthia2city"
+    assert last_error(proc) == (
+        "error: unknown conf='gta2cty'; valid choices: city2acdc, city2darkzurich, folder, gta2city, synthetic, "
+        "synthia2city"
+    )
 
 
 def test_unknown_key_and_wrong_type_fail_before_submission():

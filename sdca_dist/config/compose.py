@@ -97,9 +97,27 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
         raise ConfigError(_explain(exc)) from None
     finally:
         GlobalHydra.instance().clear()
+    apply_classes_file(cfg)
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def apply_classes_file(cfg: DictConfig) -> None:
+    """``data.classes=FILE``: check the file (one line naming it on any fault), record its absolute
+    path (every stage job finds the same file whatever its working directory) and set
+    ``data.num_classes`` from it, so that the model head, the distributions and the metrics follow it."""
+    path = cfg.data.get("classes")
+    if not path:
+        return
+    from sdca_dist.classes import ClassesError, load_classes
+
+    try:
+        table = load_classes(Path(str(path)).expanduser())
+    except ClassesError as exc:
+        raise ConfigError(f"data.classes={path}: {exc}") from None
+    cfg.data.classes = str(Path(str(path)).expanduser().resolve())
+    cfg.data.num_classes = table.num_classes
 
 
 def _schema_keys() -> list[str]:
@@ -253,8 +271,11 @@ def validate(cfg: DictConfig) -> None:
     if cfg.engine.zero_stage not in (0, 1, 2):
         # ZeRO-3 partitions the parameters themselves; the estimators and frozen-BN code need them whole
         raise ConfigError(f"engine.zero_stage={cfg.engine.zero_stage} must be 0, 1 or 2")
-    if cfg.data.num_classes not in (16, 19):
-        raise ConfigError(f"data.num_classes={cfg.data.num_classes} must be 19 or 16")
+    if cfg.data.num_classes not in (16, 19) and not cfg.data.get("classes"):
+        raise ConfigError(
+            f"data.num_classes={cfg.data.num_classes} must be 19 or 16 (other classes: data.classes=FILE, "
+            "docs/datasets.md)"
+        )
     for key in ("source_resize", "target_resize", "eval_resize", "ssl_crop"):
         value = list(cfg.data[key])
         if len(value) != 2 or min(value) < 1:

@@ -27,8 +27,12 @@ class DataConfig:
     source: str = "???"
     target_train: str = "???"
     target_val: str = "???"
-    #: 19 (GTA5 -> Cityscapes) or 16 (SYNTHIA -> Cityscapes)
+    #: 19 (GTA5 -> Cityscapes) or 16 (SYNTHIA -> Cityscapes); set from ``classes`` when that is given
     num_classes: int = 19
+    #: a classes YAML file (docs/datasets.md, "The classes file"): the run's class names, colours and
+    #: count (model head, distributions, metrics, prediction colours) come from it; null = the
+    #: built-in Cityscapes 19 / SYNTHIA 16 table of ``num_classes``
+    classes: Optional[str] = None
     #: source images are resized to this before augmentation (1280x720 GTA5, 1280x760 SYNTHIA)
     source_resize: list[int] = field(default_factory=lambda: [720, 1280])
     #: target images resized to this (1024x512) in sdca, pseudo_label and oracle

@@ -36,8 +36,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
+
+from sdca_dist.classes import IGNORE_INDEX, ClassesError, ClassTable, load_classes
 from sdca_dist.data.errors import DataError, OutputError, UsageError
-from sdca_dist.data.layouts import LAYOUTS, SamplePair, get_layout, list_pairs, read_image, read_label
+from sdca_dist.data.layouts import (
+    LAYOUTS,
+    SamplePair,
+    check_conditions,
+    check_split,
+    get_layout,
+    list_pairs,
+    read_image,
+    read_label,
+)
 from sdca_dist.data.shard_set import (
     DEFAULT_SHARD_SIZE,
     Manifest,
@@ -56,7 +68,18 @@ from sdca_dist.files import sha256_file
 
 # Cityscapes-layout sets (target train, val) are stored losslessly so training and evaluation see
 # the dataset's own pixels; the synthetic sources default to JPEG q90 (GPU "mixed" decode, ~5x smaller).
-DEFAULT_IMAGE_FORMAT = {"gta5": "jpeg", "synthia": "jpeg", "cityscapes": "png"}
+# ACDC and Dark Zurich ship PNGs (lossless like Cityscapes); BDD100K and Mapillary ship JPEGs, which
+# a lossless PNG would only inflate; a user's folder is kept lossless.
+DEFAULT_IMAGE_FORMAT = {
+    "gta5": "jpeg",
+    "synthia": "jpeg",
+    "cityscapes": "png",
+    "acdc": "png",
+    "dark_zurich": "png",
+    "bdd100k": "jpeg",
+    "mapillary": "jpeg",
+    "folder": "png",
+}
 IMAGE_FORMATS = ("jpeg", "png")
 _SHARD_FILE = re.compile(r"^shard-\d{6}\.(tar|idx|tar\.json)$")
 _REBUILD_HINT = "use a new --out, or add --overwrite to rebuild this folder"
@@ -78,12 +101,20 @@ class PackOptions:
     unknown_ids: str = "error"  # or "ignore": map ids outside the table to 255 (counted in the manifest)
     progress: bool = True
     overwrite: bool = False  # rebuild a folder that holds shards of other data or options
+    classes: Path | None = None  # the folder layout's classes file (docs/datasets.md)
+    conditions: tuple[str, ...] = ()  # ACDC / Dark Zurich: these condition folders only (empty: all)
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
             raise UsageError("--layout", f"{self.layout!r} is not one of {', '.join(sorted(LAYOUTS))}")
-        if self.split not in ("train", "val"):
-            raise UsageError("--split", f"{self.split!r} is not train or val")
+        try:
+            check_split(self.layout, self.split)
+            check_conditions(self.layout, tuple(self.conditions))
+        except DataError as e:
+            raise UsageError("--split" if e.where == self.split else "--condition", e.problem) from None
+        if (self.layout == "folder") != (self.classes is not None):
+            need = "the folder layout needs --classes FILE"
+            raise UsageError("--classes", need if self.classes is None else "is for --layout folder only")
         if isinstance(self.shard_size, bool) or not isinstance(self.shard_size, int) or self.shard_size < 1:
             raise UsageError("--shard-size", f"must be at least 1 byte, got {self.shard_size!r}")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or not 1 <= self.workers <= 1024:
@@ -103,9 +134,21 @@ class PackOptions:
     def format(self) -> str:
         return self.image_format or DEFAULT_IMAGE_FORMAT[self.layout]
 
+    def table(self) -> ClassTable | None:
+        """The classes file's table (folder layout), checked; None for the data sets' own tables."""
+        if self.classes is None:
+            return None
+        try:
+            return load_classes(self.classes)
+        except ClassesError as e:
+            raise UsageError("--classes", str(e)) from None
+
     def recorded(self) -> dict:
-        """What must match for a resumed run to continue an earlier one (see ``_incompatible``)."""
-        return {
+        """What must match for a resumed run to continue an earlier one (see ``_incompatible``).
+
+        Conditions and a classes table are recorded only where given, so the shards of the
+        layouts without them are byte for byte those written before they existed."""
+        out = {
             "layout": self.layout,
             "split": self.split,
             "shard_size": self.shard_size,
@@ -114,6 +157,12 @@ class PackOptions:
             "unknown_ids": self.unknown_ids,
             "skip_mismatched": self.skip_mismatched,
         }
+        if self.conditions:
+            out["conditions"] = list(self.conditions)
+        table = self.table()
+        if table is not None:
+            out["classes"] = table.to_json()
+        return out
 
 
 def _incompatible(old: dict, new: dict) -> list[str]:
@@ -140,21 +189,24 @@ def _mismatch(pair: SamplePair, image_wh: tuple[int, int], label_wh: tuple[int, 
 
 
 def _source(pair: SamplePair, root: Path) -> dict:
-    """Identity of one input pair: relative paths + content hashes."""
+    """Identity of one input pair: relative paths + content hashes (label None: unlabelled)."""
     return {
         "path": pair.rel,
-        "label_path": pair.label.relative_to(root).as_posix(),
+        "label_path": pair.label.relative_to(root).as_posix() if pair.label is not None else None,
         "image": sha256_file(pair.image),
-        "label": sha256_file(pair.label),
+        "label": sha256_file(pair.label) if pair.label is not None else None,
     }
 
 
 def encode_sample(job: tuple) -> dict:
     """Worker: read + check one pair, return encoded bytes (or a 'skipped' record) and its source record."""
-    layout, pair, root, quality, fmt, unknown, skip_mismatched = job
+    layout, pair, root, quality, fmt, unknown, skip_mismatched, table = job
     source = _source(pair, root)
     image = read_image(pair.image)
-    label, n_unknown = read_label(layout, pair.label, unknown)
+    if pair.label is None:  # an unlabelled split: every pixel ignore (a few hundred bytes of PNG)
+        label, n_unknown = np.full((image.size[1], image.size[0]), IGNORE_INDEX, np.uint8), 0
+    else:
+        label, n_unknown = read_label(layout, pair.label, unknown, table)
     if image.size != (label.shape[1], label.shape[0]):
         msg = _mismatch(pair, image.size, (label.shape[1], label.shape[0]))
         if skip_mismatched:
@@ -167,7 +219,7 @@ def encode_sample(job: tuple) -> dict:
     else:
         image.save(buf, format="JPEG", quality=quality)
         ext = "jpg"
-    label_png, pixels = encode_label(label, get_layout(layout).num_classes)
+    label_png, pixels = encode_label(label, get_layout(layout, table).num_classes)
     meta = {"path": pair.rel, "label_path": source["label_path"], "size": list(image.size)}
     if n_unknown:
         meta["unknown_id_pixels"] = n_unknown
@@ -343,8 +395,8 @@ def _add_result(writer: ShardWriter, res: dict) -> None:
 
 def pack(opts: PackOptions) -> Manifest:
     """Shard ``opts.root`` (layout + split) into ``opts.out``; returns the written manifest."""
-    lay = get_layout(opts.layout)
-    pairs = list_pairs(opts.layout, opts.root, opts.split)
+    lay = get_layout(opts.layout, opts.table())
+    pairs = list_pairs(opts.layout, opts.root, opts.split, opts.conditions)
     out = opts.out
     created = not out.exists()
     try:
@@ -377,7 +429,7 @@ def _pack_into(opts: PackOptions, lay, pairs: list[SamplePair]) -> Manifest:
         options=opts.recorded(),
     )
     jobs = [
-        (opts.layout, p, opts.root, opts.jpeg_quality, opts.format, opts.unknown_ids, opts.skip_mismatched)
+        (opts.layout, p, opts.root, opts.jpeg_quality, opts.format, opts.unknown_ids, opts.skip_mismatched, lay.classes)
         for p in remaining
     ]
     progress = _Progress(len(pairs), opts.progress)
@@ -391,7 +443,8 @@ def _pack_into(opts: PackOptions, lay, pairs: list[SamplePair]) -> Manifest:
         written = writer.close()
         all_shards = kept + written
         _remove_stale(out, {s.name for s in all_shards})
-        return _write_set_manifest(out, all_shards, writer.pending, opts, lay.num_classes)
+        labelled = pairs[0].label is not None
+        return _write_set_manifest(out, all_shards, writer.pending, opts, lay.num_classes, labelled=labelled)
     except OSError as e:
         writer.abort()
         raise os_error(out, e) from None
@@ -403,7 +456,7 @@ def _pack_into(opts: PackOptions, lay, pairs: list[SamplePair]) -> Manifest:
 
 
 def _write_set_manifest(
-    out: Path, shards: list[ShardInfo], trailing: list[dict], opts: PackOptions, num_classes: int
+    out: Path, shards: list[ShardInfo], trailing: list[dict], opts: PackOptions, num_classes: int, labelled: bool = True
 ) -> Manifest:
     """The manifest is a function of the shards' records (+ the trailing skipped pairs): the same after any resume."""
     entries = [e for s in shards for e in s.provenance] + list(trailing)
@@ -414,20 +467,17 @@ def _write_set_manifest(
         {"path": e["label_path"], "pixels": e["unknown_id_pixels"]} for e in entries if e.get("unknown_id_pixels")
     ]
     source = {"root": str(opts.root), "pairs": len(entries), "sha256": hashlib.sha256(json_bytes(entries)).hexdigest()}
-    return write_manifest(
-        out,
-        shards,
-        num_classes,
-        skipped=skipped,
-        info={
-            "layout": opts.layout,
-            "split": opts.split,
-            "root": str(opts.root),
-            "options": opts.recorded(),
-            "unknown_ids": unknown,
-            "source": source,
-        },
-    )
+    info = {
+        "layout": opts.layout,
+        "split": opts.split,
+        "root": str(opts.root),
+        "options": opts.recorded(),
+        "unknown_ids": unknown,
+        "source": source,
+    }
+    if not labelled:  # recorded only when false: labelled sets keep their bytes (readers default to true)
+        info["labelled"] = False
+    return write_manifest(out, shards, num_classes, skipped=skipped, info=info)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,6 +550,8 @@ def repair(out: Path, root: Path, workers: int = 1) -> list[str]:
     rec = dict(m.info.get("options") or {})
     if "image_format" not in rec or "source" not in m.info:
         raise DataError(m.path, f"has no build record (written by an older version); {_REBUILD_HINT}")
+    if rec.get("layout") == "folder":
+        raise DataError(m.path, f"repair of a folder-layout set is not supported; {_REBUILD_HINT}")
     opts = PackOptions(
         layout=rec["layout"],
         root=Path(root),
@@ -512,11 +564,14 @@ def repair(out: Path, root: Path, workers: int = 1) -> list[str]:
         skip_mismatched=bool(rec["skip_mismatched"]),
         unknown_ids=rec["unknown_ids"],
         progress=False,
+        conditions=tuple(rec.get("conditions") or ()),
     )
     bad = damaged_shards(m)
     if not bad:
         return []
-    pairs = list_pairs(opts.layout, opts.root, opts.split)
+    job_head = (opts.layout,)
+    job_tail = (opts.root, opts.jpeg_quality, opts.format, opts.unknown_ids, opts.skip_mismatched, None)
+    pairs = list_pairs(opts.layout, opts.root, opts.split, opts.conditions)
     pos = {p.key: i for i, p in enumerate(pairs)}
     last: list[int] = []  # per shard: position of its last sample in the input
     for i in range(len(m.shards)):
@@ -536,10 +591,7 @@ def repair(out: Path, root: Path, workers: int = 1) -> list[str]:
             writer = ShardWriter(
                 tmp, prefix="shard", shard_size=opts.shard_size, num_classes=m.num_classes, start_index=i, options=rec
             )
-            jobs = [
-                (opts.layout, p, opts.root, opts.jpeg_quality, opts.format, opts.unknown_ids, opts.skip_mismatched)
-                for p in pairs[lo : last[i] + 1]
-            ]
+            jobs = [(*job_head, p, *job_tail) for p in pairs[lo : last[i] + 1]]
             try:
                 for res in _ordered(jobs, workers):
                     _add_result(writer, res)

@@ -12,6 +12,7 @@ from typing import Optional
 from omegaconf import DictConfig
 
 from sdca_dist.classes import target_label_map
+from sdca_dist.data.labelled import manifest_info, unlabelled_reason
 from sdca_dist.data.sets import DataConfigError
 from sdca_dist.engine.distributed import DistContext
 
@@ -21,6 +22,35 @@ def per_rank(global_batch: int, ctx: DistContext, key: str) -> int:
     if global_batch < 1 or global_batch % ctx.world_size:
         raise DataConfigError(f"{key}={global_batch} does not split evenly over {ctx.world_size} ranks")
     return global_batch // ctx.world_size
+
+
+def require_labels(manifest: Path, key: str, why: str) -> None:
+    """One-line refusal when a stage needs labels the shard set does not have."""
+    reason = unlabelled_reason(manifest, key, why)
+    if reason:
+        raise DataConfigError(reason)
+
+
+def check_classes(cfg: DictConfig, manifest: Path) -> None:
+    """A folder-layout shard set records its classes file's table; the run's must name the same
+    classes in the same order (its label values were mapped onto those ids)."""
+    recorded = (manifest_info(manifest).get("options") or {}).get("classes")
+    if not recorded:
+        return
+    names = [c.get("name") for c in recorded.get("classes", [])]
+    if not cfg.data.get("classes"):
+        raise DataConfigError(
+            f"{manifest}: packed with a classes file ({len(names)} classes: {', '.join(names[:5])}"
+            f"{', ...' if len(names) > 5 else ''}); run with data.classes=FILE"
+        )
+    from sdca_dist.classes import load_classes
+
+    mine = list(load_classes(cfg.data.classes).names)
+    if mine != names:
+        raise DataConfigError(
+            f"{manifest}: packed with classes {names}, data.classes={cfg.data.classes} has {mine}; "
+            "shard again with this classes file or run with the one the shards were packed with"
+        )
 
 
 def make_loader(
@@ -49,7 +79,10 @@ def make_loader(
     """
     from sdca_dist.data.loader import ShardLoader
 
-    label_map = target_label_map(cfg.data.num_classes) if target_labels else None
+    check_classes(cfg, Path(manifest))
+    # a classes file's labels are already in the run's class space; the built-in targets are
+    # Cityscapes 19-class labels, mapped onto the setting's classes (SYNTHIA's 16)
+    label_map = target_label_map(cfg.data.num_classes) if target_labels and not cfg.data.get("classes") else None
     return ShardLoader(
         manifest,
         batch_size,

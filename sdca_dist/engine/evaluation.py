@@ -16,14 +16,19 @@ from sdca_dist.method.segmentation_loss import upsample_logits
 @torch.no_grad()
 def evaluate(sc: StageContext, module: torch.nn.Module, tag: str = "eval", iteration: int = 0) -> dict:
     """Evaluate ``module`` (unwrapped) on target val; returns the report written to metrics.json."""
+    from sdca_dist.classes import run_classes
+    from sdca_dist.engine.data import require_labels
     from sdca_dist.method import ConfusionMatrix, miou_report
 
     cfg, ctx = sc.cfg, sc.ctx
     num_classes = cfg.data.num_classes
+    table = run_classes(cfg.data)
+    val_manifest = manifest_path(shard_set(cfg, cfg.data.target_val))
+    require_labels(val_manifest, "data.target_val", "the evaluation scores on it")
     loader = make_loader(
         cfg,
         ctx,
-        manifest_path(shard_set(cfg, cfg.data.target_val)),
+        val_manifest,
         cfg.train.eval_batch_size,
         train=False,
         resize=list(cfg.data.eval_resize),
@@ -32,6 +37,12 @@ def evaluate(sc: StageContext, module: torch.nn.Module, tag: str = "eval", itera
     was_training = module.training
     module.eval()
     cm = ConfusionMatrix(num_classes, device=ctx.device)
+    from sdca_dist.engine.observe import denormalize
+    from sdca_dist.engine.val_examples import ValExamples
+
+    # a few images for the summary's picture panel (an evaluation outside a stage keeps none)
+    folder = getattr(sc, "folder", None)
+    examples = ValExamples(folder or ".", ctx.is_main and folder is not None)
     t0 = time.time()
     images = 0
     shown = False
@@ -49,14 +60,17 @@ def evaluate(sc: StageContext, module: torch.nn.Module, tag: str = "eval", itera
             if not shown:
                 sc.observer.images(iteration, f"{tag}/val", image[rows][0], own[0], pred[0])
                 shown = True
+            for j in range(own.shape[0]):
+                if examples.wanted and bool(valid[rows][j]):
+                    examples.add(denormalize(image[rows][j]), own[j].cpu().numpy(), pred[j].cpu().numpy())
         images += int(valid.sum())
     cm.all_reduce()
-    from sdca_dist.classes import class_names
-
-    report = miou_report(cm, num_classes)
+    examples.write()
+    report = miou_report(cm, num_classes, table.names)
     # strict JSON: a class with empty union (absent and never predicted) is null, not NaN
     report["per_class"] = {k: (None if v != v else v) for k, v in report["per_class"].items()}
-    report["table"] = cm.table(class_names(num_classes))
+    report["table"] = cm.table(table.names)
+    report["scored_on"] = str(cfg.data.target_val)  # which split scored (the summary names it)
     report["images_rank0"] = int(images)
     report["eval_seconds"] = round(time.time() - t0, 2)
     sc.observer.log(

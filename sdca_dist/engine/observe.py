@@ -59,6 +59,7 @@ class StageObserver:
         total_iters: int = 0,
         start_iter: int = 0,
         num_classes: int = 19,
+        palette=None,
         stream=None,
     ) -> None:
         self.stage = stage
@@ -66,6 +67,7 @@ class StageObserver:
         self.total = total_iters
         self.start_iter = start_iter
         self.num_classes = num_classes
+        self.palette = palette  # a classes file's colours (None: the built-in table's)
         self.stream = stream or sys.stdout
         self._t0 = time.time()
         self._tb = None
@@ -129,7 +131,9 @@ class StageObserver:
         for name, lab in (("label", label), ("prediction", pred), ("pseudo_label", pseudo)):
             if lab is not None:
                 arr = lab.detach().cpu().numpy().astype(np.int64)
-                self._tb.add_image(f"{tag}/{name}", colorize(arr, self.num_classes), iteration, dataformats="HWC")
+                self._tb.add_image(
+                    f"{tag}/{name}", colorize(arr, self.num_classes, self.palette), iteration, dataformats="HWC"
+                )
 
     def text(self, tag: str, text: str, iteration: int = 0) -> None:
         if self._tb is not None:

@@ -213,7 +213,15 @@ def run_stage(cfg: DictConfig) -> dict:
                 )
             return reused
         ctx.barrier()
-        observer = StageObserver(stage, run.stage(stage), ctx.is_main, num_classes=cfg.data.num_classes)
+        from sdca_dist.classes import run_classes
+
+        observer = StageObserver(
+            stage,
+            run.stage(stage),
+            ctx.is_main,
+            num_classes=cfg.data.num_classes,
+            palette=run_classes(cfg.data).palette(),
+        )
         for line in logs:
             observer.log(line)
         if ctx.is_main:

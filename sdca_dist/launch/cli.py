@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import sdca_dist.launch
 from sdca_dist.config import ConfigError
 from sdca_dist.config.run_config import freeze, parse_launch, split_overrides
+from sdca_dist.data.labelled import label_problems
 from sdca_dist.launch.backends import backend
 from sdca_dist.launch.plan import (
     LaunchError,
@@ -28,7 +29,7 @@ from sdca_dist.launch.plan import (
     stage_plan,
     stages_to_run,
 )
-from sdca_dist.launch.summary import write_summary
+from sdca_dist.launch.summary import data_manifest, describe_data, write_summary
 from sdca_dist.scaling import ScaleError, parse_scale, plan_warnings
 from sdca_dist.stage_table import spec
 
@@ -64,6 +65,7 @@ def main(argv: Sequence[str], hooks: Optional[dict] = None) -> int:
         where = backend(cfg.cluster.name)
         plan = stage_plan(cfg, launch, stages)
         problems = [p for _, folder, c, _ in runs for p in preflight(c, folder, stages)]
+        problems += label_problems(cfg, stages, lambda name: data_manifest(cfg, name))
         if problems:
             raise LaunchError("; ".join(dict.fromkeys(problems)))
         needs = list(dict.fromkeys(n for _, _, c, _ in runs for n in missing_data(c, stages)))
@@ -73,6 +75,7 @@ def main(argv: Sequence[str], hooks: Optional[dict] = None) -> int:
 
         changed = differing_from_preset(cfg)
         print(f"[launch] conf={cfg.conf}" + (f" with {' '.join(changed)}" if changed else " as published"), flush=True)
+        print(f"[launch] {describe_data(cfg)}", flush=True)
         for stage in stages:
             row = dict(plan[stage])
             row.update(where.job_parameters(cfg, stage, plan[stage]))

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from sdca_dist.files import atomic_write_text, read_json_dict
+from sdca_dist.launch.figures import grid_figure
 from sdca_dist.launch.grid import GRID_FILE
 from sdca_dist.launch.seed_stats import fmt_interval, over_seeds, paired
 
@@ -183,6 +184,7 @@ def write_grid_summary(
         lines += [f"- {name}: {why}" for name, why in points_failed.items()]
     atomic_write_text(root / "summary.json", json.dumps(payload, indent=1) + "\n")
     atomic_write_text(root / "summary.md", "\n".join(lines) + "\n")
+    grid_figure(root)  # grid_differences.png beside summary.json (sdca_dist.launch.figures)
     log("\n".join(lines))
     return root / "summary.md"
 

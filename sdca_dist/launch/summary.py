@@ -7,7 +7,8 @@ evaluation set (``train.select=best_val``) are marked. Each ablation stage (``St
 is also reported as a paired difference, its stage minus the ablation seed by seed (mean, std and
 95% t interval, ``sdca_dist.launch.seed_stats``), under the name its ``effect`` gives
 (``alignment_effect``: sdca - sdca_no_align); an unpaired reference stage (the oracle) is also
-reported at summary.json's top level. Both files are written atomically.
+reported at summary.json's top level. Both files are written atomically and say which shard set
+scored (``data.target_val``); the pictures beside them come from ``sdca_dist.launch.figures``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig
 
 from sdca_dist.files import atomic_write_text, read_json_dict
+from sdca_dist.launch.figures import write_run_figures
 from sdca_dist.launch.seed_stats import fmt_interval, mean_std, paired
 from sdca_dist.stage_table import TABLE, spec
 
@@ -64,9 +66,10 @@ def write_summary(cfg: DictConfig, root: Path, runs: list[tuple[int, Path]], sta
         table[stage] = entry
     if not table:
         return None
-    lines = [
-        f"# {cfg.conf}: {len(runs)} seed(s), run folder {root}",
-        "",
+    data = cfg.get("data")  # a summary re-drawn from bare records may have no data section
+    lines = [f"# {cfg.conf}: {len(runs)} seed(s), run folder {root}", ""]
+    lines += [describe_data(cfg), ""] if data is not None else []
+    lines += [
         "| stage | mIoU mean ± std | per seed | wall time (s, mean) |",
         "|---|---|---|---|",
     ]
@@ -111,6 +114,8 @@ def write_summary(cfg: DictConfig, root: Path, runs: list[tuple[int, Path]], sta
     lines += ["", f"TensorBoard: tensorboard --logdir {root}"]
     root.mkdir(parents=True, exist_ok=True)
     payload = {"conf": cfg.conf, "seeds": [s for s, _ in runs], "stages": table}
+    if data is not None:
+        payload["scored_on"] = str(data.target_val)  # the shard set every stage's mIoU is computed on
     for stage in table:
         if spec(stage).launch_flag and not spec(stage).paired_with:
             payload[stage] = table[stage]
@@ -118,8 +123,23 @@ def write_summary(cfg: DictConfig, root: Path, runs: list[tuple[int, Path]], sta
         payload[str(spec(ablation).effect).replace(" ", "_")] = effect
     atomic_write_text(root / "summary.json", json.dumps(payload, indent=1) + "\n")
     atomic_write_text(root / "summary.md", "\n".join(lines) + "\n")
+    write_run_figures(cfg, root, runs, stages)
     print("\n".join(lines), flush=True)
     return root / "summary.md"
+
+
+def data_manifest(cfg: DictConfig, name: str) -> Path:
+    """The manifest path of the shard set ``name`` of a run's data section."""
+    from sdca_dist.data.sets import manifest_path, shard_set
+
+    return manifest_path(shard_set(cfg, name))
+
+
+def describe_data(cfg: DictConfig) -> str:
+    """One line: source -> target (labelled or not), the split every stage is scored on, the classes."""
+    from sdca_dist.data.labelled import data_line
+
+    return data_line(cfg, lambda name: data_manifest(cfg, name))
 
 
 def _selected_on_val(rd: Path, stage: str, metrics: dict) -> Optional[dict]:

@@ -86,14 +86,18 @@ class ConfusionMatrix:
         return "\n".join(lines)
 
 
-def miou_report(cm: ConfusionMatrix, num_classes: int | None = None) -> dict:
+def miou_report(cm: ConfusionMatrix, num_classes: int | None = None, names: Sequence[str] | None = None) -> dict:
     """The numbers papers report: ``{"mIoU", "per_class": {name: IoU%}}`` plus ``"mIoU13"`` for the
-    16-class SYNTHIA setting (the 16 without wall, fence, pole). Percentages; NaN for empty classes."""
+    16-class SYNTHIA setting (the 16 without wall, fence, pole). Percentages; NaN for empty classes.
+    ``names``: a classes file's names (a run with ``data.classes``); default the built-in table's."""
     num_classes = cm.num_classes if num_classes is None else num_classes
     if num_classes != cm.num_classes:
         raise ValueError(f"miou_report for {num_classes} classes given a {cm.num_classes}-class matrix")
-    names = class_names(num_classes)
+    custom = names is not None
+    names = list(names) if custom else class_names(num_classes)
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names for a {num_classes}-class matrix")
     report: dict = {"mIoU": cm.miou(), "per_class": {n: float(v) * 100.0 for n, v in zip(names, cm.iou().tolist())}}
-    if num_classes == 16:
+    if num_classes == 16 and not custom:
         report["mIoU13"] = cm.miou(SYNTHIA13_IN_16)
     return report

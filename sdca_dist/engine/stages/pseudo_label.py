@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from sdca_dist.data.labelled import is_labelled
 from sdca_dist.data.loader import own_size_rows
 from sdca_dist.data.sets import manifest_path, shard_set
 from sdca_dist.engine.data import make_loader
@@ -50,7 +51,7 @@ def _probabilities(model, batch: dict, device) -> list[tuple[slice, torch.Tensor
 
 @torch.no_grad()
 def run(sc: StageContext) -> dict:
-    from sdca_dist.classes import class_names
+    from sdca_dist.classes import run_classes
     from sdca_dist.data.shard_set import ShardReader, ShardWriter, write_manifest
     from sdca_dist.method import ClassThresholds, ConfusionMatrix, apply_thresholds, miou_report
 
@@ -75,7 +76,7 @@ def run(sc: StageContext) -> dict:
         if step % cfg.train.log_every == 0:
             obs.progress(step, {})
     thr = thresholds.compute(cap=cfg.method.pseudo_label_cap).cpu()
-    names = class_names(num_classes)
+    names = run_classes(cfg.data).names
     sc.write_json(
         THRESHOLDS,
         {"thresholds": {n: float(v) for n, v in zip(names, thr.tolist())}, "cap": cfg.method.pseudo_label_cap},
@@ -131,12 +132,20 @@ def run(sc: StageContext) -> dict:
         all_infos = [info for part in gathered for info in part]
         write_manifest(out, all_infos, num_classes)
     ctx.barrier()
-    report = miou_report(quality, num_classes)
+    report = miou_report(quality, num_classes, names)
     share = float(counts[0] / max(float(counts[1]), 1.0))
+    labelled = is_labelled(manifest_path(shard_set(cfg, cfg.data.target_train)))
     obs.log(
-        f"pseudo labels: {100 * share:.1f}% of pixels kept; mIoU of kept pixels vs ground truth "
-        f"{report['mIoU']:.2f} (diagnostic only: ground truth is never used for training)"
+        f"pseudo labels: {100 * share:.1f}% of pixels kept; "
+        + (
+            f"mIoU of kept pixels vs ground truth {report['mIoU']:.2f} (diagnostic only: ground truth is never "
+            "used for training)"
+            if labelled
+            else "no ground truth to compare with (an unlabelled target train set)"
+        )
     )
+    if not labelled:  # every GT pixel is ignore: no numbers, rather than NaN that looks like one
+        report = {"mIoU": None, "per_class": {n: None for n in names}}
     summary = {
         "thresholds": [float(v) for v in thr.tolist()],
         "kept_pixel_share": share,

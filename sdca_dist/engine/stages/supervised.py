@@ -99,10 +99,14 @@ def run_src(sc: StageContext) -> dict:
 
 def run_oracle(sc: StageContext) -> dict:
     """Reference upper bound: the same recipe on the target's own labels."""
+    from sdca_dist.engine.data import require_labels
+
     cfg = sc.cfg
+    manifest = manifest_path(shard_set(cfg, cfg.data.target_train))
+    require_labels(manifest, "data.target_train", "the oracle trains on target labels (leave with_oracle off)")
     return _run_supervised(
         sc,
-        manifest_path(shard_set(cfg, cfg.data.target_train)),
+        manifest,
         freeze_bn=_freeze_bn_from_scratch(cfg),
         lovasz_weight=cfg.method.lovasz_weight,
         resize=list(cfg.data.target_resize),
