@@ -17,19 +17,17 @@ settings themselves and the sha256 of the files the stage leaves for later stage
 * redoing a stage makes every stage after it stale (their inputs change), and so does a stage
   that is stale, missing or redone: freshness is derived through the lineage (``Lineage.fresh``).
 
-A per-stage lock (``<stage>/.lock``, flock) keeps two jobs out of one stage folder; the kernel
-drops it when its holder dies, so a lock left by a killed job is simply taken over.
+A per-stage lock (``<stage>/.lock``, ``sdca_dist.locks``: a lock file, no ``flock``) keeps two jobs
+out of one stage folder on any shared file system; a lock left by a killed job is taken over once
+its holder is judged gone (see that module).
 
 No torch here: the launcher plans with it.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -394,31 +392,18 @@ class StageLock:
     """Exclusive use of one stage folder by one job (rank 0 holds it for the stage's duration)."""
 
     def __init__(self, folder: Path) -> None:
+        from sdca_dist.locks import FileLock
+
         self.path = Path(folder) / LOCK
-        self._f = None
+        self._lock = FileLock(self.path, setting="run_dir")
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
+        if not self._lock.try_acquire():
+            holder = self._lock.holder()
             raise RunFolderBusy(
                 f"run folder {self.path.parent.parent} (stage {self.path.parent.name}) is in use by "
-                f"{holder}; wait for it or use another run_dir"
-            ) from None
-        job = os.environ.get("SLURM_JOB_ID")
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}" + (f" (job {job})" if job else "") + "\n")
-        f.flush()
-        self._f = f
+                f"{holder.describe() if holder else 'another process'}; wait for it or use another run_dir"
+            )
 
     def release(self) -> None:
-        if self._f is not None:
-            fcntl.flock(self._f, fcntl.LOCK_UN)
-            self._f.close()
-            self._f = None
+        self._lock.release()

@@ -10,7 +10,7 @@ Layout of ``cache_dir``::
     <key>/ENTRY.json    {key, stage, files: {relative path: sha256}, summary, producer, code}
     <key>/files/...     the stage folder's files (not its checkpoints, TensorBoard events,
                         DONE, LINEAGE.json, progress record or lock)
-    .locks/<key>.lock   held (flock) by the job computing or restoring that key
+    .locks/<key>.lock   held (``sdca_dist.locks``) by the job computing or restoring that key
 
 * publishing is atomic: the files are copied (never linked: the entry must not change when a
   run folder's file does) into ``.tmp-<key>.<pid>``, verified, then the folder is renamed to
@@ -18,7 +18,9 @@ Layout of ``cache_dir``::
 * a corrupt entry (a file missing or with another sha256) is reported in one line, removed,
   and the stage computed again (and published again);
 * two jobs racing for one key: the first takes the key's lock and computes; the second waits
-  on the lock and then reuses the published entry. Never both write one entry.
+  for the lock and then reuses the published entry. Never both write one entry. The engine's
+  wait is taken by all ranks together before the stage (``CachedStage.attempt``, polled), so no
+  rank waits inside a collective for another job's whole stage.
 
 Which cache a run folder uses is in ``<run_dir>/cache.json`` (written by the launcher at each
 launch: ``{"enabled": bool, "dir": path, "recompute": [stages]}``); a run folder without one
@@ -27,7 +29,6 @@ launch: ``{"enabled": bool, "dir": path, "recompute": [stages]}``); a run folder
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -115,41 +116,40 @@ class StageCache:
     def __init__(self, root: Path | str, log: Callable[[str], None] = print) -> None:
         self.root = Path(root)
         self.log = log
-        self._lock_file = None
+        self._lock = None
 
     def entry(self, key: str) -> Path:
         return self.root / key
 
     # --- the key's lock ---------------------------------------------------------------------------
+    def _key_lock(self, key: str):
+        from sdca_dist.locks import FileLock
+
+        if self._lock is None or self._lock.path.name != f"{key}.lock":
+            self._lock = FileLock(self.root / ".locks" / f"{key}.lock", setting="cache_dir (or cache=false)")
+        return self._lock
+
+    def try_acquire(self, key: str) -> bool:
+        """Take ``key``'s lock if no live job holds it (never waits)."""
+        return self._key_lock(key).try_acquire()
+
+    def holder(self, key: str) -> str:
+        h = self._key_lock(key).holder()
+        return h.describe() if h else "another job"
+
     def acquire(self, key: str, poll_s: float = 2.0) -> None:
         """Hold ``key``'s lock; waits (polling, saying so once) while another job holds it."""
-        locks = self.root / ".locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        f = open(locks / f"{key}.lock", "a+")
-        said = False
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not said:
-                    f.seek(0)
-                    holder = f.read().strip() or "another job"
-                    self.log(f"stage cache: key {key[:12]} is being computed by {holder}; waiting for it")
-                    said = True
-                time.sleep(poll_s)
-        f.seek(0)
-        f.truncate()
-        job = os.environ.get("SLURM_JOB_ID")
-        f.write(f"pid {os.getpid()}" + (f" (job {job})" if job else "") + "\n")
-        f.flush()
-        self._lock_file = f
+        self._key_lock(key).acquire(
+            poll_s=poll_s,
+            on_wait=lambda h: self.log(
+                f"stage cache: key {key[:12]} is being computed by {h.describe() if h else 'another job'}; "
+                "waiting for it"
+            ),
+        )
 
     def release(self) -> None:
-        if self._lock_file is not None:
-            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
-            self._lock_file.close()
-            self._lock_file = None
+        if self._lock is not None:
+            self._lock.release()
 
     # --- reading --------------------------------------------------------------------------------
     def record(self, key: str) -> Optional[dict]:
@@ -250,12 +250,19 @@ class CachedStage:
     def __init__(self, cache: StageCache, key: str, stage: str, folder: Path) -> None:
         self.cache, self.key, self.stage, self.folder = cache, key, stage, Path(folder)
 
-    def reuse(self) -> Optional[dict]:
+    def attempt(self) -> tuple[str, Optional[dict]]:
+        """One try, never waiting: ``("hit", summary)`` (the entry's files restored, the lock
+        released), ``("miss", None)`` (this job computes; the key's lock is kept until
+        publish/release) or ``("busy", None)`` (another live job holds the key: try again later).
+
+        The waiting is the caller's: the engine polls with every rank together (one short
+        collective per try), so no rank sits in a collective while another job computes."""
         t0 = time.time()
-        self.cache.acquire(self.key)
+        if not self.cache.try_acquire(self.key):
+            return "busy", None
         record = self.cache.lookup(self.key)
         if record is None:
-            return None  # computing: the lock is kept until publish/release
+            return "miss", None  # computing: the lock is kept until publish/release
         try:
             self.cache.restore(self.key, record, self.folder)
         except (OSError, CorruptEntry) as exc:
@@ -263,7 +270,7 @@ class CachedStage:
             for rel in record["files"]:
                 (self.folder / rel).unlink(missing_ok=True)
             self.cache._remove(self.cache.entry(self.key))
-            return None
+            return "miss", None
         self.cache.release()
         summary = rebase_summary(dict(record.get("summary") or {}), str(record.get("producer") or ""), self.folder)
         summary["computed_wall_seconds"] = summary.get("computed_wall_seconds", summary.get("wall_seconds"))
@@ -271,7 +278,20 @@ class CachedStage:
         summary["reused_from"] = self.key
         summary["reused_producer"] = record.get("producer")
         self.cache.log(f"reused from {self.key} (computed in {record.get('producer')}); no training")
-        return summary
+        return "hit", summary
+
+    def reuse(self, poll_s: float = 2.0) -> Optional[dict]:
+        """``attempt`` until it is not busy (one process: waits here); the summary on a hit."""
+        said = False
+        while True:
+            outcome, summary = self.attempt()
+            if outcome != "busy":
+                return summary
+            if not said:
+                holder = self.cache.holder(self.key)
+                self.cache.log(f"stage cache: key {self.key[:12]} is being computed by {holder}; waiting for it")
+                said = True
+            time.sleep(poll_s)
 
     def publish(self, summary: dict, code: str) -> None:
         if self.cache.publish(self.key, self.stage, self.folder, summary, str(self.folder), code):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from sdca_dist.config import ConfigError
@@ -49,9 +50,59 @@ def prepare(argv: Sequence[str]):
         return cfg
 
     cfg, new = resolve(run_dir, argv, stage=stage, adjust=adjust)
-    if new:
-        freeze(run_dir, cfg, argv)
-    return cfg
+    wrote = freeze(run_dir, cfg, argv) if new else False
+    return cfg, wrote
+
+
+class StartRecord:
+    """What a start that freezes a new run folder's configuration found there, so that a refused
+    start (another job holds the stage, an input is missing) can take back what it wrote: a
+    refusal leaves the folder as it was (the configuration may be started again with other
+    settings). Only a folder without ``config.yaml`` is recorded (a new run's, small)."""
+
+    def __init__(self, run_dir: str | None) -> None:
+        from sdca_dist.config.run_config import config_path
+
+        self.root = Path(run_dir) if run_dir and run_dir.strip() else None
+        self.existed = self.root is not None and self.root.exists()
+        self.fresh = self.root is not None and not config_path(self.root).is_file()
+        self.before: set[Path] = set(self.root.rglob("*")) if self.fresh and self.existed else set()
+
+    def take_back(self, wrote: bool) -> None:
+        """Remove the folders this start made and, when it wrote it (``wrote``), the configuration,
+        unless the start left other files (then its configuration explains them and stays)."""
+        from sdca_dist.config.run_config import CONFIG_FILE, ORIGIN_FILE
+
+        if not self.fresh or not self.root.is_dir():
+            return
+        written = {self.root / CONFIG_FILE, self.root / ORIGIN_FILE} if wrote else set()
+        new = set(self.root.rglob("*")) - self.before - written
+        if any(not p.is_dir() for p in new):
+            return
+        for p in written:
+            p.unlink(missing_ok=True)
+        for d in sorted(new, key=lambda p: len(p.parts), reverse=True):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        if not self.existed:
+            try:
+                self.root.rmdir()
+            except OSError:
+                pass
+
+
+def stopped_line(stage: str, exc: Exception, torchrun: bool) -> str:
+    """The one line a clean stop prints (rank 0): what happened and how to resume. Under torchrun
+    it says what torchrun prints next: its agent reports every rank that exits non-zero as a
+    failed child ("exitcode: 3") with a ChildFailedError traceback, and exits 1 itself."""
+    from sdca_dist.engine.preemption import PREEMPTED_EXIT_CODE
+
+    line = f"[{stage}] {exc}; resume: run the same command again (exit {PREEMPTED_EXIT_CODE})"
+    if torchrun:
+        line += "; torchrun reports the ranks below as failed with exitcode 3: that is this stop, not a crash"
+    return line
 
 
 def main(argv: list[str]) -> int:
@@ -63,25 +114,37 @@ def main(argv: list[str]) -> int:
 
     if under_torchrun():  # the agent's death (e.g. SIGUSR2 to torchrun) stops this rank at a step boundary
         die_with_parent(signal.SIGTERM)
+    start = StartRecord(_arg(argv, "run_dir"))
     try:
-        cfg = prepare(argv)
+        cfg, wrote = prepare(argv)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        start.take_back(wrote=False)
         return 2
+    code = _run(cfg)
+    if code == 2:
+        start.take_back(wrote)
+    return code
+
+
+def _run(cfg) -> int:
+    """Run the stage; the exit code (see the module's docstring)."""
     from sdca_dist.data.errors import DataError
     from sdca_dist.data.sets import DataConfigError
     from sdca_dist.engine.distributed import DeviceSetupError
     from sdca_dist.engine.health import TrainingHealthError
-    from sdca_dist.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
+    from sdca_dist.engine.preemption import PREEMPTED_EXIT_CODE, Preempted, under_torchrun
     from sdca_dist.engine.runner import run_stage
     from sdca_dist.lineage import MissingInputError, RunFolderBusy, StageInputError, StageOutputError
+    from sdca_dist.locks import LockError
     from sdca_dist.models.pretrained import WeightsError
     from sdca_dist.scaling import ScaleError
 
     try:
         run_stage(cfg)
     except Preempted as exc:
-        print(f"[{cfg.stage}] {exc}", file=sys.stderr)
+        if int(os.environ.get("RANK") or 0) == 0:  # one line for the whole stop, not one per rank
+            print(stopped_line(cfg.stage, exc, under_torchrun()), file=sys.stderr, flush=True)
         return PREEMPTED_EXIT_CODE
     except (
         MissingInputError,
@@ -94,6 +157,7 @@ def main(argv: list[str]) -> int:
         DeviceSetupError,
         TrainingHealthError,
         WeightsError,
+        LockError,
         FileNotFoundError,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -175,6 +175,42 @@ def test_bf16_autocast_keeps_fp32_weights_and_hands_fp32_outputs_to_the_loss():
     assert r["channels_last"]
 
 
+#: what srun gives a task on a 4-GPU node, 4 tasks: the step's GPUs and this task's share
+_STEP = {"SLURM_JOB_ID": "5", "SLURM_STEP_ID": "0", "SLURM_PROCID": "2", "SLURM_LOCALID": "2", "SLURM_NTASKS": "4"}
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {**_STEP, "SLURM_GPUS_PER_TASK": "1", "CUDA_VISIBLE_DEVICES": "0"},  # --gpus-per-task=1, cgroup-constrained
+        {**_STEP, "SLURM_GPU_BIND": "single:1", "CUDA_VISIBLE_DEVICES": "2"},  # --gpu-bind=single:1
+        {**_STEP, "SLURM_STEP_GPUS": "0,1,2,3", "CUDA_VISIBLE_DEVICES": "2"},  # a site's per-task binding
+    ],
+    ids=["gpus-per-task", "gpu-bind", "step-gpus"],
+)
+def test_per_task_gpu_binding_uses_the_tasks_own_gpu(env):
+    from sdca_dist.engine.distributed import pick_device
+
+    # the task's environment is passed by position: it is no child process's env=
+    assert pick_device(2, 4, 1, True, "auto", env) == torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {**_STEP, "SLURM_STEP_GPUS": "0", "CUDA_VISIBLE_DEVICES": "0"},  # 4 tasks share the node's one GPU
+        {"LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "4", "CUDA_VISIBLE_DEVICES": "0"},  # torchrun: all ranks see it
+        {"SLURM_JOB_ID": "5", "SLURM_GPUS_PER_TASK": "1"},  # a batch script, not an srun task
+    ],
+    ids=["shared-gpu", "torchrun", "not-a-task"],
+)
+def test_ranks_sharing_one_gpu_are_refused(env):
+    from sdca_dist.engine.distributed import DeviceSetupError, pick_device
+
+    with pytest.raises(DeviceSetupError, match="4 ranks on this node but 1 visible GPU.* no per-task GPU binding"):
+        pick_device(2, 4, 1, True, "auto", env)
+
+
 def test_the_suite_hides_the_gpus_from_itself_and_every_process_it_starts(monkeypatch):
     """The CPU suite passes on a GPU node: this process (in-process gloo groups, ``mp.spawn``
     children) and every child started through ``child_env`` see no GPU, and every ``env=`` a test

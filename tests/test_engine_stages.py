@@ -152,6 +152,12 @@ def test_sdca_interrupted_at_a_random_step_resumes_bitwise_exact(shards: Path, t
     assert first.returncode != 0, first.stdout[-3000:]
     assert re.search(r"exitcode\s*: 3 ", first.stdout), first.stdout[-3000:]
     assert "stop signal: checkpoint written" in first.stdout
+    # one line for the stop (rank 0), saying how to resume and what torchrun's report that follows means
+    stops = [ln for ln in first.stdout.splitlines() if re.search(r"\[sdca\] stopped by SIG[A-Z0-9]+ at iteration", ln)]
+    assert len(stops) == 1 and stops[0].endswith(
+        "checkpoint written; resume: run the same command again (exit 3); torchrun reports the ranks below "
+        "as failed with exitcode 3: that is this stop, not a crash"
+    ), stops
     ckpts = sorted((runs["interrupted"] / "sdca" / "checkpoints").glob("iter_*"))
     stopped_at = int(ckpts[-1].name.split("_")[1])
     assert stop_after <= stopped_at < iters

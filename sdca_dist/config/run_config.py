@@ -13,7 +13,6 @@ not what they compute) may change between launches; the file keeps the first val
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import re
@@ -228,9 +227,10 @@ def run_dir_override(run_dir: Path | str) -> str:
     return "run_dir='" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def freeze(run_dir: Path | str, cfg: DictConfig, overrides: Sequence[str]) -> Path:
+def freeze(run_dir: Path | str, cfg: DictConfig, overrides: Sequence[str]) -> bool:
     """Write ``<run_dir>/config.yaml`` once (atomically, under a lock so concurrent first starts
-    agree); an existing file must hold the same settings."""
+    agree); an existing file must hold the same settings. True when this call wrote it (the
+    caller may then take it back if the start is refused: ``unfreeze``)."""
     run_dir = Path(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -238,17 +238,23 @@ def freeze(run_dir: Path | str, cfg: DictConfig, overrides: Sequence[str]) -> Pa
         raise ConfigError(f"cannot create run folder {run_dir}: {exc.strerror or exc}") from None
     if not run_dir.is_dir():
         raise ConfigError(f"run_dir={run_dir} is not a folder")
+    from sdca_dist.locks import FileLock, LockError
+
     path = config_path(run_dir)
-    with open(run_dir / ".config.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    lock = FileLock(run_dir / ".config.lock", setting="run_dir")
+    try:
+        lock.acquire(poll_s=0.2)
+    except LockError as exc:
+        raise ConfigError(str(exc)) from None
+    with lock:
         if path.is_file():
             diff = differences(load_frozen(run_dir), cfg)
             if diff:
                 raise ConfigError(f"{run_dir} was started with other settings ({'; '.join(diff)})")
-            return path
+            return False
         _atomic_write(run_dir / ORIGIN_FILE, json.dumps({"overrides": without_job_keys(overrides)}, indent=1) + "\n")
         _atomic_write(path, _fmt(cfg))
-    return path
+    return True
 
 
 def with_values(cfg: DictConfig, **dotted: Any) -> DictConfig:

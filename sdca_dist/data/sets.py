@@ -15,7 +15,6 @@ record), never reusing another set; so does a ``shards_root`` holding sets witho
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -116,16 +115,20 @@ def ensure_synthetic_shards(cfg: DictConfig, log=print) -> None:
             )
     if all(manifest_path(shard_set(cfg, n)).is_file() for n in wanted) and _record_of(synthetic_root(cfg)):
         return
+    from sdca_dist.locks import FileLock, LockError
+
     top = Path(cfg.data.shards_root)
+    lock = FileLock(top / ".generate.lock", setting="data.shards_root")
     try:
         top.mkdir(parents=True, exist_ok=True)
-        lock = open(top / ".generate.lock", "w")
+        lock.acquire(on_wait=lambda h: log(f"waiting for {h.describe() if h else 'another job'} to generate it"))
     except OSError as exc:
         raise DataConfigError(
             f"data.shards_root={top}: cannot create the synthetic benchmark there ({exc.strerror or exc})"
         ) from None
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # other ranks block here until the first one is done
+    except LockError as exc:
+        raise DataConfigError(str(exc)) from None
+    with lock:  # other jobs wait above until the first one is done
         root = synthetic_root(cfg)  # again, under the lock: a concurrent first use may have claimed it
         root.mkdir(parents=True, exist_ok=True)
         if _record_of(root) is None:  # claim the folder before generating: an interrupted run resumes here

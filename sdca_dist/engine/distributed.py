@@ -128,11 +128,47 @@ def local_world_size(env: Mapping[str, str], local_rank: int) -> int:
     return max(int(m.group(1)) if m else 0, local_rank + 1)
 
 
-def pick_device(local_rank: int, local_world: int, gpus: int, require_cuda: bool, backend: str) -> torch.device:
-    """This rank's device: ``cuda:LOCAL_RANK`` with GPUs, the CPU without. Refuses (one line) what
-    cannot work: GPUs asked for (``cluster.gpus_per_node > 0`` or NCCL) where torch sees none (a
-    CPU torch, or a driver older than the torch build), and more ranks on a node than GPUs (two
-    ranks on one GPU: NCCL fails with "Duplicate GPU detected")."""
+def _gpu_list(text: str | None) -> list[str]:
+    return [g for g in (text or "").split(",") if g.strip()]
+
+
+def per_task_binding(env: Mapping[str, str], gpus: int, local_world: int) -> str | None:
+    """Why this rank's visible GPUs are its own (SLURM bound GPUs per task), or None when the
+    environment does not say so. Evidence, any of: ``--gpus-per-task`` (SLURM_GPUS_PER_TASK),
+    ``--gpu-bind`` to single GPUs (SLURM_GPU_BIND / SLURM_CPU_BIND-style ``single:``, ``map_gpu:``,
+    ``mask_gpu:``), or the step's GPUs on this node (SLURM_STEP_GPUS, else SLURM_JOB_GPUS) being
+    at least one per local rank while this task sees fewer (CUDA_VISIBLE_DEVICES was cut to the
+    task's share). Without it, ranks that see the same GPUs would share them."""
+    if not _srun_task(env):
+        return None
+    per_task = env.get("SLURM_GPUS_PER_TASK", "").split(":")[-1]
+    if per_task.isdigit() and int(per_task) >= 1 and gpus >= 1:
+        return f"SLURM_GPUS_PER_TASK={env['SLURM_GPUS_PER_TASK']}"
+    bind = env.get("SLURM_GPU_BIND", "")
+    if any(k in bind for k in ("single:", "map_gpu:", "mask_gpu:")):
+        return f"SLURM_GPU_BIND={bind}"
+    step = _gpu_list(env.get("SLURM_STEP_GPUS") or env.get("SLURM_JOB_GPUS"))
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if step and visible is not None and len(_gpu_list(visible)) == gpus and len(step) >= local_world > gpus:
+        return f"SLURM_STEP_GPUS={','.join(step)} with CUDA_VISIBLE_DEVICES={visible} for this task"
+    return None
+
+
+def pick_device(
+    local_rank: int,
+    local_world: int,
+    gpus: int,
+    require_cuda: bool,
+    backend: str,
+    env: Mapping[str, str] | None = None,
+) -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` where the ranks of a node share its GPUs,
+    ``cuda:0`` where SLURM bound GPUs per task (``per_task_binding``: each rank sees only its
+    own), the CPU without GPUs. Refuses (one line) what cannot work: GPUs asked for
+    (``cluster.gpus_per_node > 0`` or NCCL) where torch sees none (a CPU torch, or a driver older
+    than the torch build), and more ranks on a node than GPUs without per-task binding (two ranks
+    on one GPU: NCCL fails with "Duplicate GPU detected")."""
+    env = os.environ if env is None else env
     if gpus == 0:
         if require_cuda or backend == "nccl":
             asked = "cluster.gpus_per_node > 0" if require_cuda else "engine.backend=nccl"
@@ -142,9 +178,12 @@ def pick_device(local_rank: int, local_world: int, gpus: int, require_cuda: bool
             )
         return torch.device("cpu")
     if local_world > gpus:
+        if per_task_binding(env, gpus, local_world):
+            return torch.device("cuda", 0)
         raise DeviceSetupError(
-            f"{local_world} ranks on this node but {gpus} visible GPU(s); start at most {gpus} ranks per node "
-            "(cluster.tasks_per_node, torchrun --nproc_per_node) or make more GPUs visible"
+            f"{local_world} ranks on this node but {gpus} visible GPU(s) and no per-task GPU binding in the "
+            "environment (SLURM_GPUS_PER_TASK, --gpu-bind, SLURM_STEP_GPUS); start at most "
+            f"{gpus} ranks per node (cluster.tasks_per_node, torchrun --nproc_per_node) or make more GPUs visible"
         )
     return torch.device("cuda", local_rank)
 
@@ -159,10 +198,15 @@ def _bind_keywords(device: torch.device) -> dict[str, Any]:
 def init_distributed(backend: str = "auto", timeout_s: int = 1800, require_cuda: bool = False) -> DistContext:
     """Initialise the process group (if not yet) and pick and bind this rank's device.
 
+    ``timeout_s``: the process-group timeout (a collective that waits longer fails);
+    ``SDCA_PG_TIMEOUT_S`` in the environment overrides it (a site that wants failures sooner).
+
     ``backend="auto"``: NCCL when CUDA is available, gloo otherwise. A single process still gets
     a (world size 1) process group so DeepSpeed and the collectives behave the same everywhere.
     ``require_cuda`` (``cluster.gpus_per_node > 0``): refuse to fall back to the CPU.
     """
+    if os.environ.get("SDCA_PG_TIMEOUT_S", "").isdigit():
+        timeout_s = int(os.environ["SDCA_PG_TIMEOUT_S"])
     note = allocation_shell_note()
     if note:
         print(note, file=sys.stderr)

@@ -1,12 +1,13 @@
 """Run one stage on this rank group: the single entry the CLI and the SLURM job share.
 
 Order of business (every rank agrees on each outcome before going on, so no rank is left
-waiting in a collective): the stage lock (rank 0), the job shape against the stage's global
-batches, the synthetic shards (rank 0 generates them on first use), the lineage (inputs
-verified against their producers' records; work from other settings or inputs discarded),
-then the stage's function from the stage table, then a check that every tensor the stage
-leaves for later stages (``model_final.pt``, ``distributions.pt``) is finite, then DONE with the
-lineage, the settings and the output hashes. Non-finite outputs: one line naming the file and
+waiting in a collective): the synthetic shards (generated on first use by the first rank to take
+their lock, before the process group exists), the stage lock (rank 0), the job shape against the
+stage's global batches, the lineage (inputs verified against their producers' records; work from
+other settings or inputs discarded), then the stage's function from the stage table, then a
+check that every tensor the stage leaves for later stages (``model_final.pt``,
+``distributions.pt``) is finite, then DONE with the lineage, the settings and the output hashes.
+Non-finite outputs: one line naming the file and
 the count, exit 2, no DONE (a later stage must never build on NaN weights).
 """
 
@@ -35,6 +36,7 @@ from sdca_dist.lineage import (
     StageOutputError,
     settings_record,
 )
+from sdca_dist.locks import LockError
 from sdca_dist.scaling import ScaleError, check_world, plan_warnings, scaled_schedule
 from sdca_dist.stage_cache import open_cached_stage
 from sdca_dist.stage_keys import code_version, stage_key
@@ -51,6 +53,7 @@ _AGREED = {
         RunFolderBusy,
         DataConfigError,
         ScaleError,
+        LockError,
         FileNotFoundError,
         OSError,  # no space, a read-only run folder: one line naming the path
     )
@@ -72,6 +75,45 @@ def _on_rank0(ctx: DistContext, work: Callable[[], object]):
     if outcome[0] != "ok":
         raise _AGREED.get(outcome[0], RuntimeError)(outcome[1])
     return outcome[1]
+
+
+#: seconds between two tries for a stage-cache key that another job is computing
+CACHE_POLL_S = 2.0
+_NO_CACHE = object()
+
+
+def _cache_outcome(ctx: DistContext, cached):
+    """The stage cache's answer for this stage, waited for by every rank together: rank 0 tries
+    the key's lock without waiting, every rank learns the outcome (one short collective), and
+    while another job computes the key all ranks sleep and try again. No rank ever sits in a
+    collective while rank 0 waits for another job (it would pass the process-group timeout).
+    Returns the summary on a hit, None on a miss (this job computes), ``_NO_CACHE`` when the
+    cache's folder refuses lock files (one line said; the stage computes without the cache)."""
+    from sdca_dist.locks import LockError
+
+    def attempt():
+        if cached is None:
+            return "miss", None
+        try:
+            return cached.attempt()
+        except LockError as exc:
+            cached.cache.log(f"stage cache not used: {exc}")
+            return "off", None
+
+    said = False
+    while True:
+        outcome, summary = _on_rank0(ctx, attempt)
+        if outcome == "off":
+            return _NO_CACHE
+        if outcome != "busy":
+            return summary
+        if ctx.is_main and not said:
+            cached.cache.log(
+                f"stage cache: key {cached.key[:12]} is being computed by {cached.cache.holder(cached.key)}; "
+                "every rank waits for it, then reuses its result"
+            )
+        said = True
+        time.sleep(CACHE_POLL_S)
 
 
 def check_finite_outputs(stage: str, folder: Path) -> None:
@@ -134,16 +176,18 @@ def run_stage(cfg: DictConfig) -> dict:
     run = RunDir(Path(cfg.run_dir))
     lineage = Lineage(run.root)
     lock = StageLock(run.stage(stage))
+    # the synthetic shards, by every rank before the process group exists: the first to take the
+    # generation lock makes them, the others (and other jobs) wait for the lock, not in a collective.
+    # The generator makes every missing shard set (names and generator settings); what this stage
+    # reads of them is its own sets, hashed into its key through their manifests
+    logs: list[str] = []
+    with reads.unrecorded():
+        ensure_synthetic_shards(cfg, log=logs.append)
     ctx = init_distributed(cfg.engine.backend, require_cuda=int(cfg.cluster.gpus_per_node) > 0)
     cached = None
     try:
         _on_rank0(ctx, lock.acquire)
         check_world(cfg, stage, ctx.world_size)
-        logs: list[str] = []
-        # the synthetic generator makes every missing shard set (names and generator settings);
-        # what this stage reads of them is its own sets, hashed into its key through their manifests
-        with reads.unrecorded():
-            _on_rank0(ctx, lambda: ensure_synthetic_shards(cfg, log=logs.append))
         check_manifests(cfg, [getattr(cfg.data, k) for k in stage_spec.shard_sets])
 
         def begin() -> dict:
@@ -156,7 +200,9 @@ def run_stage(cfg: DictConfig) -> dict:
         key = stage_key(cfg, stage, record["inputs"], world_size=ctx.world_size, device=ctx.device.type)
         if ctx.is_main:
             cached = open_cached_stage(run.root, stage, key)
-        reused = _on_rank0(ctx, lambda: cached.reuse() if cached is not None else None)
+        reused = _cache_outcome(ctx, cached)
+        if reused is _NO_CACHE:
+            cached, reused = None, None
         if reused is not None:
             ctx.barrier()
             if ctx.is_main:

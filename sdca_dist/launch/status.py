@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -100,22 +99,11 @@ def _fmt_s(seconds: Optional[float]) -> str:
 
 
 def _lock_holder_alive(folder: Path) -> bool:
-    """Whether the stage lock's recorded holder is a live process on this machine (read only:
-    taking the lock to test it could make a starting job fail)."""
-    try:
-        text = (folder / ".lock").read_text()
-    except OSError:
-        return False
-    m = re.match(r"pid (\d+) on (\S+)", text)
-    if not m or m.group(2) != socket.gethostname():
-        return False
-    try:
-        os.kill(int(m.group(1)), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    """Whether the stage lock's recorded holder may still be alive (read only: taking the lock to
+    test it could make a starting job fail); the rule is ``sdca_dist.locks``'s."""
+    from sdca_dist.locks import holder_alive
+
+    return holder_alive(folder / ".lock")
 
 
 def slurm_states(job_ids: Sequence[str]) -> dict[str, dict[str, str]]:

@@ -4,7 +4,8 @@ Specifications:
 1. ``python launch/slurm.py conf=synthetic nodes=2 wait=true`` runs the whole chain, one job per
    stage, every job COMPLETED in sacct, final metrics present;
 2. a stage signalled with SIGUSR2 mid-run checkpoints (all ranks), is requeued, resumes, and ends
-   with weights bitwise equal to an uninterrupted run;
+   with weights bitwise equal to an uninterrupted run, even when ``scontrol requeue`` is slow
+   (the other ranks never end the step before rank 0 has requeued);
 3. a failing stage stops the chain: the next job never starts, and the launcher reports the
    stage's error line;
 4. a rank that dies at start (its rendezvous port is taken) ends its job at once instead of
@@ -17,7 +18,9 @@ Specifications:
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -106,7 +109,27 @@ def _wait_log(path_glob, pattern: str, timeout_s: float, base: Path) -> str:
     raise AssertionError(f"no {pattern!r} in {base}/{path_glob} after {timeout_s}s")
 
 
+def _slow_requeue(folder: Path, delay_s: int) -> dict[str, str]:
+    """The PATH (for ``child_env``) whose ``scontrol requeue`` takes ``delay_s`` seconds (a loaded
+    controller): a wrapper first on PATH, which the job inherits from the launcher. Each requeue it
+    passes on is recorded in ``folder/requeues``."""
+    folder.mkdir(parents=True)
+    real = shutil.which("scontrol")
+    assert real, "scontrol is not on PATH"
+    wrapper = folder / "scontrol"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = requeue ]; then sleep {delay_s}; echo "$@" >> {folder / "requeues"}; fi\n'
+        f'exec {real} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return {"PATH": f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
 def test_usr2_mid_stage_checkpoints_requeues_and_resumes_bitwise(slurm, shards, tmp_path):
+    """With a requeue that takes 15 s: the ranks other than 0 end their tasks with success right
+    after the checkpoint, so srun (--kill-on-bad-exit=1) never ends the step before rank 0's
+    requeue went through."""
     # cache=false: both runs have the same settings, so the second would reuse the first's src
     # from the stage cache instead of training (and being interrupted)
     common = ["stages=[src]", "wait=true", "train.iters=24", "train.checkpoint_every=1000", "cache=false"]
@@ -116,10 +139,11 @@ def test_usr2_mid_stage_checkpoints_requeues_and_resumes_bitwise(slurm, shards, 
     assert straight.returncode == 0, straight.stdout[-2000:] + straight.stderr[-2000:]
 
     run = tmp_path / "interrupted"
+    slow = tmp_path / "slow-scontrol"
     launcher = subprocess.Popen(
         [sys.executable, str(REPO / "launch" / "slurm.py"), *tiny(shards, *_cluster(slurm, *common, f"run_dir={run}"))],
         cwd=REPO,
-        env=child_env(),
+        env=child_env(**_slow_requeue(slow, 15)),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -146,6 +170,10 @@ def test_usr2_mid_stage_checkpoints_requeues_and_resumes_bitwise(slurm, shards, 
     assert 3 <= int(m.group(2)) < 24
     records = slurm.sacct(job, duplicates=True)
     assert len(records) >= 2 and records[-1]["State"].startswith("COMPLETED"), records
+    assert (slow / "requeues").read_text().split() == ["requeue", job], "the slow requeue was not the one used"
+    assert "rank 0 requeues the job" in "".join(
+        p.read_text(errors="replace") for p in sorted((run / "slurm" / "src" / job).glob("*_1_log.err"))
+    )
     a = torch.load(tmp_path / "straight" / "src" / "model_final.pt", weights_only=True)
     b = torch.load(run / "src" / "model_final.pt", weights_only=True)
     for k in a:
