@@ -483,8 +483,11 @@ def damaged_shards(m: Manifest, sha: Callable[[Path], str] = sha256_file) -> dic
 
 
 def verify(manifest_path: str | Path) -> list[str]:
-    """Check every shard against the manifest; one line per problem (empty = all good)."""
-    return list(damaged_shards(load_manifest(manifest_path)).values())
+    """Check every shard against the manifest, reading every tar in full (the full check: it
+    also renews each tar's verification record); one line per problem (empty = all good)."""
+    from sdca_dist.data.verification import hash_and_record
+
+    return list(damaged_shards(load_manifest(manifest_path), sha=hash_and_record).values())
 
 
 def repair(out: Path, root: Path, workers: int = 1) -> list[str]:

@@ -312,6 +312,9 @@ class ShardWriter:
         atomic_write_bytes(index_path(final), dali_index_text(self._members).encode())
         atomic_write_bytes(sidecar_path(final), json_bytes(info.to_json()))
         os.replace(self._tmp, final)  # last: the shard "appears" only now, complete
+        from sdca_dist.data.verification import FileState, write_record
+
+        write_record(final, info.sha256, FileState.of(final))  # hashed while written: no second read
         self.infos.append(info)
         self.pending = []
         self._tar = None
