@@ -167,12 +167,12 @@ class Lineage:
     def _tar_sha(self, tar: Path) -> str:
         """sha256 of a shard tar: hashed by a rank of this stage, else from its verification
         record, else (``read_tars``) hashed and recorded; ``Unverified`` when it may not read."""
-        from sdca_dist.data.verification import FileState, Unverified, recorded_sha, verified_sha
+        from sdca_dist.data.verification import FileState, Unverified, recorded_sha, same_file, verified_sha
 
         seen = self.known.get(str(tar))
         if seen is not None:
             try:
-                if FileState.of(tar).as_dict() == {k: v for k, v in seen.items() if k != "sha256"}:
+                if same_file(seen, FileState.of(tar)):
                     return seen["sha256"]
             except OSError:
                 raise Unverified(tar) from None

@@ -91,13 +91,19 @@ def record_paths(tar: Path) -> tuple[Path, Path]:
     return beside, cache_records_dir() / folder_id / f"{tar.name}.json"
 
 
+def same_file(seen: dict, state: FileState) -> bool:
+    """Whether ``state`` is the file ``seen`` (a record, or a rank's result) describes: the same
+    inode, size, mtime and ctime; the device number too when ``seen`` was made on this host
+    (NFS and Lustre clients number devices per node)."""
+    if any(seen.get(k) != getattr(state, k) for k in _STAT_FIELDS):
+        return False
+    return seen.get("host") != socket.gethostname() or seen.get("dev") == state.dev
+
+
 def _matches(record: dict, state: FileState, tar: Path) -> bool:
     if record.get("name") != tar.name or not isinstance(record.get("sha256"), str):
         return False
-    if any(record.get(k) != getattr(state, k) for k in _STAT_FIELDS):
-        return False
-    # device numbers are per client on NFS and Lustre: compared only for a record made here
-    return record.get("host") != socket.gethostname() or record.get("dev") == state.dev
+    return same_file(record, state)
 
 
 def lookup(tar: Path, state: Optional[FileState] = None, max_age_days: Optional[float] = None) -> Optional[str]:
@@ -228,7 +234,8 @@ def verify_share(tars: list[tuple[Path, int]], rank: int, world_size: int, threa
         try:
             before = FileState.of(tar)
             sha = hash_and_record(tar)
-            return (str(tar), {"sha256": sha, **before.as_dict()}) if FileState.of(tar) == before else None
+            same = FileState.of(tar) == before
+            return (str(tar), {"sha256": sha, **before.as_dict(), "host": socket.gethostname()}) if same else None
         except OSError:
             return None
 

@@ -12,9 +12,10 @@ The key is the one the stage's job would compute: the planned world size and the
 engine would pick (``cuda`` with ``cluster.gpus_per_node > 0``, else ``cpu``). Anything that
 keeps the launcher from being sure ends in "not restored" and the stage runs as a job, as before:
 no cache for the stage (``cache=false``, ``redo=``), an input not there yet (its producer runs in
-this launch), no entry or a corrupt one (the job reports and removes it under the key's lock), a
-key being computed right now (the launcher never waits for it), a stage folder in use. A miss
-is never wrong, only slower. No torch here.
+this launch), a shard tar without a valid verification record (the launcher reads no tar to
+make a key: the stage's ranks hash it, in parallel), no entry or a corrupt one (the job
+reports and removes it under the key's lock), a key being computed right now (the launcher
+never waits for it), a stage folder in use. A miss is never wrong, only slower. No torch here.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from sdca_dist.data.verification import Unverified
 from sdca_dist.lineage import Lineage, MissingInputError, RunFolderBusy, StageInputError, StageLock, settings_record
 from sdca_dist.stage_cache import CachedStage, cache_for_run
 from sdca_dist.stage_keys import code_version, stage_key
@@ -43,10 +45,10 @@ def restore_from_cache(
     cache = cache_for_run(run_dir, stage, log=lambda m: log(f"[{stage}] {m}"))
     if cache is None:
         return None
-    lineage = Lineage(run_dir)
+    lineage = Lineage(run_dir, read_tars=False)  # a tar without a valid record: left to the stage's ranks
     try:
         record = {**lineage.current(cfg, stage)}
-    except (MissingInputError, StageInputError, OSError):
+    except (MissingInputError, StageInputError, Unverified, OSError):
         return None  # the stage's job reports it, in its own words
     key = stage_key(cfg, stage, record["inputs"], world_size=world_size, device=engine_device(cfg))
     entry = cache.peek(key)
