@@ -75,7 +75,7 @@ def restore_from_cache(
     finally:
         lock.release()
     log(
-        f"[{stage}] reused from {key} (computed in {entry.get('producer')}); restored by the launcher: "
-        "no job, no stage process"
+        f"[{stage}] reused from {key} (computed in {entry.get('producer')}); restored by the launcher "
+        f"into {Path(run_dir) / stage}: no job, no stage process"
     )
     return summary
