@@ -84,7 +84,7 @@ def dali_extra(torch_cuda: str | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = p.add_subparsers(dest="what", required=True)
     t = sub.add_parser("torch", help="print the torch build (cpu, or the CUDA major version and its index URL)")
     t.add_argument("--driver", default="", help="NVIDIA driver version; empty: no GPU")

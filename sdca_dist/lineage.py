@@ -18,7 +18,8 @@ settings themselves and the sha256 of the files the stage leaves for later stage
   status view reads no tar at all (``read_tars=False``);
 * a stage whose recorded inputs no longer match is stale: the launcher reruns it, and the
   engine discards its checkpoints (they belong to other inputs) before starting again;
-* redoing a stage makes every stage after it stale (their inputs change).
+* redoing a stage makes every stage after it stale (their inputs change), and so does a stage
+  that is stale, missing or redone: freshness is derived through the lineage (``Lineage.fresh``).
 
 A per-stage lock (``<stage>/.lock``, flock) keeps two jobs out of one stage folder; the kernel
 drops it when its holder dies, so a lock left by a killed job is simply taken over.
@@ -76,7 +77,7 @@ class External:
 
 def external_inputs(cfg: Any, stage: str) -> list[External]:
     """The shard manifests and weights files ``stage`` reads (hashed into its lineage)."""
-    from sdca_dist.engine.data import manifest_path, shard_set
+    from sdca_dist.data.sets import manifest_path, shard_set
 
     out = [
         External(f"shards:{key}", manifest_path(shard_set(cfg, getattr(cfg.data, key))))
@@ -327,8 +328,47 @@ class Lineage:
     def fresh(self, cfg: Any, stage: str, rerun: Iterable[str] = ()) -> tuple[bool, str]:
         """Whether ``stage``'s DONE still holds for these settings and inputs, and why not.
 
-        ``rerun``: stages that this launch runs again, whose outputs will therefore change."""
-        rerun = set(rerun)
+        Derived through the lineage: a stage is fresh only when its own record holds (settings,
+        outputs, the inputs it read, its shards) and every stage it reads from is fresh, so a
+        stage built on a stale, missing or redone stage is stale too, naming that stage (and,
+        further up, the stage where the change began). The launcher and the status view both
+        ask this. ``rerun``: stages that this launch runs again, whose outputs will therefore
+        change."""
+        ok, why, _, _ = self._fresh(cfg, stage, frozenset(rerun), {})
+        return ok, why
+
+    def _fresh(self, cfg: Any, stage: str, rerun: frozenset, memo: dict[str, tuple]) -> tuple[bool, str, str, str]:
+        """(fresh, why, the stage where the staleness begins, that stage's own reason) of
+        ``stage``, memoised per call."""
+        if stage not in memo and self.done_record(stage) is None:
+            memo[stage] = (False, "not done", stage, "not done")
+        if stage not in memo:
+            upstream = self._upstream(cfg, stage, rerun, memo)
+            if upstream is None:
+                ok, why = self._record_holds(cfg, stage, rerun)
+                upstream = (ok, why, stage, why)
+            memo[stage] = upstream
+        return memo[stage]
+
+    def _upstream(self, cfg: Any, stage: str, rerun: frozenset, memo: dict[str, tuple]) -> Optional[tuple]:
+        """Why ``stage`` is stale because of a stage it reads from (None: they all hold)."""
+        for inp in stage_inputs(cfg, stage):
+            if inp.producer in rerun:
+                why = f"its input stage {inp.producer} runs again"
+                return False, why, inp.producer, why
+        for inp in stage_inputs(cfg, stage):
+            ok, _, origin, cause = self._fresh(cfg, inp.producer, rerun, memo)
+            if ok:
+                continue
+            if origin == inp.producer and cause == "not done":
+                return False, f"its input stage {inp.producer} is missing (no {inp.producer}/{DONE})", origin, cause
+            through = f"through {origin}: " if origin != inp.producer else ""
+            return False, f"its input stage {inp.producer} is stale ({through}{cause})", origin, cause
+        return None
+
+    def _record_holds(self, cfg: Any, stage: str, rerun: frozenset) -> tuple[bool, str]:
+        """Whether ``stage``'s own DONE record holds (its settings, outputs and the files it read);
+        the freshness of the stages it reads from is ``_fresh``'s part."""
         done = self.done_record(stage)
         if done is None:
             return False, "not done"
@@ -350,9 +390,9 @@ class Lineage:
                 return False, f"its input stage {inp.producer} runs again"
             producer = self.done_record(inp.producer)
             if producer is None:
-                return False, f"its input stage {inp.producer} is not done"
+                return False, f"its input stage {inp.producer} is missing (no {inp.producer}/{DONE})"
             if (producer.get("outputs") or {}).get(inp.file) != recorded.get(inp.rel):
-                return False, f"{inp.rel} changed since it ran"
+                return False, f"its input stage {inp.producer} was redone since it ran ({inp.rel} changed)"
             try:
                 if self._sha(self.root / inp.rel) != recorded.get(inp.rel):
                     return False, f"{inp.rel} is not the file it read (corrupt or replaced)"

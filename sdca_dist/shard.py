@@ -9,7 +9,9 @@ Repair:  ``python -m sdca_dist.shard --repair --root data/gta5 --out shards/gta5
 Inspect: ``python -m sdca_dist.shard --inspect shards/gta5_train [--limit 5]`` (reads with webdataset).
 
 Exit status: 0 done, 1 verify found damaged shards, 2 an error (one line naming the file or option;
-nothing half-written stays on disk).
+nothing half-written stays on disk), 128+N stopped by signal N (SIGTERM, SIGINT, SIGHUP: the
+incomplete shard's temp file is removed first; a rerun resumes). Only SIGKILL can leave a
+``.tmp-*`` file, which the next build into the same ``--out`` removes.
 """
 
 from __future__ import annotations
@@ -17,17 +19,14 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
+from sdca_dist import cli
 from sdca_dist.data.errors import DataError
 from sdca_dist.data.layouts import LAYOUTS
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not usage + message
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def shard_command(layout: str, root: Path | str, split: str, out: Path | str, workers: int = 1) -> list[str]:
@@ -58,8 +57,8 @@ def _int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(
-        prog="python -m sdca_dist.shard",
+    ap = cli.parser(
+        "python -m sdca_dist.shard",
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n".join(__doc__.splitlines()[2:]),
@@ -103,9 +102,37 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+class _Stopped(BaseException):
+    """A stop signal, raised in the main thread so every cleanup path runs (temp shard removed)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame) -> None:
+    raise _Stopped(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
+    in_main = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if in_main else ()
+    previous = {s: signal.signal(s, _raise_stopped) for s in stops}
+    try:
+        return _main(a, ap)
+    except _Stopped as e:
+        name = signal.Signals(e.signum).name
+        where = a.out or a.inspect
+        print(f"error: stopped by {name}; no incomplete shard left in {where}; rerun to resume", file=sys.stderr)
+        return 128 + e.signum
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _main(a, ap) -> int:
     try:
         if a.inspect is not None:
             return inspect(a.inspect, a.limit)

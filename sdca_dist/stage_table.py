@@ -63,7 +63,10 @@ class StageSpec:
     effect: Optional[str] = None
     #: settings (sections or dotted keys) the stage reads besides those every stage reads
     #: (``sdca_dist.stage_keys.COMMON_READS``); its stage key hashes them, so a key that misses a
-    #: setting that changes the result would reuse a wrong result: declare generously
+    #: setting that changes the result would reuse a wrong result, and one that lists a setting
+    #: the stage never reads recomputes it needlessly in a sweep over that setting.
+    #: ``tests/test_stage_reads.py`` runs every stage recording what it reads
+    #: (``sdca_dist.config.reads``) and fails on any read not declared here
     reads: tuple[str, ...] = field(default=())
 
     @property
@@ -76,7 +79,17 @@ class StageSpec:
 
 
 _STAGES = "sdca_dist.engine.stages"
-_SDCA_READS = ("sdca", "method", "data.source_resize", "data.target_resize", "data.class_balanced", "data.eval_resize")
+#: the method settings the sdca objective reads (``sdca_dist.method.objective``); the pseudo-label
+#: cap and the threshold bins belong to pseudo_label, so a sweep over them shares sdca
+_SDCA_METHOD = ("method.tau", "method.delta", "method.lovasz_weight", "method.feat_weight", "method.out_weight")
+_SDCA_READS = (
+    "sdca",
+    *_SDCA_METHOD,
+    "data.source_resize",
+    "data.target_resize",
+    "data.class_balanced",
+    "data.eval_resize",
+)
 
 TABLE: tuple[StageSpec, ...] = (
     StageSpec(
@@ -148,7 +161,7 @@ TABLE: tuple[StageSpec, ...] = (
         shard_sets=("target_train",),
         inputs=(StageInput("sdca", MODEL_FINAL),),
         outputs=(PSEUDO_MANIFEST, THRESHOLDS),
-        reads=("method", "data.target_resize"),
+        reads=("method.pseudo_label_cap", "method.threshold_bins", "data.target_resize"),
     ),
     StageSpec(
         "ssl",
@@ -158,7 +171,7 @@ TABLE: tuple[StageSpec, ...] = (
         outputs=(MODEL_FINAL,),
         schedule="ssl",
         batch_keys=("batch_size",),
-        reads=("ssl", "method", "data.ssl_scale", "data.ssl_crop", "data.target_resize", "data.eval_resize"),
+        reads=("ssl", "data.ssl_scale", "data.ssl_crop", "data.eval_resize"),
     ),
     # eval's input depends on eval.model_from: see ``inputs_of``
     StageSpec(
@@ -166,7 +179,7 @@ TABLE: tuple[StageSpec, ...] = (
         f"{_STAGES}.evaluate_stage:run",
         shard_sets=("target_val",),
         in_chain=False,
-        reads=("eval.model_from", "data.target_resize", "data.eval_resize"),
+        reads=("eval.model_from", "data.eval_resize"),
     ),
 )
 

@@ -58,7 +58,8 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
-    from sdca_dist.engine.preemption import die_with_parent, under_torchrun
+    from sdca_dist.engine.preemption import under_torchrun
+    from sdca_dist.processes import die_with_parent
 
     if under_torchrun():  # the agent's death (e.g. SIGUSR2 to torchrun) stops this rank at a step boundary
         die_with_parent(signal.SIGTERM)
@@ -68,7 +69,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from sdca_dist.data.errors import DataError
-    from sdca_dist.engine.data import DataConfigError
+    from sdca_dist.data.sets import DataConfigError
     from sdca_dist.engine.distributed import DeviceSetupError
     from sdca_dist.engine.health import TrainingHealthError
     from sdca_dist.engine.preemption import PREEMPTED_EXIT_CODE, Preempted

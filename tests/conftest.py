@@ -14,6 +14,9 @@ Layers (markers), assigned to every collected test here so that no test file has
 
 A test that carries ``@pytest.mark.unit`` or ``@pytest.mark.integration`` itself keeps it.
 
+No GPU: the suite hides the GPUs (``CUDA_VISIBLE_DEVICES=""``) from itself and every process it
+starts, so it passes on a GPU node as on CI (``tests/gpu/`` is the GPU check, run by hand).
+
 Fixtures: ``shards`` (below) is the one tiny synthetic benchmark that the engine tests share and
 ``tiny_chain`` the one finished chain on it that the lineage, fault and status tests copy;
 ``synth_root`` / ``shard_sets`` (the data tests' in-process benchmark) are registered from
@@ -30,6 +33,7 @@ another worker.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -40,6 +44,10 @@ pytest_plugins = ["data_fixtures", "predict_fixtures"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # a CPU suite: on a GPU node neither this process (in-process gloo groups, device choice) nor
+    # any process it starts (every env is derived from this one, ``engine_fixtures.child_env``)
+    # may see the GPUs, as the tests assert gloo and CPU devices. Set before torch touches CUDA.
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
     config.addinivalue_line("markers", "unit: in one process, no subprocess (seconds)")
     config.addinivalue_line("markers", "integration: starts processes (CLIs, torchrun, gloo groups)")
     config.addinivalue_line("markers", "slurm: runs against a real SLURM cluster (tests/slurm, root)")
@@ -59,9 +67,15 @@ def shards(tmp_path_factory) -> Path:
 def tiny_chain(shards, tmp_path_factory) -> Path:
     """A finished run folder of the whole chain with the alignment ablation (``train.iters=2``),
     made once per session through the launcher's local mode. Tests that change a run copy it
-    first (``shutil.copytree``); nothing may write into this folder."""
+    first (``shutil.copytree``); nothing may write into this folder.
+
+    Each stage records the settings it read (``sdca_dist.config.reads``) in ``<run>/../reads``,
+    outside the run folder, for ``test_stage_reads``."""
     run = tmp_path_factory.mktemp("tiny_chain") / "run"
-    proc = run_launcher(tiny(shards, "cluster=local", f"run_dir={run}", "train.iters=2", "with_ablation=true"))
+    proc = run_launcher(
+        tiny(shards, "cluster=local", f"run_dir={run}", "train.iters=2", "with_ablation=true"),
+        SDCA_RECORD_READS=str(run.parent / "reads"),
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run
 

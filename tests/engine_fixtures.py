@@ -30,12 +30,17 @@ TINY = [
 ]
 
 
-def child_env() -> dict[str, str]:
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a process a test starts: no rank variables of this process, one thread,
+    and no GPU (``CUDA_VISIBLE_DEVICES=""``): the tests assert gloo and CPU devices, so on a GPU
+    node their children must not see the GPUs either. ``extra`` adds variables."""
     e = dict(os.environ)
     e["OMP_NUM_THREADS"] = "1"
     e["PYTHONUNBUFFERED"] = "1"
+    e["CUDA_VISIBLE_DEVICES"] = ""
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         e.pop(k, None)
+    e.update(extra)
     return e
 
 
@@ -50,17 +55,17 @@ def tiny(shards_root: Path, *overrides: str) -> list[str]:
     return TINY + [f"data.shards_root={shards_root}", *overrides]
 
 
-def run_train(ranks: int, overrides: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+def run_train(ranks: int, overrides: list[str], timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        train_cmd(ranks, overrides), cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout
+        train_cmd(ranks, overrides), cwd=REPO, env=child_env(**env), capture_output=True, text=True, timeout=timeout
     )
 
 
-def run_launcher(overrides: list[str], timeout: int = 1200) -> subprocess.CompletedProcess:
+def run_launcher(overrides: list[str], timeout: int = 1200, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / "launch" / "slurm.py"), *overrides],
         cwd=REPO,
-        env=child_env(),
+        env=child_env(**env),
         capture_output=True,
         text=True,
         timeout=timeout,

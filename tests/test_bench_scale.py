@@ -12,7 +12,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,15 +59,16 @@ def test_smoke_output_and_equal_images():
 
 
 def test_a_dying_rank_fails_fast_with_one_line():
-    t0 = time.monotonic()
+    """Rank 1 dies mid-run: the benchmark names it (its exit code) and ends; a survivor left
+    waiting in a collective would instead end with the benchmark's own hang message
+    ("ranks still running after ... (--timeout)") or not at all."""
     proc = _bench("--iters", "2", "--warmup", "1", "--batches", "2", "--repeats", "1", "--kill-rank", "1", timeout=120)
     assert proc.returncode == 1
     err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert err == [err[-1]] and re.fullmatch(r"error: rank 1 of 2 exited with code 3 \(global batch 2\+2\)", err[-1]), (
         proc.stderr
     )
-    assert "scaling efficiency" not in proc.stdout
-    assert time.monotonic() - t0 < 90
+    assert "scaling efficiency" not in proc.stdout and "still running" not in proc.stderr
 
 
 def test_bad_arguments_are_one_line_exit_2():

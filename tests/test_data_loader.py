@@ -118,7 +118,6 @@ def test_image_and_label_stay_aligned_after_augmentation(tmp_path):
         num_threads=1,
     )
     it = iter(loader)
-    flips = 0
     for _ in range(4):
         b = next(it)
         for j in range(5):
@@ -135,8 +134,36 @@ def test_image_and_label_stay_aligned_after_augmentation(tmp_path):
             assert interior.mean() > 0.5 and agree > 0.99, (interior.mean(), agree)
             assert (cls == lbl).mean() > 0.8
             assert set(np.unique(lbl)) <= set(range(19)) | {255}  # nearest: never interpolated ids
-        flips += 1
-    assert flips == 4
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_flips_are_seen_in_the_pixels(tmp_path, flip):
+    """At the stored size with no crop or scale, every training sample is a stored label or its
+    mirror image, with the image mirrored with it. flip=True mirrors some and not others (24 valid
+    samples: all alike has probability 2**-23); flip=False mirrors none (the control)."""
+    m = write_colour_set(tmp_path / "colour", n=6, size_hw=(48, 80))
+    common = dict(resize=(48, 80), seed=3, device="cpu", num_threads=1)
+    stored = [lbl.numpy() for b in ShardLoader(m, 6, train=False, **common) for lbl in b["label"]]
+    assert len(stored) == 6
+    loader = ShardLoader(m, 4, train=True, flip=flip, **common)
+    it = iter(loader)
+    kinds = []
+    for _ in range(8):
+        b = next(it)
+        for img, lbl, valid in zip(b["image"], b["label"], b["valid"]):
+            if not valid:  # the padding of an epoch's last batch
+                continue
+            lbl = lbl.numpy()
+            plain = any(np.array_equal(lbl, s) for s in stored)
+            mirrored = any(np.array_equal(lbl, s[:, ::-1]) for s in stored)
+            assert plain or mirrored, "a sample is neither a stored label nor its mirror"
+            kinds.append("mirrored" if mirrored and not plain else "plain")
+            # the image went with its label (a random blocky label and its mirror agree on ~10%)
+            assert (_class_of_colour(img) == lbl).mean() > 0.8
+    if flip:
+        assert 0 < kinds.count("mirrored") < len(kinds), kinds
+    else:
+        assert kinds.count("mirrored") == 0, kinds
 
 
 def test_class_balanced_raises_rare_class_frequency(tmp_path):

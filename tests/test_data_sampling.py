@@ -132,7 +132,9 @@ def _fake_manifest(n: int, presence=None) -> Manifest:
 
 
 def test_ranks_slice_one_global_sequence():
-    """The same global batch on 1, 2 or 4 ranks draws the same images (class-balanced and uniform)."""
+    """The same global batch on 1, 2 or 4 ranks draws the same images: class-balanced, the same
+    images at every step; uniform, the same images in every epoch (each sample exactly once, as
+    on one rank; the order within the epoch is each rank's part of one permutation)."""
     from sdca_dist.data.loader import ShardLoader
 
     m = _fake_manifest(200, _presence())
@@ -149,8 +151,19 @@ def test_ranks_slice_one_global_sequence():
                 got = np.concatenate([ld.batch_indices(g)[0] for ld in ranks])
                 if balanced:
                     assert np.array_equal(got, one.batch_indices(g)[0])
-                else:  # each rank its contiguous part of the epoch permutation: the same multiset per epoch
+                else:
                     assert len(set(got)) == len(got)
+            if not balanced:  # each rank its contiguous part of the epoch permutation
+                steps = one.steps_per_epoch
+                assert all(ld.steps_per_epoch == steps for ld in ranks)
+                for epoch in (0, 1):
+                    gs = range(epoch * steps, (epoch + 1) * steps)
+                    alone = np.concatenate([one.batch_indices(g)[0][one.batch_indices(g)[1]] for g in gs])
+                    spread = np.concatenate(
+                        [ld.batch_indices(g)[0][ld.batch_indices(g)[1]] for ld in ranks for g in gs]
+                    )
+                    assert sorted(alone) == list(range(200)), (world, epoch)
+                    assert sorted(spread) == sorted(alone), (world, epoch)
 
 
 def test_uniform_training_order_is_a_full_shuffle():
@@ -187,6 +200,24 @@ def test_cli_prints_keys(shard_sets, tmp_path):
         text=True,
     )
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "nope" in bad.stderr
+
+
+def test_cli_streams_long_draws_in_chunks(shard_sets, capsys):
+    """More draws than one output chunk (300,000): the per-class shares summed chunk by chunk are
+    those of the whole sequence drawn at once, and the keys come out in draw order."""
+    from sdca_dist.data.sampling import main
+    from sdca_dist.data.shard_set import load_manifest
+
+    man = load_manifest(shard_sets["gta5"])
+    n = 100 * SUB_EPOCH + 7
+    assert main([str(shard_sets["gta5"]), "--draws", str(n), "--seed", "2", "--summary"]) == 0
+    shares = [float(line.split("\t")[1]) for line in capsys.readouterr().out.splitlines()]
+    whole = ClassBalancedSampler(man.presence(), man.num_classes, 2)
+    idx = whole.draws(0, n)
+    assert shares == [round(float(x), 4) for x in whole.present[idx].mean(axis=0)]
+    assert main([str(shard_sets["gta5"]), "--draws", str(n), "--seed", "2"]) == 0
+    keys = capsys.readouterr().out.split()
+    assert keys == [man.samples[int(i)]["key"] for i in idx]
 
 
 def test_class_with_one_image():

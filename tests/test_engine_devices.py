@@ -173,3 +173,61 @@ def test_bf16_autocast_keeps_fp32_weights_and_hands_fp32_outputs_to_the_loss():
     assert r["out"] == (torch.float32, torch.float32)
     assert r["params"] == {torch.float32}
     assert r["channels_last"]
+
+
+def test_the_suite_hides_the_gpus_from_itself_and_every_process_it_starts(monkeypatch):
+    """The CPU suite passes on a GPU node: this process (in-process gloo groups, ``mp.spawn``
+    children) and every child started through ``child_env`` see no GPU, and every ``env=`` a test
+    hands a subprocess is derived from one of those two (a hand-built environment would show the
+    node's GPUs to a child that the test then expects on gloo and the CPU)."""
+    import ast
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from engine_fixtures import child_env
+
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == ""
+    assert child_env()["CUDA_VISIBLE_DEVICES"] == "" and child_env(X="1")["CUDA_VISIBLE_DEVICES"] == ""
+    with monkeypatch.context() as m:  # child_env hides them itself, whatever this process was given
+        m.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+        assert child_env()["CUDA_VISIBLE_DEVICES"] == ""
+    seen = subprocess.run(
+        [sys.executable, "-c", "import os; print(repr(os.environ.get('CUDA_VISIBLE_DEVICES')))"],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert seen.stdout.strip() == "''", seen.stdout + seen.stderr
+    tests = Path(__file__).resolve().parent
+    unsafe = []
+    for path in sorted(tests.rglob("*.py")):
+        if "gpu" in path.relative_to(tests).parts:  # the GPU check runs by hand on a GPU node
+            continue
+        source = path.read_text()
+        tree = ast.parse(source)
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.Module)):
+                continue
+            assigned = {
+                t.id: ast.get_source_segment(source, node.value) or ""
+                for node in ast.walk(fn)
+                if isinstance(node, ast.Assign)
+                for t in node.targets
+                if isinstance(t, ast.Name)
+            }
+            for call in ast.walk(fn):
+                for kw in getattr(call, "keywords", []) if isinstance(call, ast.Call) else []:
+                    if kw.arg != "env":
+                        continue
+                    text = ast.get_source_segment(source, kw.value) or ""
+                    if isinstance(kw.value, ast.Name):
+                        text = assigned.get(kw.value.id, text)
+                    if "child_env(" not in text and "os.environ" not in text:
+                        unsafe.append(f"{path.relative_to(tests)}:{kw.value.lineno}: env={text}")
+    # tests/slurm/conftest.py builds the cluster daemons' and client commands' environments from
+    # os.environ (``SlurmCluster.run``) or for the cluster script alone (``_script``)
+    allowed = {"slurm/conftest.py"}
+    assert not [u for u in unsafe if u.split(":")[0] not in allowed], unsafe

@@ -4,7 +4,8 @@ Specifications:
 * the whole chain runs and leaves each stage's outputs (model_final.pt, metrics.json, DONE);
 * a stage stopped by a signal on ANY rank at a random step writes a checkpoint, exits 3, and
   the rerun ends with weights bitwise equal to an uninterrupted run;
-* DeepSpeed (ZeRO-2) trains with 2 ranks and writes the same model_final.pt format as DDP;
+* DeepSpeed (ZeRO-2 fp32, ZeRO-1 bf16) trains with 2 ranks, resumes bitwise after a signal and
+  writes the same model_final.pt format as DDP;
 * a stage whose inputs are missing fails at once, naming the missing file.
 """
 
@@ -170,30 +171,50 @@ def test_sdca_interrupted_at_a_random_step_resumes_bitwise_exact(shards: Path, t
 
 
 @pytest.mark.parametrize("zero, bf16", [(2, False), (1, True)])
-def test_deepspeed_two_ranks_trains_and_writes_plain_model(chain: Path, shards: Path, tmp_path: Path, zero, bf16):
-    """ZeRO-2 in fp32 and ZeRO-1 in bf16 (BatchNorm buffers in bf16 via data_types.buffer_dtype)."""
-    proc = run_train(
-        2,
-        tiny(
-            shards,
-            "stage=src",
-            f"run_dir={tmp_path}",
-            "engine=deepspeed",
-            f"engine.zero_stage={zero}",
-            f"engine.bf16={str(bf16).lower()}",
-            "train.iters=3",
-        ),
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ds = _state(tmp_path / "src" / "model_final.pt")
+def test_deepspeed_two_ranks_resumes_bitwise_and_writes_plain_model(
+    chain: Path, shards: Path, tmp_path: Path, zero, bf16
+):
+    """ZeRO-2 in fp32 and ZeRO-1 in bf16 (BatchNorm buffers in bf16 via data_types.buffer_dtype):
+    src stopped by a signal on one rank at iteration >= 2 of 8 and resumed ends with the weights,
+    the mIoU and the per-class IoU of an uninterrupted run, bitwise (CPU kernels are
+    deterministic); model_final.pt has the DDP format, and in bf16 holds the fp32 master weights."""
+    settings = [
+        "stage=src",
+        "engine=deepspeed",
+        f"engine.zero_stage={zero}",
+        f"engine.bf16={str(bf16).lower()}",
+        "train.iters=8",
+        "train.checkpoint_every=100",
+    ]
+    runs = {name: tmp_path / name for name in ("straight", "interrupted")}
+    straight = run_train(2, tiny(shards, *settings, f"run_dir={runs['straight']}"), timeout=900)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = _run_until_signal(tiny(shards, *settings, f"run_dir={runs['interrupted']}"), 2)
+    assert re.search(r"exitcode\s*: 3 ", first.stdout), first.stdout[-3000:]
+    ckpts = sorted((runs["interrupted"] / "src" / "checkpoints").glob("iter_*"))
+    stopped_at = int(ckpts[-1].name.split("_")[1])
+    assert 2 <= stopped_at < 8 and not (runs["interrupted"] / "src" / "DONE").exists()
+    second = run_train(2, ["stage=src", f"run_dir={runs['interrupted']}"], timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"at iteration {stopped_at}" in second.stdout
+
+    ds = _state(runs["straight"] / "src" / "model_final.pt")
+    resumed = _state(runs["interrupted"] / "src" / "model_final.pt")
+    assert ds.keys() == resumed.keys()
+    for k in ds:
+        assert torch.equal(ds[k], resumed[k]), f"{k} differs after a resume at iteration {stopped_at}"
+    metrics = [json.loads((r / "src" / "metrics.json").read_text()) for r in runs.values()]
+    assert metrics[0]["mIoU"] == metrics[1]["mIoU"]
+    assert json.dumps(metrics[0]["per_class"]) == json.dumps(metrics[1]["per_class"])  # NaN: a class never seen
+    present = [v for v in metrics[0]["per_class"].values() if v is not None and v == v]  # null/NaN: absent
+    assert present and metrics[0]["mIoU"] == pytest.approx(sum(present) / len(present), abs=1e-6)
+
     ddp = _state(chain / "src" / "model_final.pt")
     assert ds.keys() == ddp.keys()
     assert all(ds[k].shape == ddp[k].shape and ds[k].dtype == ddp[k].dtype for k in ds)
     if bf16:  # the fp32 master weights, not the bf16 module (whose values all survive a bf16 round trip)
         floats = [v for v in ds.values() if v.is_floating_point()]
         assert any(not torch.equal(v, v.bfloat16().float()) for v in floats), "model_final.pt is bf16-rounded"
-    assert json.loads((tmp_path / "src" / "metrics.json").read_text())["mIoU"] >= 0.0
 
 
 def test_eval_stage_reproduces_the_training_stage_metrics(chain: Path, shards: Path):

@@ -53,6 +53,57 @@ def test_out_of_range_arguments_are_refused_in_one_line(args, option):
     assert not proc.stdout.strip(), "a table was printed"
 
 
+@pytest.mark.parametrize(
+    "module, argv, message",
+    [
+        ("sdca_dist.bench.thresholds", ["--images", "0"], "argument --images: must be between 1 and 2,975, got 0"),
+        ("sdca_dist.bench.thresholds", ["--mem", "ours"], "unrecognized arguments: --mem ours"),
+        ("sdca_dist.bench.scale", ["--k", "0"], "unrecognized arguments: --k 0"),  # not the hidden --kill-rank
+        ("sdca_dist.bench.scale", ["--iters", "0"], "argument --iters: must be between 1 and 100,000, got 0"),
+        ("sdca_dist.bench.scale", ["--timeout", "0"], "argument --timeout: must be a finite number > 0, got 0"),
+        ("sdca_dist.bench.estimator", ["--memory", "ours"], "unrecognized arguments: --memory ours"),
+        ("sdca_dist.bench.estimator", ["--reps", "0"], "argument --reps: must be between 1 and 1,000, got 0"),
+        ("sdca_dist.bench.step", ["--it", "3"], "unrecognized arguments: --it 3"),
+        ("sdca_dist.bench.loader", ["--image", "3"], "unrecognized arguments: --image 3"),
+        (
+            "sdca_dist.data.sampling",
+            ["x/manifest.json", "--draws", "100000000000"],
+            "argument --draws: must be between 1 and 100,000,000, got 100,000,000,000",
+        ),
+        ("sdca_dist.data.sampling", ["x/manifest.json", "--draws", "0"], "argument --draws: must be between"),
+        ("sdca_dist.data.sampling", ["x/manifest.json", "--draws", "3", "--sum"], "unrecognized arguments: --sum"),
+        ("sdca_dist.synth", ["--out", "x", "--num-source", "0"], "argument --num-source: must be >= 1, got 0"),
+        ("sdca_dist.synth", ["--out", "x", "--work", "2"], "unrecognized arguments: --work 2"),
+        ("sdca_dist.shard", ["--layout", "gta5", "--root", "r", "--out", "o", "--work", "2"], "unrecognized arguments"),
+        (
+            "sdca_dist.models.convert",
+            ["--from", "official", "ck.pth", "--out", "o.pt", "--num", "19"],
+            "unrecognized arguments: --num 19",
+        ),
+    ],
+)
+def test_abbreviations_zero_and_absurd_sizes_are_refused_in_one_line(module, argv, message, capsys):
+    """Every tool's options are named in full (an abbreviation is never taken for a hidden test
+    option), sizes are range-checked and memory-growing ones bounded, before any work starts."""
+    import importlib
+
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert stop.value.code == 2 and not out.strip()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
+
+
+def test_every_tool_builds_its_parser_with_the_shared_one():
+    """``sdca_dist.cli.parser`` (no abbreviations, one-line errors) is the only ArgumentParser."""
+    own = REPO / "sdca_dist" / "cli.py"
+    files = [p for p in (REPO / "sdca_dist").rglob("*.py") if p != own]
+    others = [str(p.relative_to(REPO)) for p in files if "ArgumentParser(" in p.read_text()]
+    assert others == []
+
+
 def _alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"

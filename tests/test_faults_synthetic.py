@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from sdca_dist.config import compose_config
-from sdca_dist.engine.data import SYNTHETIC_RECORD, ensure_synthetic_shards, manifest_path, shard_set
+from sdca_dist.data.sets import SYNTHETIC_RECORD, ensure_synthetic_shards, manifest_path, shard_set
 
 
 def _cfg(root: Path, *extra: str):

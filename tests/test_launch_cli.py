@@ -1,11 +1,16 @@
 """launch/slurm.py before anything is submitted: config mistakes, missing inputs, dry runs.
 
-These never reach a cluster: every one must fail (or print) before sbatch would be called.
+These never reach a cluster: every one must fail (or print) before sbatch would be called. A
+dry run plans without data (missing shard sets and weights are listed as what the run will
+need); a real launch refuses them.
 """
 
 from __future__ import annotations
 
-from engine_fixtures import dry_run_plan, fake_shard_sets, last_error, run_launcher
+import subprocess
+import sys
+
+from engine_fixtures import REPO, child_env, dry_run_plan, fake_shard_sets, last_error, run_launcher
 
 
 def test_unknown_preset_lists_the_valid_choices():
@@ -24,21 +29,48 @@ def test_unknown_key_and_wrong_type_fail_before_submission():
 
 
 def test_missing_shards_and_weights_are_all_named(tmp_path):
-    proc = run_launcher(
-        [
-            "conf=gta2city",
-            "nodes=4",
-            f"data.shards_root={tmp_path}",
-            f"model.pretrained={tmp_path}/resnet101.pth",
-            "dry_run=true",
-        ],
+    """A real launch refuses, naming every missing manifest (with the command that packs it) and
+    the weights file, and writes nothing; a dry run plans anyway and lists them as what the run
+    will need."""
+    argv = ["conf=gta2city", "nodes=4", f"data.shards_root={tmp_path}", f"model.pretrained={tmp_path}/resnet101.pth"]
+    real = run_launcher([*argv, f"run_dir={tmp_path / 'run'}"], timeout=120)
+    dry = run_launcher([*argv, f"run_dir={tmp_path / 'run'}", "dry_run=true"], timeout=120)
+    assert real.returncode == 2
+    err = last_error(real)
+    for layout, split in (("gta5", "train"), ("cityscapes", "train"), ("cityscapes", "val")):
+        folder = tmp_path / f"{layout}_{split}"
+        need = (
+            f"missing shard manifest {folder}/manifest.json (pack it with python -m sdca_dist.shard "
+            f"--layout {layout} --root data/{layout} --split {split} --out {folder})"
+        )
+        assert need in err, err
+        assert f"[launch] the run will need: {need}\n" in dry.stdout, dry.stdout
+    weights = f"missing pretrained weights model.pretrained={tmp_path}/resnet101.pth"
+    assert weights in err and f"[launch] the run will need: {weights}" in dry.stdout
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert list(dry_run_plan(dry.stdout)) == ["src", "dist_init", "sdca", "pseudo_label", "ssl"]
+    assert "[launch] 4 input(s) missing: a real launch refuses until they exist" in dry.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_readme_plan_works_on_a_fresh_clone(tmp_path):
+    """The README's first cluster command, run where a fresh clone has no shards yet."""
+    command = "launch/slurm.py conf=gta2city nodes=4 dry_run=true"
+    assert f".venv/bin/python {command}" in (REPO / "README.md").read_text()
+    proc = subprocess.run(
+        [sys.executable, str(REPO / command.split()[0]), *command.split()[1:]],
+        cwd=tmp_path,
+        env=child_env(),
+        capture_output=True,
+        text=True,
         timeout=120,
     )
-    assert proc.returncode == 2
-    err = last_error(proc)
-    for name in ("gta5_train", "cityscapes_train", "cityscapes_val"):
-        assert f"{tmp_path}/{name}/manifest.json" in err
-    assert f"model.pretrained={tmp_path}/resnet101.pth" in err
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = dry_run_plan(proc.stdout)
+    assert list(plan) == ["src", "dist_init", "sdca", "pseudo_label", "ssl"]
+    assert plan["dist_init"]["sbatch"]["nodes"] == 4
+    assert "[launch] the run will need: missing shard manifest shards/gta5_train/manifest.json" in proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
 
 
 def test_a_stage_whose_producer_is_not_planned_needs_its_input(tmp_path):

@@ -9,7 +9,8 @@ Specifications:
 * the summary reports each ablation (``paired_with``) as a paired difference per seed, under the
   name its ``effect`` gives;
 * the launcher runs as ``python -m sdca_dist.launch``; composing a configuration and importing
-  the launcher and its backends imports no torch, a dry run no submitit.
+  the launcher and its backends imports no torch, a dry run neither torch nor submitit (the
+  status view of a real run: ``tests/test_status.py``).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def test_summary_reports_each_ablation_as_a_paired_difference(tmp_path):
     assert "Alignment effect (sdca - sdca_no_align, paired by seed): +0.00 ± 1.41 mIoU (0: +1.00, 1: -1.00)" in md
 
 
-def test_planning_imports_no_torch_and_a_dry_run_no_submitit(tmp_path):
+def test_planning_imports_no_torch_and_a_dry_run_neither_torch_nor_submitit(tmp_path):
     plan = (
         "import sys; import sdca_dist.launch.cli, sdca_dist.launch.backends.slurm, sdca_dist.launch.backends.local; "
         "from sdca_dist.config import compose_config; compose_config(['conf=synthetic']); "
@@ -103,11 +104,11 @@ def test_planning_imports_no_torch_and_a_dry_run_no_submitit(tmp_path):
     dry = (
         "import sys; from sdca_dist.launch.cli import main; "
         f"rc = main(['conf=synthetic', 'dry_run=true', 'with_oracle=true', 'run_dir={tmp_path / 'run'}']); "
-        "print('submitit' in sys.modules); sys.exit(rc)"
+        "print(sorted(m for m in ('torch', 'submitit') if m in sys.modules)); sys.exit(rc)"
     )
     proc = subprocess.run([sys.executable, "-c", dry], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.splitlines()[-1] == "False"
+    assert proc.stdout.splitlines()[-1] == "[]"  # a whole dry run: preflight, shard-set paths, lineage
     assert '[dry-run] oracle: {"nodes": 1' in proc.stdout
     assert '"sbatch": {"job_name": "sdca-synthetic-src"' in proc.stdout
     assert not (tmp_path / "run").exists()

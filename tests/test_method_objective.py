@@ -50,12 +50,23 @@ def test_target_terms_use_only_confident_pixels():
     objective = SDCAObjective(dists, method)
     objective.source(feats, logits, labels)  # distributions to score against
     feats_t, logits_t, _ = _batch(2)
+    feats_t.requires_grad_(True)
+    logits_t.requires_grad_(True)
     terms = objective.target(feats_t, logits_t)
-    confident = logits_t.softmax(1).max(1).values > 0.9
+    confident = logits_t.detach().softmax(1).max(1).values > 0.9
     assert terms.pseudo.shape == (2, 4, 6)
     assert torch.equal(terms.pseudo != 255, confident)
+    assert 0 < int(confident.sum()) < confident.numel()  # both kinds of pixel are present
     torch.testing.assert_close(terms.parts["pseudo_label_share"], confident.float().mean())
-    assert terms.loss.requires_grad is False or torch.isfinite(terms.loss)
+    # the gradient reaches the features and logits of every confident pixel and no other
+    assert terms.loss.requires_grad and torch.isfinite(terms.loss)
+    terms.loss.backward()
+    for name, grad in (("features", feats_t.grad), ("logits", logits_t.grad)):
+        assert grad is not None, f"no gradient reaches the target {name}"
+        reached = grad.abs().sum(1) > 0
+        assert torch.equal(reached, confident), (
+            f"target {name}: gradient at {reached.sum()} pixels, {confident.sum()} confident"
+        )
     # no confident pixel: the target terms are zero, never NaN
     flat = objective.target(feats_t, torch.zeros_like(logits_t))
     assert float(flat.loss) == 0.0 and float(flat.parts["pseudo_label_share"]) == 0.0

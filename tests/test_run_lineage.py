@@ -5,7 +5,8 @@ Specifications:
   its old and new value; config.yaml is unchanged; resuming with no settings continues;
 * a finished run relaunched with other settings is refused (skipping every stage would report
   the numbers of the other settings), nothing written;
-* ``redo=[src]`` reruns src AND every stage after it (none stays DONE on the replaced model);
+* ``redo=[sdca]`` reruns sdca AND every stage after it, computed (not restored from the stage
+  cache) and newly finished, while src and dist_init before it stay as they were;
 * an input file corrupted after its producer finished is refused by its consumer, naming it, and
   the launcher reruns the producer instead of using it;
 * two runs in one stage folder: the second gets one line naming the holder; a lock left by a
@@ -104,14 +105,21 @@ def test_relaunch_skips_fresh_stages_and_redo_reruns_everything_after(tiny_chain
 
     old = {s: json.loads((run / s / "DONE").read_text())["finished"] for s in CHAIN}
     src_hash = json.loads((run / "src" / "DONE").read_text())["outputs"]["model_final.pt"]
-    redo = run_launcher([f"run_dir={run}", "redo=[sdca]"])
+    # the shared chain's stage cache holds sdca, pseudo_label and ssl under these very keys: a redo
+    # must compute them all the same
+    cache = tiny_chain.parent / "stage_cache"
+    assert cache.is_dir()
+    redo = run_launcher([f"run_dir={run}", "redo=[sdca]", f"cache_dir={cache}"])
     assert redo.returncode == 0, redo.stdout[-2000:] + redo.stderr[-2000:]
     skipped = re.findall(r"\[launch\] \S+ (\w+): DONE with these settings and inputs, skipped", redo.stdout)
     assert skipped == ["src", "dist_init"]  # sdca_no_align is not planned without with_ablation
     for stage in ("sdca", "pseudo_label", "ssl"):
         assert re.search(rf"\[launch\] seed 0 {stage} \(", redo.stdout), f"{stage} did not rerun"
         record = json.loads((run / stage / "DONE").read_text())
-        assert record["finished"] >= old[stage]
+        assert record["finished"] > old[stage], f"{stage}: DONE not renewed"
+        assert "reused_from" not in record, f"{stage} was restored from the stage cache, not computed"
+    for stage in ("src", "dist_init"):
+        assert json.loads((run / stage / "DONE").read_text())["finished"] == old[stage], f"{stage} was redone"
     sdca_inputs = json.loads((run / "sdca" / "DONE").read_text())["lineage"]["inputs"]
     assert sdca_inputs["src/model_final.pt"] == src_hash
     ssl_inputs = json.loads((run / "ssl" / "DONE").read_text())["lineage"]["inputs"]

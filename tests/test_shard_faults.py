@@ -105,6 +105,67 @@ def test_no_space_left_is_one_line_and_leaves_no_temp_file(raw, tmp_path, capsys
                 assert name[: -len(".json")] in left
 
 
+def test_no_space_at_any_step_of_finishing_a_shard_leaves_no_temp_file(tmp_path):
+    """The disk fills while a shard is finished: writing the tar's end, its DALI index, its
+    sidecar (the tar complete under its temp name). Each step in turn gets no space (a filler
+    file leaves 0, 1, 2, ... free pages of a small tmpfs); every failure is OutputError naming
+    the file, and no ``.tmp-*`` file stays."""
+    from sdca_dist.data.errors import OutputError
+    from sdca_dist.data.shard_set import ShardWriter
+
+    rng = np.random.default_rng(0)
+    samples = [(rng.bytes(20000), rng.integers(0, 19, size=(16, 16)).astype(np.uint8)) for _ in range(3)]
+    failed_at = []
+    for free_pages in range(6):
+        with tmpfs(tmp_path / f"small{free_pages}", "256k") as mnt:
+            out = mnt / "set"
+            writer = ShardWriter(out, shard_size="1GB", num_classes=19)
+            for i, (image, label) in enumerate(samples):
+                writer.add(f"s{i}", image, "jpg", label, {"path": f"{i}.png"})
+            with open(mnt / "filler", "wb", buffering=0) as f:
+                try:
+                    while True:
+                        f.write(bytes(4096))
+                except OSError:
+                    pass
+                f.truncate(max(0, f.tell() - free_pages * 4096))
+            try:
+                writer.close()
+            except OutputError as e:
+                failed_at.append(Path(str(e).split(":")[0]).suffix)
+            left = sorted(os.listdir(out))
+            assert not [n for n in left if n.startswith(".tmp")], (free_pages, left)
+            assert left in ([], ["shard-000000.idx", "shard-000000.tar", "shard-000000.tar.json"]), left
+    assert {".tar", ".idx", ".json"} <= set(failed_at), failed_at  # each step really ran out of space
+
+
+def test_a_stopped_build_leaves_no_temp_file_and_resumes(raw, clean, tmp_path, capsys):
+    """SIGTERM (``kill``), SIGINT (Ctrl-C) or SIGHUP mid-shard: one line, exit 128+N, the
+    incomplete shard's temp file removed; the rerun gives the clean build's bytes."""
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "sdca_dist.shard", *BUILD, "--root", str(raw["a"]), "--out", str(out)]
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        shutil.rmtree(out, ignore_errors=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            if out.is_dir() and any(n.startswith(".tmp-shard") for n in os.listdir(out)):
+                break
+            time.sleep(0.0005)
+        assert proc.poll() is None, "the build ended before a temp shard was seen"
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
+        name = signal.Signals(signum).name
+        assert proc.returncode == 128 + signum, (name, err[-2000:])
+        assert err.strip().splitlines()[-1] == (
+            f"error: stopped by {name}; no incomplete shard left in {out}; rerun to resume"
+        )
+        left = os.listdir(out) if out.exists() else []  # an --out the build created and left empty is removed
+        assert not [n for n in left if n.startswith(".tmp")], (name, left)
+    assert _run([*BUILD, "--root", raw["a"], "--out", out], capsys)[0] == 0
+    assert _files(out) == clean
+
+
 def test_read_only_out_file_out_and_file_parent_are_one_line(raw, tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("x")

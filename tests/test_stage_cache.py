@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -81,13 +80,22 @@ def test_a_corrupt_entry_is_reported_in_one_line_removed_and_recomputed(tmp_path
     assert cache.lookup("k2")["summary"] == {"mIoU": 2.0}
 
 
-def _racer(cache_dir: str, folder: str, out: str, delay: float) -> None:
-    time.sleep(delay)
+def _racer(cache_dir: str, folder: str, out: str, role: str, holding, asking) -> None:
+    """One job of the race. Ordered by events, not by time: the second asks for the key only once
+    the first has found it missing (and so holds it), and the first publishes only once the second
+    is asking. A lock that did not keep the second out would let it compute too."""
     cache = StageCache(cache_dir, log=lambda m: None)
     use = CachedStage(cache, "race", "src", Path(folder) / "src")
+    if role == "second":
+        if not holding.wait(120):
+            raise SystemExit("the first job never took the key")
+        asking.set()
     summary = use.reuse()
-    if summary is None:  # computing: slowly, holding the key's lock
-        time.sleep(1.5)
+    if summary is None:  # computing, holding the key
+        if role == "first":
+            holding.set()
+            if not asking.wait(120):
+                raise SystemExit("the second job never asked for the key")
         _stage_folder(Path(folder), payload=folder.encode())
         use.publish({"by": folder}, "code")
         use.release()
@@ -98,14 +106,19 @@ def _racer(cache_dir: str, folder: str, out: str, delay: float) -> None:
 
 def test_two_jobs_racing_for_one_key_compute_once(tmp_path):
     ctx = multiprocessing.get_context("spawn")
+    holding, asking = ctx.Event(), ctx.Event()
     procs = [
-        ctx.Process(target=_racer, args=(str(tmp_path / "cache"), str(tmp_path / n), str(tmp_path / f"{n}.out"), d))
-        for n, d in (("first", 0.0), ("second", 0.5))
+        ctx.Process(
+            target=_racer,
+            args=(str(tmp_path / "cache"), str(tmp_path / n), str(tmp_path / f"{n}.out"), n, holding, asking),
+        )
+        for n in ("first", "second")
     ]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(60)
+        p.join(300)
+    assert [p.exitcode for p in procs] == [0, 0]
     assert (tmp_path / "first.out").read_text() == "computed"
     assert (tmp_path / "second.out").read_text() == f"reused {tmp_path / 'first'}"
     assert (tmp_path / "second" / "src" / "model_final.pt").read_bytes() == str(tmp_path / "first").encode()

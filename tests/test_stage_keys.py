@@ -3,7 +3,8 @@
 Specifications:
 * every setting a stage declares it reads exists in the configuration (a misspelt entry would
   hash "(absent)" for every run: a silently wrong reuse) and changing it changes the key;
-* ``method.tau`` (read by sdca and later) leaves the keys of src and dist_init unchanged;
+* ``method.tau`` (read by sdca) leaves the keys of src and dist_init unchanged, and the later
+  stages' recipe keys change through their inputs;
 * the stage key also changes with the inputs' hashes, the world size and the device type;
 * ``Lineage.fresh`` compares the settings a stage reads: a src DONE stays fresh when only
   ``method.tau`` differs, an sdca DONE does not.
@@ -76,14 +77,14 @@ def test_an_sdca_setting_leaves_the_upstream_keys_alone(cfg):
     tau = with_values(cfg, method__tau=10.0)
     for stage in ("src", "dist_init", "oracle"):
         assert settings_key(tau, stage) == settings_key(cfg, stage), stage
-    for stage in ("sdca", "sdca_no_align", "pseudo_label", "ssl"):
+    for stage in ("sdca", "sdca_no_align"):
         assert settings_key(tau, stage) != settings_key(cfg, stage), stage
-    plan, plan_tau = (
-        recipe_keys(cfg, ["src", "dist_init", "sdca"], {}),
-        recipe_keys(tau, ["src", "dist_init", "sdca"], {}),
-    )
+    for stage in ("pseudo_label", "ssl"):  # they do not read tau: their inputs change with it
+        assert settings_key(tau, stage) == settings_key(cfg, stage), stage
+    later = ["src", "dist_init", "sdca", "pseudo_label", "ssl"]
+    plan, plan_tau = recipe_keys(cfg, later, {}), recipe_keys(tau, later, {})
     assert plan["src"] == plan_tau["src"] and plan["dist_init"] == plan_tau["dist_init"]
-    assert plan["sdca"] != plan_tau["sdca"]
+    assert all(plan[s] != plan_tau[s] for s in ("sdca", "pseudo_label", "ssl"))
     # a src setting changes every stage after src through the inputs
     lr = recipe_keys(with_values(cfg, src__lr=0.02), ["src", "dist_init", "sdca"], {})
     assert all(lr[s] != plan[s] for s in ("src", "dist_init", "sdca"))
@@ -115,8 +116,8 @@ def test_every_stage_of_the_table_declares_its_schedule_section(cfg):
 
 def test_fresh_compares_the_settings_the_stage_reads(cfg, tmp_path):
     """A src DONE made under tau=100 is fresh for tau=10; an sdca DONE is not."""
+    from sdca_dist.data.sets import SYNTHETIC_RECORD, generator_settings
     from sdca_dist.data.shard_set import write_manifest
-    from sdca_dist.engine.data import SYNTHETIC_RECORD, generator_settings
 
     shards = tmp_path / "shards"
     for name in ("gta5_train", "cityscapes_train", "cityscapes_val"):

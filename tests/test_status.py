@@ -3,22 +3,30 @@
 Specifications: one row per seed and stage, exit 0 in every case:
 * done: mIoU, wall time and "computed" (or "reused from <key>");
 * running: iteration i/N, images/s and ETA from the stage's progress record, while the stage
-  lock's holder is alive;
+  lock's holder is alive (a real src stage, held still with SIGSTOP during the call);
+* stopped: the same stage after SIGTERM (checkpoint, exit 3): where it stopped, no live process;
+* reused: a src restored from the shared chain's stage cache says so;
 * failed: the exit code and the last error line of the stage's process (FAILED.json, written
   by the local launcher);
-* stale: DONE, but an output is no longer the file it wrote;
+* stale: DONE, but an output is no longer the file it wrote; and every stage built on a stale,
+  missing or redone stage, naming the stage it depends on (and the one where the change began),
+  whichever way the change came: settings, outputs, a deleted stage folder, input shards;
 * not started.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from engine_fixtures import run_launcher
+from engine_fixtures import REPO, child_env, copy_run, run_launcher, tiny, train_cmd
 
 from sdca_dist.lineage import StageLock
 
@@ -95,6 +103,175 @@ def test_failed_and_stale_rows(run, tmp_path):
     )
 
 
+def test_the_status_view_imports_no_torch(tiny_chain):
+    """A login node's status call: every stage's freshness checked (settings, outputs, inputs,
+    shards) without loading torch."""
+    view = (
+        "import sys; from sdca_dist.launch.cli import main; "
+        f"rc = main(['run_dir={tiny_chain}', 'status=true']); "
+        "print('torch' in sys.modules); sys.exit(rc)"
+    )
+    proc = subprocess.run([sys.executable, "-c", view], cwd=REPO, env=child_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert " 6 done" in proc.stdout and proc.stdout.splitlines()[-1] == "False", proc.stdout
+
+
 def test_status_of_a_folder_that_is_no_run(tmp_path):
     proc = run_launcher([f"run_dir={tmp_path}", "status=true"], timeout=300)
     assert proc.returncode == 0 and "no run folder here" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# staleness follows the lineage: one change, every stage built on it is stale
+# ----------------------------------------------------------------------------------------------
+def _status_rows(run: Path) -> dict[str, tuple[str, str]]:
+    proc = run_launcher([f"run_dir={run}", "status=true"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return _rows(proc.stdout)
+
+
+def _assert_built_on(rows: dict, stage: str, producer: str, origin: str, cause: str) -> None:
+    """``stage`` is stale because of ``producer`` (through ``origin`` when that is further up)."""
+    state, detail = rows[stage]
+    through = f"through {origin}: " if origin != producer else ""
+    assert state == "stale", (stage, rows[stage])
+    assert detail.startswith(f"its input stage {producer} is stale ({through}{cause}"), (stage, detail)
+
+
+def test_settings_changed_makes_every_stage_built_on_it_stale(tiny_chain, tmp_path):
+    run = copy_run(tiny_chain, tmp_path / "run")
+    config = run / "config.yaml"
+    assert "lr: 0.01\n" in config.read_text()
+    config.write_text(config.read_text().replace("lr: 0.01\n", "lr: 0.02\n", 1))  # src.lr edited by hand
+    rows = _status_rows(run)
+    assert rows["src"][0] == "stale" and rows["src"][1].startswith("done with other settings (src.lr: 0.01 -> 0.02)")
+    cause = "done with other settings (src.lr: 0.01 -> 0.02)"
+    _assert_built_on(rows, "dist_init", "src", "src", cause)
+    _assert_built_on(rows, "sdca", "src", "src", cause)
+    _assert_built_on(rows, "sdca_no_align", "src", "src", cause)
+    _assert_built_on(rows, "pseudo_label", "sdca", "src", cause)
+    _assert_built_on(rows, "ssl", "sdca", "src", cause)
+
+
+def test_an_output_changed_makes_every_stage_built_on_it_stale(tiny_chain, tmp_path):
+    run = copy_run(tiny_chain, tmp_path / "run")
+    model = run / "src" / "model_final.pt"
+    model.write_bytes(model.read_bytes()[:-100])
+    rows = _status_rows(run)
+    cause = "its output model_final.pt is not the file it wrote"
+    assert rows["src"][0] == "stale" and rows["src"][1].startswith(cause)
+    _assert_built_on(rows, "dist_init", "src", "src", cause)
+    _assert_built_on(rows, "pseudo_label", "sdca", "src", cause)
+    _assert_built_on(rows, "ssl", "sdca", "src", cause)
+
+
+def test_a_deleted_stage_folder_makes_every_stage_built_on_it_stale(tiny_chain, tmp_path):
+    run = copy_run(tiny_chain, tmp_path / "run")
+    shutil.rmtree(run / "dist_init")
+    rows = _status_rows(run)
+    assert rows["src"][0] == "done" and rows["dist_init"] == ("not started", "")
+    for stage in ("sdca", "sdca_no_align"):
+        assert rows[stage] == ("stale", rows[stage][1]) and rows[stage][1].startswith(
+            "its input stage dist_init is missing (no dist_init/DONE)"
+        ), rows[stage]
+    _assert_built_on(rows, "pseudo_label", "sdca", "dist_init", "not done")
+    _assert_built_on(rows, "ssl", "sdca", "dist_init", "not done")
+
+
+def test_changed_input_shards_make_every_stage_built_on_them_stale(tiny_chain, shards, tmp_path):
+    """The source shards replaced (a copy of the session's shards root with one tar changed,
+    bind-mounted over it in a mount namespace of the status call alone): the stages reading
+    them are stale by their own check, and pseudo_label and ssl, which do not read them, are
+    stale through sdca."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is not installed")
+    run = copy_run(tiny_chain, tmp_path / "run")
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy, symlinks=True)
+    tar = sorted((copy / "gta5_train").glob("*.tar"))[0]
+    data = bytearray(tar.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    cmd = [sys.executable, str(REPO / "launch" / "slurm.py"), f"run_dir={run}", "status=true"]
+    proc = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" "$1" && shift && exec "$@"', copy, shards, *cmd],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if proc.returncode != 0 and ("Operation not permitted" in proc.stderr or "permission denied" in proc.stderr):
+        pytest.skip(f"no mount namespace here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = _rows(proc.stdout)
+    shard = shards / "gta5_train" / tar.name
+    for stage in ("src", "dist_init", "sdca"):
+        assert rows[stage][0] == "stale" and str(shard) in rows[stage][1], (stage, rows[stage])
+    for stage in ("pseudo_label", "ssl"):
+        state, detail = rows[stage]
+        assert state == "stale" and detail.startswith("its input stage sdca is stale (") and str(shard) in detail, (
+            stage,
+            detail,
+        )
+    assert _status_rows(run)["ssl"][0] == "done"  # outside the namespace the session's shards are unchanged
+
+
+def test_a_real_stage_running_then_stopped_then_one_reused(shards, tiny_chain, tmp_path):
+    """Rows of real stages, no record written by the test: a src of 40 iterations is held still
+    (SIGSTOP) once it has logged iteration 3, so that it cannot finish during the status call,
+    then resumed and stopped with SIGTERM; a src of the shared chain's settings is restored from
+    its stage cache."""
+    run = tmp_path / "run"
+    argv = tiny(shards, "stage=src", f"run_dir={run}", "train.iters=40", "train.checkpoint_every=1000")
+    stage = subprocess.Popen(
+        train_cmd(1, argv), cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    log: list[str] = []
+    try:
+        for line in stage.stdout:
+            log.append(line)
+            m = re.search(r"\[src\] it (\d+)/40 ", line)
+            if m and int(m.group(1)) >= 3:
+                logged = int(m.group(1))
+                break
+        else:
+            pytest.fail("src ended before iteration 3:\n" + "".join(log[-30:]))
+        os.kill(stage.pid, signal.SIGSTOP)
+        try:
+            running = run_launcher([f"run_dir={run}", "status=true", "stages=[src]"], timeout=300)
+        finally:
+            os.kill(stage.pid, signal.SIGCONT)
+        os.kill(stage.pid, signal.SIGTERM)
+        rest, _ = stage.communicate(timeout=300)
+    finally:
+        if stage.poll() is None:
+            stage.kill()
+            stage.wait()
+    assert running.returncode == 0, running.stderr[-2000:]
+    state, detail = _rows(running.stdout)["src"]
+    assert state == "running", running.stdout
+    m = re.match(r"it (\d+)/40, \d+\.\d images/s, ETA \d+:\d\d:\d\d, updated \d+:\d\d:\d\d ago$", detail)
+    assert m and 1 <= int(m.group(1)) <= logged, (detail, logged)  # the stage's own record
+
+    assert stage.returncode == 3, rest[-2000:]
+    ckpt = sorted((run / "src" / "checkpoints").glob("iter_*"))[-1]
+    stopped_at = int(ckpt.name.split("_")[1])
+    stopped = run_launcher([f"run_dir={run}", "status=true"], timeout=300)
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    state, detail = _rows(stopped.stdout)["src"]
+    m = re.fullmatch(r"at it (\d+)/40, no live process \(relaunch to resume\)", detail)
+    assert state == "stopped" and m and logged - 1 <= int(m.group(1)) <= stopped_at, (state, detail, stopped_at)
+
+    # the shared chain's settings in a new folder, sharing its stage cache: src is restored
+    again = tmp_path / "again"
+    cache = tiny_chain.parent / "stage_cache"
+    assert cache.is_dir()
+    restored = run_launcher(
+        tiny(shards, "cluster=local", f"run_dir={again}", "train.iters=2", "stages=[src]", f"cache_dir={cache}")
+    )
+    assert restored.returncode == 0, restored.stdout[-2000:] + restored.stderr[-2000:]
+    key = json.loads((again / "src" / "DONE").read_text())["reused_from"]
+    status = run_launcher([f"run_dir={again}", "status=true"], timeout=300)
+    state, detail = _rows(status.stdout)["src"]
+    assert state == "done" and f"reused from {key[:12]} (computed in " in detail, detail

@@ -11,7 +11,6 @@ images on the DALI side.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
-from sdca_dist.cli import int_at_least, size_wh
+from sdca_dist.cli import int_at_least, parser, size_wh
 from sdca_dist.data.layouts import list_pairs, read_label
 from sdca_dist.data.loader import IMAGENET_MEAN, IMAGENET_STD, ShardLoader
 from sdca_dist.data.packing import PackOptions, pack
@@ -87,7 +86,7 @@ def _rate(batches, n_batches: int, batch_size: int, warmup: int = 2) -> float:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sdca_dist.bench loader")
+    ap = parser("python -m sdca_dist.bench loader")
     ap.add_argument("--images", type=int_at_least(1), default=48)
     ap.add_argument("--size", type=size_wh(8), default=(1024, 512), help="WxH of the generated source images")
     ap.add_argument("--batch-size", type=int_at_least(1), default=8)

@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from sdca_dist import cli
 from sdca_dist.bench.step import TimedAllReduce
 from sdca_dist.shard import shard_command
 from sdca_dist.synth import synth_command
@@ -419,22 +420,29 @@ def _machine_header(a) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sdca_dist.bench scale", description=__doc__.splitlines()[0])
-    ap.add_argument("--iters", type=int, default=60, help="timed steps per run")
-    ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (pipeline build, allocations)")
+    ap = cli.parser("python -m sdca_dist.bench scale", __doc__.splitlines()[0])
+    ap.add_argument("--iters", type=cli.int_between(1, 100000), default=60, help="timed steps per run")
+    ap.add_argument(
+        "--warmup", type=cli.int_between(1, 100000), default=5, help="untimed steps first (pipeline build, allocations)"
+    )
     ap.add_argument(
         "--batches",
-        type=int,
+        type=cli.int_between(2, 4096),
         nargs="+",
         default=[4, 8],
         metavar="B",
         help="GLOBAL source (= target) batches to measure; the first one gives the last line",
     )
-    ap.add_argument("--size", type=int, nargs=2, default=[64, 128], metavar=("H", "W"))
-    ap.add_argument("--dali-threads", type=int, default=1, help="DALI worker threads per loader (conf=synthetic: 1)")
+    ap.add_argument("--size", type=cli.int_between(8, 4096), nargs=2, default=[64, 128], metavar=("H", "W"))
+    ap.add_argument(
+        "--dali-threads",
+        type=cli.int_between(1, 256),
+        default=1,
+        help="DALI worker threads per loader (conf=synthetic: 1)",
+    )
     ap.add_argument(
         "--repeats",
-        type=int,
+        type=cli.int_between(1, 1000),
         default=3,
         help="pairs of a 2-rank and a 1-rank run; the median pair's efficiency counts (machine noise)",
     )
@@ -451,13 +459,12 @@ def main(argv: list[str]) -> int:
         default=True,
         help="bind each rank (and its DALI and gloo threads) to one core of its own (default; --no-pin: unbound)",
     )
-    ap.add_argument("--timeout", type=float, default=600.0, help="seconds before a hung run is ended")
+    ap.add_argument("--timeout", type=cli.float_above(0), default=600.0, help="seconds before a hung run is ended")
     ap.add_argument("--kill-rank", type=int, default=-1, help=argparse.SUPPRESS)  # fault injection for the tests
     a = ap.parse_args(argv)
-    bad = [b for b in a.batches if b < 2 or b % 2]
-    if bad or a.iters < 1 or a.warmup < 1 or a.repeats < 1:
-        print(f"error: --batches must be even and >= 2 (got {bad}), --iters/--warmup/--repeats >= 1", file=sys.stderr)
-        return 2
+    bad = [b for b in a.batches if b % 2]
+    if bad:
+        ap.error(f"argument --batches: must be even (split over 1 and 2 ranks), got {bad}")
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned ranks before they import torch
     print("\n".join(_machine_header(a)), flush=True)
     runs: dict[int, list[dict[int, dict]]] = {b: [] for b in a.batches}  # per batch: one {world: summary} per repeat

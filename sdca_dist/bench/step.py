@@ -17,7 +17,6 @@ Last line: ``allreduce share: X%`` at ResNet-101 feature size (goal <= 1%).
 
 from __future__ import annotations
 
-import argparse
 import os
 import queue
 import tempfile
@@ -28,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sdca_dist.cli import int_at_least
+from sdca_dist.cli import int_at_least, parser
 
 
 class TimedAllReduce:
@@ -190,14 +189,14 @@ def _measure(world: int, mode: str, args: dict) -> dict:
 
 def _synthetic_shards(root: Path) -> None:
     from sdca_dist.config import compose_config
-    from sdca_dist.engine.data import ensure_synthetic_shards
+    from sdca_dist.data.sets import ensure_synthetic_shards
 
     cfg = compose_config(["conf=synthetic", f"data.shards_root={root}", "data.synthetic_counts=[32,32,4]"])
     ensure_synthetic_shards(cfg, log=lambda m: print(f"  {m}", flush=True))
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sdca_dist.bench step", description=__doc__.splitlines()[0])
+    ap = parser("python -m sdca_dist.bench step", __doc__.splitlines()[0])
     ap.add_argument("--iters", type=int_at_least(1), default=10, help="timed steps on the synthetic benchmark")
     ap.add_argument(
         "--batch", type=int_at_least(2), default=4, help="GLOBAL source (= target) batch, synthetic benchmark (even)"

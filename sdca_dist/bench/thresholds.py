@@ -28,10 +28,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sdca_dist import cli
 from sdca_dist.bench.estimator import peak_rss_delta_mb
 from sdca_dist.method import ClassThresholds
 
 NUM_CLASSES, HEIGHT, WIDTH = 19, 512, 1024
+MAX_IMAGES = 2975
 CAP = 0.9
 
 
@@ -107,12 +109,11 @@ def _memory_in_subprocess(variant: str, n_images: int) -> float:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m sdca_dist.bench thresholds",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = cli.parser(
+        "python -m sdca_dist.bench thresholds", __doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--images", type=int, default=200)
+    # at most the Cityscapes train set: the reference then keeps ~25 GB (16 bytes per pixel)
+    parser.add_argument("--images", type=cli.int_between(1, MAX_IMAGES), default=200)
     parser.add_argument("--memory-probe", choices=("null", "ours", "reference"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     n = args.images

@@ -188,7 +188,7 @@ def encode_sample(job: tuple) -> dict:
 def _worker_init(parent: int) -> None:
     import signal
 
-    from sdca_dist.engine.preemption import die_with_parent
+    from sdca_dist.processes import die_with_parent
 
     die_with_parent(signal.SIGKILL, parent)
 
@@ -383,8 +383,9 @@ def _pack_into(opts: PackOptions, lay, pairs: list[SamplePair]) -> Manifest:
     ]
     progress = _Progress(len(pairs), opts.progress)
     n = n_done
+    results = _ordered(jobs, opts.workers)
     try:
-        for res in _ordered(jobs, opts.workers):
+        for res in results:
             n += 1
             _add_result(writer, res)
             progress(n, f"shards {writer.next_index}")
@@ -398,6 +399,8 @@ def _pack_into(opts: PackOptions, lay, pairs: list[SamplePair]) -> Manifest:
     except BaseException:
         writer.abort()
         raise
+    finally:
+        results.close()  # a stopped build cancels the encodings not started yet
 
 
 def _write_set_manifest(

@@ -174,6 +174,11 @@ class ClassBalancedSampler:
         self.walk_at[int(d["block"])] = walk
 
 
+#: the command line's largest --draws: a key per line, 100 million lines (about 1.5 GB), takes
+#: minutes; the sampler itself has no limit
+MAX_CLI_DRAWS = 100_000_000
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """Training order of epoch ``epoch``: a full permutation of all n samples, the same on every rank.
 
@@ -200,35 +205,38 @@ def main(argv: list[str] | None = None) -> int:
     Rank 0 of 1 (global draws 0..N-1), one sample key per line; ``--summary`` prints instead, per
     class, the share of draws whose image contains it. Bad input: one line, exit 2.
     """
-    import argparse
     import sys
 
-    from sdca_dist.cli import int_at_least
+    from sdca_dist.cli import int_at_least, int_between, parser
     from sdca_dist.data.errors import DataError
     from sdca_dist.data.shard_set import load_manifest
 
-    ap = argparse.ArgumentParser(prog="python -m sdca_dist.data.sampling", description=main.__doc__.split("\n")[0])
+    ap = parser("python -m sdca_dist.data.sampling", main.__doc__.split("\n")[0])
     ap.add_argument("manifest", help="manifest.json of a shard set, or its folder")
-    ap.add_argument("--draws", type=int, required=True, help="number of draws (>= 1)")
+    ap.add_argument(
+        "--draws", type=int_between(1, MAX_CLI_DRAWS), required=True, help=f"number of draws (1 to {MAX_CLI_DRAWS:,})"
+    )
     ap.add_argument("--seed", type=int_at_least(0), default=0)
     ap.add_argument("--summary", action="store_true", help="per-class share of draws instead of keys")
     a = ap.parse_args(argv)
-    if a.draws < 1:
-        ap.error(f"--draws must be >= 1, got {a.draws}")
     try:
         m = load_manifest(a.manifest)
         sampler = ClassBalancedSampler(m.presence(), m.num_classes, a.seed)
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    idx = sampler.draws(0, a.draws)
+    counts = np.zeros(m.num_classes, dtype=np.int64)
+    chunk = 100 * sampler.block  # streamed: memory stays bounded and keys appear as they are drawn
     try:
+        for start in range(0, a.draws, chunk):
+            idx = sampler.draws(start, min(a.draws, start + chunk))
+            if a.summary:
+                counts += sampler.present[idx].sum(axis=0, dtype=np.int64)
+            else:
+                sys.stdout.write("".join(m.samples[int(i)]["key"] + "\n" for i in idx))
         if a.summary:
-            share = sampler.present[idx].mean(axis=0)
             for c in range(m.num_classes):
-                print(f"{c}\t{share[c]:.4f}")
-        else:
-            sys.stdout.write("".join(m.samples[int(i)]["key"] + "\n" for i in idx))
+                print(f"{c}\t{counts[c] / a.draws:.4f}")
         sys.stdout.flush()
     except BrokenPipeError:  # e.g. | head
         sys.stdout = None

@@ -206,6 +206,7 @@ class ShardWriter:
         self.infos: list[ShardInfo] = []
         self._tar: tarfile.TarFile | None = None
         self._file = None
+        self._tmp: Path | None = None  # the open shard's temp file, until it has its final name
         self._reset_current()
 
     def _reset_current(self) -> None:
@@ -291,11 +292,14 @@ class ShardWriter:
         final = self.out_dir / self._name
         try:
             self._finish(final)
-        except OSError as e:
+        except BaseException as e:  # also a stop signal raised as an exception (python -m sdca_dist.shard)
             self.abort()
-            for p in (index_path(final), sidecar_path(final)):  # never a sidecar without its tar
-                _unlink_quietly(p)
-            raise os_error(final, e) from None
+            if not final.exists():
+                for p in (index_path(final), sidecar_path(final)):  # never a sidecar without its tar
+                    _unlink_quietly(p)
+            if isinstance(e, OSError):
+                raise os_error(final, e) from None
+            raise
 
     def _finish(self, final: Path) -> None:
         assert self._tar is not None and self._file is not None
@@ -318,6 +322,7 @@ class ShardWriter:
         atomic_write_bytes(index_path(final), dali_index_text(self._members).encode())
         atomic_write_bytes(sidecar_path(final), json_bytes(info.to_json()))
         os.replace(self._tmp, final)  # last: the shard "appears" only now, complete
+        self._tmp = None
         if self.record:
             from sdca_dist.data.verification import FileState, write_record
 
@@ -338,14 +343,17 @@ class ShardWriter:
         return list(self.infos)
 
     def abort(self) -> None:
-        """Drop the incomplete shard (after an error): its temp file is removed even when closing fails."""
+        """Drop the incomplete shard (after an error): its temp file is removed even when closing
+        fails, and also when the tar was complete and its index or sidecar could not be written."""
         f, self._file, self._tar = self._file, None, None
         if f is not None:
             try:
                 f.close()  # may raise again (ENOSPC while flushing): the unlink below still runs
             except OSError:
                 pass
+        if self._tmp is not None:
             _unlink_quietly(self._tmp)
+            self._tmp = None
         self._reset_current()
 
 

@@ -7,7 +7,8 @@ import time
 import torch
 
 from sdca_dist.data.loader import own_size_rows
-from sdca_dist.engine.data import make_loader, manifest_path, shard_set
+from sdca_dist.data.sets import manifest_path, shard_set
+from sdca_dist.engine.data import make_loader
 from sdca_dist.engine.stage_context import StageContext
 from sdca_dist.method.segmentation_loss import upsample_logits
 

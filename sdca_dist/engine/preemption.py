@@ -5,8 +5,8 @@ safe inside a signal handler. The training loop polls ``StopSignal.requested`` a
 boundary, the ranks agree, write one checkpoint together and raise ``Preempted``. Whoever
 launched the stage decides what that means (the SLURM launcher requeues; the CLI exits 3).
 
-A worker never outlives its supervisor: ``die_with_parent`` asks the kernel (Linux
-``PR_SET_PDEATHSIG``) to send the process a signal when its parent exits. Under torchrun each
+A worker never outlives its supervisor: ``sdca_dist.processes.die_with_parent`` asks the kernel
+(Linux ``PR_SET_PDEATHSIG``) to send the process a signal when its parent exits. Under torchrun each
 rank asks for SIGTERM: if the agent itself dies (SIGUSR2 or SIGKILL to the ``torchrun``
 process; torchrun forwards SIGTERM/SIGINT to its workers itself but dies of SIGUSR2), every rank
 gets SIGTERM, the ranks stop together at the next step boundary with a checkpoint, and exit; no
@@ -16,10 +16,8 @@ no state worth saving).
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
-import sys
 from types import FrameType
 from typing import Any, Optional
 
@@ -27,28 +25,6 @@ from typing import Any, Optional
 PREEMPTED_EXIT_CODE = 3
 
 Handler = Any
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(signum: int = signal.SIGTERM, parent: Optional[int] = None) -> bool:
-    """Have the kernel send ``signum`` to this process when its parent exits (Linux; elsewhere a
-    no-op returning False). ``parent``: the pid the parent had when it started this process; if
-    it is gone already (this process was adopted), the signal is sent at once."""
-    if not sys.platform.startswith("linux"):
-        return False
-    if parent is None:
-        parent = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0) != 0:
-            return False
-    except (OSError, AttributeError):
-        return False
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os.kill(os.getpid(), signum)
-    return True
 
 
 def under_torchrun() -> bool:

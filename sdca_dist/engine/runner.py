@@ -21,8 +21,9 @@ from typing import Callable
 
 from omegaconf import DictConfig
 
+from sdca_dist.config import reads
+from sdca_dist.data.sets import DataConfigError, check_manifests, ensure_synthetic_shards
 from sdca_dist.data.verification import FULL_CHECK_DAYS, verify_share
-from sdca_dist.engine.data import DataConfigError, check_manifests, ensure_synthetic_shards
 from sdca_dist.engine.distributed import (
     DistContext,
     all_gather_object,
@@ -134,8 +135,31 @@ def verify_tars_in_parallel(cfg: DictConfig, stage: str, lineage: Lineage, ctx: 
     return mine
 
 
+def _log_start(cfg: DictConfig, ctx: DistContext, run: RunDir, observer: StageObserver) -> None:
+    """Rank 0's opening lines: the settings that differ from the preset, the schedule, the
+    train/test scale and the plan's warnings. Logging compares every setting and every stage's
+    scale, so it is not part of what the stage reads (``sdca_dist.config.reads``)."""
+    from sdca_dist.config.run_config import config_path, differing_from_preset
+
+    stage = cfg.stage
+    with reads.unrecorded():
+        changed = differing_from_preset(cfg)
+        observer.log(
+            f"rank 0 of {ctx.world_size} ({ctx.backend}, {ctx.device}); conf={cfg.conf}"
+            + (f" with {' '.join(changed)}" if changed else " as published")
+            + f" (all settings: {config_path(run.root)})"
+        )
+        if spec(stage).training:
+            observer.log(f"schedule: {json.dumps(scaled_schedule(cfg, stage).as_dict())}")
+            observer.log(scale_line(cfg, stage))
+            for line in plan_warnings(cfg, [stage]):
+                observer.log(line)
+        observer.text("config", config_path(run.root).read_text() if config_path(run.root).is_file() else "")
+
+
 def run_stage(cfg: DictConfig) -> dict:
     """Run ``cfg.stage``; returns its summary. Raises ``Preempted`` after a stop-signal checkpoint."""
+    reads.start()  # SDCA_RECORD_READS: the stage-key test's record of the settings this stage reads
     stage = cfg.stage
     stage_spec = spec(stage)
     run = RunDir(Path(cfg.run_dir))
@@ -147,7 +171,10 @@ def run_stage(cfg: DictConfig) -> dict:
         _on_rank0(ctx, lock.acquire)
         check_world(cfg, stage, ctx.world_size)
         logs: list[str] = []
-        _on_rank0(ctx, lambda: ensure_synthetic_shards(cfg, log=logs.append))
+        # the synthetic generator makes every missing shard set (names and generator settings);
+        # what this stage reads of them is its own sets, hashed into its key through their manifests
+        with reads.unrecorded():
+            _on_rank0(ctx, lambda: ensure_synthetic_shards(cfg, log=logs.append))
         check_manifests(cfg, [getattr(cfg.data, k) for k in stage_spec.shard_sets])
         verify_tars_in_parallel(cfg, stage, lineage, ctx, logs)
 
@@ -177,20 +204,7 @@ def run_stage(cfg: DictConfig) -> dict:
         for line in logs:
             observer.log(line)
         if ctx.is_main:
-            from sdca_dist.config.run_config import config_path, differing_from_preset
-
-            changed = differing_from_preset(cfg)
-            observer.log(
-                f"rank 0 of {ctx.world_size} ({ctx.backend}, {ctx.device}); conf={cfg.conf}"
-                + (f" with {' '.join(changed)}" if changed else " as published")
-                + f" (all settings: {config_path(run.root)})"
-            )
-            if stage_spec.training:
-                observer.log(f"schedule: {json.dumps(scaled_schedule(cfg, stage).as_dict())}")
-                observer.log(scale_line(cfg, stage))
-                for line in plan_warnings(cfg, [stage]):
-                    observer.log(line)
-            observer.text("config", config_path(run.root).read_text() if config_path(run.root).is_file() else "")
+            _log_start(cfg, ctx, run, observer)
         sc = StageContext(cfg=cfg, ctx=ctx, run=run, name=stage, observer=observer)
         t0 = time.time()
         summary = stage_spec.function()(sc)
@@ -208,6 +222,7 @@ def run_stage(cfg: DictConfig) -> dict:
         observer.close()
         return summary
     finally:
+        reads.write(stage, ctx.rank)
         if cached is not None:
             cached.release()
         if ctx.is_main:

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from sdca_dist.config.reads import track_typed
 from sdca_dist.config.schema import Config
 from sdca_dist.engine.checkpoint import atomic_torch_save, atomic_write_text
 from sdca_dist.engine.distributed import DistContext
@@ -34,7 +35,7 @@ class StageContext:
         """The run configuration as typed dataclasses (``OmegaConf.to_object`` once per stage):
         components take their section (MethodConfig, TrainConfig, EngineConfig), not casts."""
         if self._settings is None:
-            self._settings = OmegaConf.to_object(self.cfg)  # type: ignore[assignment]
+            self._settings = track_typed(OmegaConf.to_object(self.cfg))  # type: ignore[assignment]
         return self._settings  # type: ignore[return-value]
 
     @property

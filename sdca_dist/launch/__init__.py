@@ -17,7 +17,9 @@ runs the same chain on this machine, stage after stage, under torchrun.
 * ``with_oracle=true`` adds the oracle (target-label) reference, ``with_ablation=true`` the sdca
   stage without its contrastive terms and the paired difference (each reference stage's
   ``launch_flag`` in ``sdca_dist.stage_table``);
-* ``dry_run=true`` prints each stage's plan and sbatch parameters, submits and writes nothing;
+* ``dry_run=true`` prints each stage's plan and sbatch parameters, submits and writes nothing; it
+  plans before the data exists, listing each missing shard set (with the command that packs it)
+  and weights file as what the run will need;
 * ``wait=true`` waits and exits 0 only when every stage completed.
 
 Every plan that cannot run is refused before anything is written or queued (exit 2, one line).

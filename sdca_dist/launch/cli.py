@@ -21,6 +21,7 @@ from sdca_dist.launch.plan import (
     Todo,
     _arg,
     check_shape,
+    missing_data,
     planned_stages,
     preflight,
     run_configs,
@@ -64,6 +65,9 @@ def main(argv: Sequence[str], hooks: Optional[dict] = None) -> int:
         problems = [p for _, folder, c, _ in runs for p in preflight(c, folder, stages)]
         if problems:
             raise LaunchError("; ".join(dict.fromkeys(problems)))
+        needs = list(dict.fromkeys(n for _, _, c, _ in runs for n in missing_data(c, stages)))
+        if needs and not launch.dry_run:
+            raise LaunchError("; ".join(needs))
         from sdca_dist.config.run_config import differing_from_preset
 
         changed = differing_from_preset(cfg)
@@ -85,6 +89,10 @@ def main(argv: Sequence[str], hooks: Optional[dict] = None) -> int:
                 flush=True,
             )
         if launch.dry_run:
+            for line in needs:
+                print(f"[launch] the run will need: {line}", flush=True)
+            if needs:
+                print(f"[launch] {len(needs)} input(s) missing: a real launch refuses until they exist", flush=True)
             return 0
         from sdca_dist.lineage import Lineage
         from sdca_dist.stage_cache import launch_cache_dir, recomputed, write_run_cache_setting
@@ -103,7 +111,7 @@ def main(argv: Sequence[str], hooks: Optional[dict] = None) -> int:
                 Lineage(folder).invalidate(stage)
             write_run_cache_setting(folder, cache_dir, recompute=recompute)
         if cfg.data.synthetic:
-            from sdca_dist.engine.data import ensure_synthetic_shards
+            from sdca_dist.data.sets import ensure_synthetic_shards
 
             ensure_synthetic_shards(cfg, log=lambda m: print(f"[launch] {m}", flush=True))
         from sdca_dist.launch.restore import restore_from_cache

@@ -4,7 +4,8 @@ One row per (grid point,) seed and stage, from the files alone plus ``squeue``/`
 SLURM is there:
 
 * ``done``: mIoU, wall time, computed or reused from the stage cache (``DONE``);
-* ``stale``: DONE, but no longer valid for the run's settings or inputs (``Lineage.fresh``);
+* ``stale``: DONE, but no longer valid for the run's settings or inputs, or built on a stage that
+  is stale, missing or redone, naming it (``Lineage.fresh``, the launcher's own rule);
   shard tars are judged by their verification records (``sdca_dist.data.verification``): the
   view reads no tar, and a tar whose inode, size, mtime or ctime changed since it was verified
   counts as changed;

@@ -80,8 +80,16 @@ def test_whole_chain_on_two_nodes_of_two_tasks_takes_each_stage_its_planned_shap
         done = json.loads((run / stage / "DONE").read_text())
         assert done["world_size"] == want["world_size"], (stage, done["world_size"])
     assert (run / "ssl" / "metrics.json").is_file()
-    dependency = slurm.run("scontrol", "show", "job", jobs["ssl"], check=False).stdout
-    assert "afterok" in dependency.lower() or "Dependency=(null)" in dependency  # satisfied deps are cleared
+    # each stage after src was submitted afterok on the stage before it (sacct keeps no
+    # dependencies and scontrol clears satisfied ones: the batch script is the record)
+    for before, stage in zip(CHAIN, CHAIN[1:]):
+        scripts = sorted((run / "slurm" / stage).rglob("*_submission.sh"))
+        assert scripts, f"no batch script for {stage}"
+        deps = re.findall(r"^#SBATCH --dependency=(\S+)$", scripts[0].read_text(), re.M)
+        assert deps == [f"afterok:{jobs[before]}"], (stage, deps)
+    assert not re.search(
+        r"^#SBATCH --dependency", next((run / "slurm" / "src").rglob("*_submission.sh")).read_text(), re.M
+    )
 
 
 def _wait_log(path_glob, pattern: str, timeout_s: float, base: Path) -> str:

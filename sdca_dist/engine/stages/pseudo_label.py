@@ -15,7 +15,8 @@ import time
 import torch
 
 from sdca_dist.data.loader import own_size_rows
-from sdca_dist.engine.data import make_loader, manifest_path, shard_set
+from sdca_dist.data.sets import manifest_path, shard_set
+from sdca_dist.engine.data import make_loader
 from sdca_dist.engine.distributed import all_gather_object, all_reduce_sum
 from sdca_dist.engine.run_dir import PSEUDO_SHARDS, THRESHOLDS
 from sdca_dist.engine.stage_context import StageContext

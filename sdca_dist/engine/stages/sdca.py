@@ -15,7 +15,8 @@ from typing import Mapping, Optional
 import torch
 
 from sdca_dist.config.schema import MethodConfig
-from sdca_dist.engine.data import make_loader, manifest_path, per_rank, shard_set
+from sdca_dist.data.sets import manifest_path, shard_set
+from sdca_dist.engine.data import make_loader, per_rank
 from sdca_dist.engine.model_engine import ModelEngine
 from sdca_dist.engine.observe import StageObserver
 from sdca_dist.engine.stage_context import StageContext

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sdca_dist.engine.data import make_loader, manifest_path, per_rank, shard_set
+from sdca_dist.data.sets import manifest_path, shard_set
+from sdca_dist.engine.data import make_loader, per_rank
 from sdca_dist.engine.stage_context import StageContext
 from sdca_dist.engine.stages.common import finish_training, make_engine
 from sdca_dist.engine.training import TrainingPlan, run_training
