@@ -31,5 +31,7 @@ instance that resumes from it. No collective ever runs inside a signal handler.
 
 Modules: ``plan`` (seeds, run configurations, stage plan, shape checks, preflight, stages to
 run), ``backends`` (where the jobs run: one module per ``cluster.name``), ``summary``
-(summary.json / summary.md), ``cli`` (the command line). Nothing here imports torch.
+(summary.json / summary.md), ``grid`` (sweeps and their launch), ``grid_summary`` (a grid's
+summary), ``seed_stats`` (mean, std and t intervals over seeds, for both summaries), ``status``
+(the status view), ``cli`` (the command line). Nothing here imports torch.
 """

@@ -34,8 +34,9 @@ from sdca_dist.stage_table import spec
 
 
 def main(argv: Sequence[str], hooks: Optional[dict] = None) -> int:
-    """``hooks``: set by a grid (``sdca_dist.launch.grid``) for each of its points: ``after``
-    {stage: [job ids]} the point's jobs depend on; ``submitted`` receives {stage: job id}."""
+    """``hooks``: set by a grid (``sdca_dist.launch.grid``) for each of its points, whose command
+    line is then one run (never read as a sweep again): ``after`` {stage: [{"job", "seeds"}]}
+    the point's jobs depend on; ``submitted`` receives {stage: {"job", "seeds"}}."""
     if any(a in ("-h", "--help") for a in argv):
         print(sdca_dist.launch.__doc__)
         return 0
@@ -51,7 +52,7 @@ def main(argv: Sequence[str], hooks: Optional[dict] = None) -> int:
             return print_status(Path(_arg(run_overrides, "run_dir") or "runs/default"))
         from sdca_dist.launch.grid import is_grid, run_grid
 
-        if is_grid(user):
+        if hooks is None and is_grid(user):
             from sdca_dist.launch.backends.slurm import wait_slurm
 
             return run_grid(user, main, wait_slurm)

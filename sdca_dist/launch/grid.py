@@ -3,44 +3,72 @@
 ``python launch/slurm.py conf=synthetic method.tau=1,10,100 seeds=3 run_dir=runs/tau`` (Hydra's
 sweep syntax: ``key=a,b,c``, ``key=choice(a,b)``, ``key=range(start,stop[,step])``; several
 swept keys make their product; ``--multirun``/``-m`` is accepted and changes nothing) launches
-one ordinary run per point, in ``<run_dir>/<key>=<value>[,<key>=<value>...]/`` (with
-``seed_<k>/`` below it for ``seeds=K``), all through the single-run launcher, so every point is
-refused, frozen and resumed exactly as a single run is.
+one ordinary run per point, in ``<run_dir>/<point>/`` (with ``seed_<k>/`` below it for
+``seeds=K``), all through the single-run launcher, so every point is refused, frozen and resumed
+exactly as a single run is.
+
+Tied settings sweep as one factor: ``src.iters,src.schedule_iters=100,200`` gives both keys the
+same value at each level, ``a,b=(1,2),(3,4)`` one value per key; the keys move together and the
+factor counts once in the product and in the summary's main effects.
+
+A point's folder name is its settings, ``key=value`` joined by ``+``
+(``method.tau=10+sdca.lr=0.1``), each value reduced to letters, digits and ``._+-`` (brackets
+and quotes dropped, any other run of characters made ``_``), so a name holds no comma (it is never
+read as a sweep again), no slash and no space; two points that would reduce to one name, or a
+name over 120 characters, get a short hash of their settings appended. ``grid.json`` maps every
+name to its settings.
 
 Sharing: a stage whose settings, inputs and code are the same in two points has the same stage
 key (``sdca_dist.stage_keys``); the first point to run it publishes it to the stage cache and
-the others reuse it (``sdca_dist.stage_cache``). In a ``method.tau`` sweep src and dist_init
-read no ``method.tau``: they run once per seed. Locally the points run in order, so the later
+the others reuse it (``sdca_dist.stage_cache``). Locally the points run in order, so the later
 points find the shared stages in the cache; on SLURM the shared stage's job of a later point
-depends (afterok) on the job of the first point that computes it, so it starts after that one
-published and only copies.
+depends on the job of the first point that computes it.
 
-``<run_dir>/grid.json`` records the grid; ``<run_dir>/summary.md`` / ``summary.json`` hold the
-points x stages table and the paired differences against the baseline point
-(``baseline=method.tau=100``, default the first point): per seed, mean, std and a 95% interval
-(t distribution over the seeds). No torch here.
+Failures stay in their lane: a point that fails does not stop the others, only the points that
+take a chain stage from it (locally they are not launched; on SLURM the scheduler, or the wait,
+cancels exactly the dependent jobs). The summary (``sdca_dist.launch.grid_summary``) names what
+failed and why, and the launch exits 2 after writing it. No torch here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import itertools
 import json
-import math
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from sdca_dist.config.compose import ConfigError
-from sdca_dist.files import read_json_dict
 
 GRID_FILE = "grid.json"
 #: keys a grid cannot sweep: they name the job or the seeds (``seeds=K`` gives seeds)
 _NOT_SWEPT = ("run_dir", "stage", "seed", "conf")
+#: longest point folder name kept as it is (longer ones are cut and hashed)
+_NAME_MAX = 120
 
 Point = tuple[tuple[str, str], ...]  # ((key, value), ...) in command-line order
+
+
+@dataclass(frozen=True)
+class Factor:
+    """One swept factor: a key, or several tied keys that move together; ``levels`` holds, per
+    level, one value per key."""
+
+    keys: tuple[str, ...]
+    levels: tuple[tuple[str, ...], ...]
+
+    @property
+    def name(self) -> str:
+        return ",".join(self.keys)
+
+    def label(self, level: tuple[str, ...]) -> str:
+        """How a level is written: its value (tied keys with one value), else ``(v1,v2)``."""
+        return level[0] if len(set(level)) == 1 else "(" + ",".join(level) + ")"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,11 +125,30 @@ def _sweep_values(key: str, value: str) -> Optional[list[str]]:
     return values
 
 
-def parse_sweeps(run_overrides: Sequence[str]) -> tuple[list[str], list[tuple[str, list[str]]]]:
-    """(fixed overrides, [(swept key, values)]) of a command line's run settings."""
+def _tied_levels(keys: list[str], arg: str, values: Optional[list[str]]) -> tuple[tuple[str, ...], ...]:
+    """The levels of a tied factor: a plain value gives every key that value, ``(v1,v2)`` one
+    value per key."""
+    if values is None:
+        one = " ".join(f"{k}={arg.split('=', 1)[1]}" for k in keys)
+        raise ConfigError(f"{arg} ties keys over one value: nothing to sweep (set {one})")
+    levels = []
+    for v in values:
+        if v.startswith("(") and v.endswith(")"):
+            parts = [p.strip() for p in _split_top(v[1:-1])]
+            if len(parts) != len(keys) or "" in parts:
+                raise ConfigError(f"{arg}: level {v} gives {len(parts)} value(s) for {len(keys)} tied keys")
+            levels.append(tuple(parts))
+        else:
+            levels.append((v,) * len(keys))
+    return tuple(levels)
+
+
+def parse_sweeps(run_overrides: Sequence[str]) -> tuple[list[str], list[Factor]]:
+    """(fixed overrides, swept factors) of a command line's run settings."""
     from sdca_dist.config.compose import _schema_keys
 
-    fixed, sweeps = [], []
+    fixed: list[str] = []
+    factors: list[Factor] = []
     known = set(_schema_keys())
     for arg in run_overrides:
         if arg in ("--multirun", "-m") or "=" not in arg:
@@ -109,20 +156,25 @@ def parse_sweeps(run_overrides: Sequence[str]) -> tuple[list[str], list[tuple[st
                 fixed.append(arg)
             continue
         key, value = arg.split("=", 1)
-        values = _sweep_values(key, value)
-        if values is None:
+        keys = [k.strip().lstrip("+~") for k in key.split(",")]
+        if keys[0] == "run_dir":  # a folder name, never a sweep
             fixed.append(arg)
             continue
-        bare = key.lstrip("+~")
-        if bare in _NOT_SWEPT:
-            hint = " (use seeds=K for several seeds)" if bare == "seed" else ""
-            raise ConfigError(f"a grid cannot sweep {bare}{hint}")
-        if bare not in known and not any(bare.startswith(k + ".") for k in known):
-            raise ConfigError(f"grid over unknown setting {bare!r} ({arg})")
-        if any(k == bare for k, _ in sweeps):
-            raise ConfigError(f"{bare} is swept twice")
-        sweeps.append((bare, values))
-    return fixed, sweeps
+        values = _sweep_values(key, value)
+        if values is None and len(keys) == 1:
+            fixed.append(arg)
+            continue
+        for bare in keys:
+            if bare in _NOT_SWEPT:
+                hint = " (use seeds=K for several seeds)" if bare == "seed" else ""
+                raise ConfigError(f"a grid cannot sweep {bare}{hint}")
+            if bare not in known and not any(bare.startswith(k + ".") for k in known):
+                raise ConfigError(f"grid over unknown setting {bare!r} ({arg})")
+            if any(bare in f.keys for f in factors) or keys.count(bare) > 1:
+                raise ConfigError(f"{bare} is swept twice")
+        levels = _tied_levels(keys, arg, values) if len(keys) > 1 else tuple((v,) for v in values or [])
+        factors.append(Factor(tuple(keys), levels))
+    return fixed, factors
 
 
 def is_grid(argv: Sequence[str]) -> bool:
@@ -133,14 +185,44 @@ def is_grid(argv: Sequence[str]) -> bool:
     return bool(parse_sweeps(run)[1])
 
 
-def expand(sweeps: list[tuple[str, list[str]]]) -> list[Point]:
-    keys = [k for k, _ in sweeps]
-    return [tuple(zip(keys, combo)) for combo in itertools.product(*(v for _, v in sweeps))]
+def expand(factors: list[Factor]) -> list[Point]:
+    """Every point of the factors' product, the last factor varying fastest."""
+    return [
+        tuple((k, v) for f, level in zip(factors, combo) for k, v in zip(f.keys, level))
+        for combo in itertools.product(*(f.levels for f in factors))
+    ]
+
+
+def point_levels(point: Point, factors: list[Factor]) -> list[str]:
+    """The label of each factor's level at ``point``."""
+    values = dict(point)
+    return [f.label(tuple(values[k] for k in f.keys)) for f in factors]
+
+
+def _safe_value(value: str) -> str:
+    """A value as a folder name part: brackets and quotes dropped, every other run of characters
+    outside letters, digits and ``._+-`` made one ``_``."""
+    value = re.sub(r"[\[\](){}'\"]", "", value.strip())
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", value).strip("_") or "_"
 
 
 def point_name(point: Point) -> str:
-    """The point's folder name, Hydra's ``override_dirname`` style: ``method.tau=10,method.delta=0.5``."""
-    return ",".join(f"{k}={v}".replace("/", "_") for k, v in point)
+    """The point's readable folder name, ``key=value`` joined by ``+`` (before any hash
+    ``point_names`` appends)."""
+    return "+".join(f"{k}={_safe_value(v)}" for k, v in point)
+
+
+def point_names(points: list[Point]) -> list[str]:
+    """The folder name of every point: ``point_name``, with ``_<hash of the settings>`` appended
+    (and cut to length) where two points would share a name or a name is too long."""
+    names = [point_name(p) for p in points]
+    out = []
+    for p, name in zip(points, names):
+        if names.count(name) > 1 or len(name) > _NAME_MAX:
+            digest = hashlib.sha1(json.dumps(list(p)).encode()).hexdigest()[:8]
+            name = f"{name[: _NAME_MAX - 9]}_{digest}"
+        out.append(name)
+    return out
 
 
 def parse_baseline(text: Optional[str], points: list[Point]) -> Point:
@@ -150,15 +232,20 @@ def parse_baseline(text: Optional[str], points: list[Point]) -> Point:
     given = {}
     for part in _split_top(text):
         if "=" not in part:
-            raise ConfigError(f"baseline={text}: expected key=value (e.g. baseline={point_name(points[0])})")
+            raise ConfigError(f"baseline={text}: expected key=value (e.g. baseline={_cli_name(points[0])})")
         k, v = part.split("=", 1)
         given[k.strip()] = v.strip()
     matches = [p for p in points if all(dict(p).get(k) == v for k, v in given.items())]
     if len(matches) != 1:
-        names = ", ".join(point_name(p) for p in points)
+        names = ", ".join(_cli_name(p) for p in points)
         what = "no point" if not matches else f"{len(matches)} points"
         raise ConfigError(f"baseline={text} matches {what} of the grid ({names})")
     return matches[0]
+
+
+def _cli_name(point: Point) -> str:
+    """A point as ``baseline=`` takes it: ``key=value,key=value`` with the values as given."""
+    return ",".join(f"{k}={v}" for k, v in point)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,11 +256,12 @@ def _arg(argv: Sequence[str], key: str) -> Optional[str]:
     return values[-1] if values else None
 
 
-def point_argv(fixed: list[str], launch_overrides: list[str], root: Path, point: Point, cache_dir: str) -> list[str]:
+def point_argv(fixed: list[str], launch_overrides: list[str], folder: Path, point: Point, cache_dir: str) -> list[str]:
+    """The single-run command line of one point, its run folder ``folder``."""
     argv = [a for a in fixed if a.split("=", 1)[0] != "run_dir"]
     argv += [f"{k}={v}" for k, v in point]
     argv += [a for a in launch_overrides if a.split("=", 1)[0] not in ("cache_dir", "baseline")]
-    return argv + [f"run_dir={root / point_name(point)}", f"cache_dir={cache_dir}"]
+    return argv + [f"run_dir={folder}", f"cache_dir={cache_dir}"]
 
 
 def shared_with(
@@ -203,246 +291,185 @@ def shared_with(
     return out
 
 
-def run_grid(argv: Sequence[str], launch_one: Callable[..., int], wait: Optional[Callable] = None) -> int:
-    """Launch every point of the grid through ``launch_one(argv, hooks)`` (the single-run
-    launcher). Every point is checked (a dry run of each, output kept back) before any is
-    launched, so a bad point means nothing is written or submitted. On SLURM with ``wait=true``,
-    ``wait(submitted)`` (the launcher's) waits for every point's jobs at once, at the end."""
+@dataclass
+class GridPlan:
+    """What a grid launch is about: its factors, points (with folder names), baseline, seeds,
+    stages and which point computes each shared stage."""
+
+    root: Path
+    fixed: list[str]
+    launch_overrides: list[str]
+    factors: list[Factor]
+    points: list[Point]
+    names: list[str]
+    baseline: Point
+    seeds: list[int]
+    stages: list[str]
+    cache_dir: str
+    sharing: dict[tuple[int, str], Optional[int]]
+
+    def argv(self, i: int) -> list[str]:
+        return point_argv(self.fixed, self.launch_overrides, self.root / self.names[i], self.points[i], self.cache_dir)
+
+    def record(self) -> dict[str, Any]:
+        """grid.json: the grid as the summary and the status view read it."""
+        return {
+            "sweeps": [
+                {"key": f.name, "keys": list(f.keys), "values": [f.label(v) for v in f.levels]} for f in self.factors
+            ],
+            "points": self.names,
+            "point_settings": {n: dict(p) for n, p in zip(self.names, self.points)},
+            "point_levels": {n: point_levels(p, self.factors) for n, p in zip(self.names, self.points)},
+            "baseline": self.names[self.points.index(self.baseline)],
+            "seeds": self.seeds,
+            "stages": self.stages,
+            "fixed": self.fixed,
+            "cache_dir": self.cache_dir,
+        }
+
+
+def _plan(argv: Sequence[str]) -> tuple[GridPlan, Any]:
     from sdca_dist.config.run_config import parse_launch, split_overrides
+    from sdca_dist.launch.plan import planned_stages
     from sdca_dist.stage_cache import default_cache_dir
 
     user = [a for a in argv if a not in ("--multirun", "-m")]
     run_overrides, launch_overrides = split_overrides(user)
     launch = parse_launch(launch_overrides)
-    fixed, sweeps = parse_sweeps(run_overrides)
-    points = expand(sweeps)
-    baseline = parse_baseline(launch.baseline, points)
+    fixed, factors = parse_sweeps(run_overrides)
+    points = expand(factors)
     root = Path(_arg(run_overrides, "run_dir") or "runs/grid")
-    cache_dir = str(Path(launch.cache_dir).resolve() if launch.cache_dir else default_cache_dir(root))
-
-    # every point checked first: a dry run each, its output kept back
-    checked: list[str] = []
-    for point in points:
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            rc = launch_one([*point_argv(fixed, launch_overrides, root, point, cache_dir), "dry_run=true"], {})
-        if rc != 0:
-            print(f"error: grid point {point_name(point)} cannot run (above); nothing launched", file=sys.stderr)
-            return rc
-        checked.append(out.getvalue())
-    from sdca_dist.launch.plan import planned_stages
-
     stages = planned_stages(launch)
     base_seed = _preset_seed(fixed)  # the command line's seed=, else the preset's
     seeds = [base_seed + k for k in range(launch.seeds)]
-    sharing = shared_with(fixed, points, stages, seeds)
+    plan = GridPlan(
+        root=root,
+        fixed=fixed,
+        launch_overrides=launch_overrides,
+        factors=factors,
+        points=points,
+        names=point_names(points),
+        baseline=parse_baseline(launch.baseline, points),
+        seeds=seeds,
+        stages=stages,
+        cache_dir=str(Path(launch.cache_dir).resolve() if launch.cache_dir else default_cache_dir(root)),
+        sharing={},
+    )
+    return plan, launch
 
-    print(f"[grid] {len(points)} point(s) x {launch.seeds} seed(s) under {root}; stage cache {cache_dir}", flush=True)
-    for i, point in enumerate(points):
-        reused = [s for s in stages if sharing[(i, s)] is not None]
-        computed = [s for s in stages if sharing[(i, s)] is None]
-        mark = " (baseline)" if point == baseline else ""
-        line = f"[grid] {point_name(point)}{mark}: computes {', '.join(computed) or 'nothing'}"
-        if reused:
-            line += "; reuses " + ", ".join(f"{s} from {point_name(points[sharing[(i, s)]])}" for s in reused)
-        print(line, flush=True)
+
+def run_grid(argv: Sequence[str], launch_one: Callable[..., int], wait: Optional[Callable] = None) -> int:
+    """Launch every point of the grid through ``launch_one(argv, hooks)`` (the single-run
+    launcher). Every point is checked (a dry run of each, output kept back) before any is
+    launched, so a bad point means nothing is written or submitted. A point that fails stops
+    only the points that take a chain stage from it. On SLURM with ``wait=true``,
+    ``wait(submitted)`` (the backend's) follows every point's jobs and cancels only those that
+    depend on a failed one. The summary is written when every point ended (locally, or with
+    ``wait=true``); exit 2 when anything failed."""
+    plan, launch = _plan(argv)
+    checked: list[str] = []
+    for i in range(len(plan.points)):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            rc = launch_one([*plan.argv(i), "dry_run=true"], {"grid_point": True})
+        if rc != 0:
+            print(f"error: grid point {plan.names[i]} cannot run (above); nothing launched", file=sys.stderr)
+            return rc
+        checked.append(out.getvalue())
+    plan.sharing = shared_with(plan.fixed, plan.points, plan.stages, plan.seeds)
+    _print_plan(plan, launch.seeds)
     if launch.dry_run:
-        for point, text in zip(points, checked):
-            print(f"[grid] --- {point_name(point)} ---\n{text.rstrip()}", flush=True)
+        for name, text in zip(plan.names, checked):
+            print(f"[grid] --- {name} ---\n{text.rstrip()}", flush=True)
         return 0
 
-    root.mkdir(parents=True, exist_ok=True)
-    record = {
-        "sweeps": [{"key": k, "values": v} for k, v in sweeps],
-        "points": [point_name(p) for p in points],
-        "baseline": point_name(baseline),
-        "seeds": seeds,
-        "stages": stages,
-        "fixed": fixed,
-        "cache_dir": cache_dir,
-    }
     from sdca_dist.files import atomic_write_text
 
-    atomic_write_text(root / GRID_FILE, json.dumps(record, indent=1) + "\n")
-    jobs: list[dict[str, str]] = []
+    plan.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(plan.root / GRID_FILE, json.dumps(plan.record(), indent=1) + "\n")
+    failed_points, submitted = _launch_points(plan, launch_one)
+    records: list[dict] = []
+    if submitted and launch.wait and wait is not None:
+        records = wait(submitted)
+    queued = bool(submitted) and not launch.wait
+    if queued:
+        print(
+            f"[grid] submitted; summary when done: python launch/slurm.py run_dir={plan.root} "
+            "(all stages fresh), progress: status=true",
+            flush=True,
+        )
+        return 2 if failed_points else 0
+    from sdca_dist.launch.grid_summary import write_grid_summary
+
+    summary = write_grid_summary(plan.root, points_failed=failed_points)
+    failures = [r for r in records if r["state"] != "COMPLETED"]
+    if failed_points or failures:
+        what = "; ".join(f"{name}: {why}" for name, why in failed_points.items())
+        jobs = ", ".join(f"{r['stage']} job {r['job_id']} {r['state']}" for r in failures[:4])
+        more = f" (+{len(failures) - 4} more)" if len(failures) > 4 else ""
+        detail = "; ".join(x for x in (what, jobs + more) if x)
+        print(f"error: grid {plan.root} ended with failures ({detail}); see {summary}", file=sys.stderr)
+        return 2
+    print(f"[grid] finished: {len(plan.points)} point(s) x {launch.seeds} seed(s); summary {summary}", flush=True)
+    return 0
+
+
+def _print_plan(plan: GridPlan, seeds: int) -> None:
+    print(
+        f"[grid] {len(plan.points)} point(s) x {seeds} seed(s) under {plan.root}; stage cache {plan.cache_dir}",
+        flush=True,
+    )
+    for i, name in enumerate(plan.names):
+        reused = [s for s in plan.stages if plan.sharing[(i, s)] is not None]
+        computed = [s for s in plan.stages if plan.sharing[(i, s)] is None]
+        mark = " (baseline)" if plan.points[i] == plan.baseline else ""
+        line = f"[grid] {name}{mark}: computes {', '.join(computed) or 'nothing'}"
+        if reused:
+            line += "; reuses " + ", ".join(f"{s} from {plan.names[plan.sharing[(i, s)]]}" for s in reused)
+        print(line, flush=True)
+
+
+def _launch_points(plan: GridPlan, launch_one: Callable[..., int]) -> tuple[dict[str, str], list]:
+    """Launch the points in order: ({failed point: why}, every queued job array of every point,
+    for the wait). A point that takes a chain stage from a failed point is not launched."""
+    from sdca_dist.stage_table import spec
+
+    jobs: list[dict[str, Any]] = []  # per point: {stage: {"job": id, "seeds": [...]}} it queued
+    failed: dict[str, str] = {}
     submitted: list = []
-    for i, point in enumerate(points):
-        after = {
-            s: [jobs[sharing[(i, s)]][s]] for s in stages if sharing[(i, s)] is not None and s in jobs[sharing[(i, s)]]
-        }
+    for i, name in enumerate(plan.names):
+        blocked = [
+            (s, plan.names[j])
+            for s in plan.stages
+            for j in [plan.sharing[(i, s)]]
+            if j is not None and spec(s).gates_chain and plan.names[j] in failed and not _done(plan, j, s)
+        ]
+        if blocked:
+            stage, source = blocked[0]
+            failed[name] = f"not launched: takes {stage} from {source}, which failed"
+            print(f"[grid] point {i + 1}/{len(plan.names)}: {name} {failed[name]}", flush=True)
+            jobs.append({})
+            continue
+        after = {s: [jobs[j][s]] for s in plan.stages for j in [plan.sharing[(i, s)]] if j is not None and s in jobs[j]}
         hooks: dict[str, Any] = {"after": after, "submitted": {}, "grid_point": True}
-        print(f"[grid] point {i + 1}/{len(points)}: {point_name(point)}", flush=True)
-        rc = launch_one(point_argv(fixed, launch_overrides, root, point, cache_dir), hooks)
-        if rc != 0:
-            print(f"error: grid point {point_name(point)} failed (above); later points not launched", file=sys.stderr)
-            return rc
+        print(f"[grid] point {i + 1}/{len(plan.names)}: {name}", flush=True)
+        rc = launch_one(plan.argv(i), hooks)
         jobs.append(dict(hooks["submitted"]))
         submitted += hooks.get("jobs", [])
-    failed = []
-    if submitted and launch.wait and wait is not None:
-        failed = [r for r in wait(submitted) if r["state"] != "COMPLETED"]
-    if not any(jobs) or launch.wait:  # ran here (or waited): every point has its results
-        write_grid_summary(root)
-    if failed:
-        first = failed[0]
-        print(
-            f"error: stage {first['stage']} job {first['job_id']} ended {first['state']}: {first.get('error', '')}"
-            + (f" ({len(failed) - 1} more failed or not run)" if len(failed) > 1 else ""),
-            file=sys.stderr,
-        )
-        return 2
-    else:
-        print(f"[grid] submitted; summary when done: python launch/slurm.py run_dir={root} (all stages fresh)")
-    return 0
+        if rc != 0:
+            failed[name] = f"exit {rc}"
+            print(f"[grid] point {name} failed (exit {rc}, above); going on with the points that do not need it")
+    return failed, submitted
+
+
+def _done(plan: GridPlan, j: int, stage: str) -> bool:
+    """Whether point ``j`` has ``stage`` done for every seed (its failure came later)."""
+    folder = plan.root / plan.names[j]
+    folders = [folder / f"seed_{s}" for s in plan.seeds] if len(plan.seeds) > 1 else [folder]
+    return all((f / stage / "DONE").is_file() for f in folders)
 
 
 def _preset_seed(fixed: list[str]) -> int:
     from sdca_dist.config import compose_config
 
     return int(compose_config([a for a in fixed if a.split("=", 1)[0] != "run_dir"]).seed)
-
-
-# ----------------------------------------------------------------------------------------------
-# the summary
-# ----------------------------------------------------------------------------------------------
-#: two-sided 95% quantiles of Student's t for 1..30 degrees of freedom
-_T975 = (
-    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
-)  # fmt: skip
-
-
-def t_quantile_975(df: int) -> float:
-    """Student's t 97.5% quantile (table to 30 degrees of freedom, then the Cornish-Fisher
-    expansion, within 0.001 of the exact value)."""
-    if df < 1:
-        return float("nan")
-    if df <= len(_T975):
-        return _T975[df - 1]
-    z = 1.959964
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((x - mean) ** 2 for x in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, std
-
-
-def paired(per_seed: dict[int, float]) -> dict[str, Any]:
-    """Paired differences by seed: mean, sample std and the 95% t interval of the mean."""
-    vals = list(per_seed.values())
-    mean, std = mean_std(vals)
-    n = len(vals)
-    half = t_quantile_975(n - 1) * std / math.sqrt(n) if n > 1 else float("nan")
-    return {"per_seed": per_seed, "n": n, "mean": mean, "std": std, "ci95": [mean - half, mean + half]}
-
-
-def seed_folders(point_dir: Path) -> list[tuple[int, Path]]:
-    """(seed, run folder) of a point (or single run) folder: ``seed_<k>/`` sub-folders, or itself."""
-    subs = sorted(
-        (int(p.name.split("_", 1)[1]), p)
-        for p in point_dir.glob("seed_*")
-        if p.is_dir() and p.name.split("_", 1)[1].isdigit()
-    )
-    if subs:
-        return subs
-    cfg = point_dir / "config.yaml"
-    if cfg.is_file():
-        m = re.search(r"^seed: (\d+)$", cfg.read_text(), re.M)
-        return [(int(m.group(1)) if m else 0, point_dir)]
-    return []
-
-
-def grid_table(root: Path) -> dict[str, Any]:
-    """{point: {stage: {per_seed: {seed: mIoU}, mean, std, reused: [seeds]}}} from the DONE
-    records and metrics of every point's run folders."""
-    grid = read_json_dict(root / GRID_FILE) or {}
-    out: dict[str, Any] = {}
-    for name in grid.get("points", []):
-        rows: dict[str, Any] = {}
-        for stage in grid.get("stages", []):
-            per_seed, reused, walls = {}, [], []
-            for seed, rd in seed_folders(root / name):
-                done = read_json_dict(rd / stage / "DONE")
-                if done is None:
-                    continue
-                walls.append(float(done.get("wall_seconds", float("nan"))))
-                if done.get("reused_from"):
-                    reused.append(seed)
-                metrics = read_json_dict(rd / stage / "metrics.json")
-                if metrics is not None and "mIoU" in metrics:
-                    per_seed[seed] = float(metrics["mIoU"])
-            if not walls:
-                continue
-            row: dict[str, Any] = {"per_seed": per_seed, "reused_seeds": reused, "wall_seconds": walls}
-            if per_seed:
-                row["mean"], row["std"] = mean_std(list(per_seed.values()))
-            rows[stage] = row
-        out[name] = rows
-    return out
-
-
-def write_grid_summary(root: Path | str, log: Callable[[str], None] = print) -> Optional[Path]:
-    """``summary.md`` / ``summary.json`` at the grid folder: the points x stages table (mIoU mean
-    ± std over seeds) and, per stage, each point minus the baseline point paired by seed."""
-    root = Path(root)
-    grid = read_json_dict(root / GRID_FILE)
-    if grid is None:
-        return None
-    table = grid_table(root)
-    stages = [s for s in grid["stages"] if any("mean" in table[p].get(s, {}) for p in table)]
-    base = grid["baseline"]
-    diffs: dict[str, dict[str, Any]] = {}
-    for stage in stages:
-        ref = table.get(base, {}).get(stage, {}).get("per_seed", {})
-        for name in grid["points"]:
-            if name == base:
-                continue
-            mine = table.get(name, {}).get(stage, {}).get("per_seed", {})
-            common = sorted(set(ref) & set(mine))
-            if common:
-                diffs.setdefault(stage, {})[name] = paired({s: mine[s] - ref[s] for s in common})
-    swept = ", ".join(f"{s['key']} in {{{', '.join(s['values'])}}}" for s in grid["sweeps"])
-    lines = [
-        f"# Grid {root}: {swept}; seeds {', '.join(str(s) for s in grid['seeds'])}",
-        "",
-        "mIoU, mean ± std over seeds (n = seeds done); (r) = reused from the stage cache for some seeds",
-        "",
-        "| point | " + " | ".join(stages) + " |",
-        "|---|" + "---|" * len(stages),
-    ]
-    for name in grid["points"]:
-        cells = []
-        for stage in stages:
-            row = table.get(name, {}).get(stage)
-            if not row or "mean" not in row:
-                cells.append("-")
-                continue
-            mark = " (r)" if row["reused_seeds"] else ""
-            cells.append(f"{row['mean']:.2f} ± {row['std']:.2f} (n={len(row['per_seed'])}){mark}")
-        label = f"{name} (baseline)" if name == base else name
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    if diffs:
-        lines += [
-            "",
-            f"Paired differences against the baseline {base} (same seed: same src model and data order),",
-            "mean, std and 95% interval (t distribution over the seeds):",
-            "",
-            "| stage | point | per seed | mean | std | 95% interval |",
-            "|---|---|---|---|---|---|",
-        ]
-        for stage, per_point in diffs.items():
-            for name, d in per_point.items():
-                per = ", ".join(f"{s}: {v:+.2f}" for s, v in d["per_seed"].items())
-                lo, hi = d["ci95"]
-                ci = f"[{lo:+.2f}, {hi:+.2f}]" if d["n"] > 1 else "n/a (1 seed)"
-                lines.append(f"| {stage} | {name} | {per} | {d['mean']:+.2f} | {d['std']:.2f} | {ci} |")
-    payload = {**grid, "table": table, "paired_differences": diffs}
-    from sdca_dist.files import atomic_write_text
-
-    atomic_write_text(root / "summary.json", json.dumps(payload, indent=1) + "\n")
-    atomic_write_text(root / "summary.md", "\n".join(lines) + "\n")
-    log("\n".join(lines))
-    return root / "summary.md"

@@ -153,7 +153,8 @@ def slurm_states(job_ids: Sequence[str]) -> dict[str, dict[str, str]]:
 
 def run_folders(root: Path) -> list[tuple[str, int, Path]]:
     """(point name or "", seed, run folder) under ``root``: a grid, a multi-seed run or a run."""
-    from sdca_dist.launch.grid import GRID_FILE, seed_folders
+    from sdca_dist.launch.grid import GRID_FILE
+    from sdca_dist.launch.grid_summary import seed_folders
 
     grid = read_json_dict(root / GRID_FILE)
     if grid is not None:

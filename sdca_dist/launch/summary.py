@@ -4,21 +4,22 @@ Per stage: each seed's mIoU, their mean and sample std, per-class IoU (mean over
 time, read from each run folder's ``<stage>/DONE`` and ``metrics.json``. Papers report 3-seed
 means; single-seed numbers are hard to reproduce. Rows whose weights were selected on the
 evaluation set (``train.select=best_val``) are marked. Each ablation stage (``StageSpec.paired_with``)
-is also reported as a paired difference, its stage minus the ablation seed by seed, under the
-name its ``effect`` gives (``alignment_effect``: sdca - sdca_no_align); an unpaired reference
-stage (the oracle) is also reported at summary.json's top level.
+is also reported as a paired difference, its stage minus the ablation seed by seed (mean, std and
+95% t interval, ``sdca_dist.launch.seed_stats``), under the name its ``effect`` gives
+(``alignment_effect``: sdca - sdca_no_align); an unpaired reference stage (the oracle) is also
+reported at summary.json's top level. Both files are written atomically.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig
 
-from sdca_dist.files import read_json_dict
+from sdca_dist.files import atomic_write_text, read_json_dict
+from sdca_dist.launch.seed_stats import fmt_interval, mean_std, paired
 from sdca_dist.stage_table import TABLE, spec
 
 
@@ -48,8 +49,7 @@ def write_summary(cfg: DictConfig, root: Path, runs: list[tuple[int, Path]], sta
         entry: dict[str, Any] = {"wall_seconds": walls, "wall_seconds_mean": sum(walls) / len(walls)}
         if per_seed:
             ious = [r["mIoU"] for r in per_seed]
-            mean = sum(ious) / len(ious)
-            std = math.sqrt(sum((x - mean) ** 2 for x in ious) / (len(ious) - 1)) if len(ious) > 1 else 0.0
+            mean, std = mean_std(ious)
             names = list(per_class[0])
             entry.update(
                 {
@@ -93,7 +93,8 @@ def write_summary(cfg: DictConfig, root: Path, runs: list[tuple[int, Path]], sta
         lines += [
             "",
             f"{name[:1].upper() + name[1:]} ({s.paired_with} - {ablation}, paired by seed): {effect['mean']:+.2f} ± "
-            f"{effect['std']:.2f} mIoU ({', '.join(f'{k}: {v:+.2f}' for k, v in effect['per_seed'].items())})",
+            f"{effect['std']:.2f} mIoU ({', '.join(f'{k}: {v:+.2f}' for k, v in effect['per_seed'].items())}), "
+            f"95% interval {fmt_interval(effect)}",
         ]
     scored = [s for s in table if "per_class_mean" in table[s]]
     if scored:
@@ -115,8 +116,8 @@ def write_summary(cfg: DictConfig, root: Path, runs: list[tuple[int, Path]], sta
             payload[stage] = table[stage]
     for ablation, effect in effects.items():
         payload[str(spec(ablation).effect).replace(" ", "_")] = effect
-    (root / "summary.json").write_text(json.dumps(payload, indent=1) + "\n")
-    (root / "summary.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(root / "summary.json", json.dumps(payload, indent=1) + "\n")
+    atomic_write_text(root / "summary.md", "\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     return root / "summary.md"
 
@@ -145,18 +146,11 @@ def paired_effects(table: dict[str, dict]) -> dict[str, dict]:
 
 def paired_difference(table: dict[str, dict], stage: str, ablation: str) -> Optional[dict]:
     """``stage`` minus ``ablation`` per seed (same inputs and seed: a paired difference), with
-    mean and sample std; None without both stages' scores."""
+    mean, sample std and 95% t interval (``seed_stats.paired``); None without both stages' scores."""
     a, b = table.get(stage, {}), table.get(ablation, {})
     if "per_seed" not in a or "per_seed" not in b:
         return None
-    off = {r["seed"]: r["mIoU"] for r in b["per_seed"]}
-    diffs = {r["seed"]: r["mIoU"] - off[r["seed"]] for r in a["per_seed"] if r["seed"] in off}
-    if not diffs:
-        return None
-    vals = list(diffs.values())
-    mean = sum(vals) / len(vals)
-    std = math.sqrt(sum((x - mean) ** 2 for x in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-    return {"per_seed": diffs, "mean": mean, "std": std}
+    return paired({r["seed"]: r["mIoU"] for r in a["per_seed"]}, {r["seed"]: r["mIoU"] for r in b["per_seed"]})
 
 
 def _mean(values: list[Optional[float]]) -> Optional[float]:

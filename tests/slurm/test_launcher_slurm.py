@@ -8,7 +8,10 @@ Specifications:
 3. a failing stage stops the chain: the next job never starts, and the launcher reports the
    stage's error line;
 4. a rank that dies at start (its rendezvous port is taken) ends its job at once instead of
-   leaving the other ranks waiting for the process-group timeout.
+   leaving the other ranks waiting for the process-group timeout;
+5. a 2 x 2 grid's dry run plans every point and submits nothing;
+6. a grid point that fails cancels only its own dependent jobs (seed arrays chained with
+   aftercorr); the other point completes and the grid summary names the failures.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine_fixtures import REPO, child_env, run_launcher, tiny  # noqa: E402
+from engine_fixtures import REPO, child_env, last_error, run_launcher, tiny  # noqa: E402
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -236,3 +239,85 @@ def test_a_rank_that_dies_at_start_ends_the_job_instead_of_leaving_the_others_wa
         slurm.track(j)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: stage src job"), proc.stderr[-2000:]
+
+
+def test_a_two_key_grid_dry_run_plans_every_point_and_submits_nothing(slurm, shards, tmp_path):
+    """A 2 x 2 grid (tau x sdca's length tied to its schedule horizon) on SLURM: the dry run
+    prints the four points, which stages each reuses, each point's sbatch parameters, and
+    writes and submits nothing."""
+    root = tmp_path / "g"
+    args = tiny(
+        shards,
+        *_cluster(slurm, "method.tau=1,10", "sdca.iters,sdca.schedule_iters=2,3", f"run_dir={root}", "dry_run=true"),
+    )
+    before = slurm.run("squeue", "-h", "-o", "%i").stdout.split()
+    proc = run_launcher(args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    names = [f"method.tau={t}+sdca.iters={i}+sdca.schedule_iters={i}" for t in (1, 10) for i in (2, 3)]
+    assert "[grid] 4 point(s) x 1 seed(s)" in proc.stdout
+    assert f"[grid] {names[0]} (baseline): computes src, dist_init, sdca, pseudo_label, ssl" in proc.stdout
+    assert f"[grid] {names[3]}: computes sdca, pseudo_label, ssl; reuses src from {names[0]}" in proc.stdout
+    for name in names:
+        section = proc.stdout.split(f"[grid] --- {name} ---", 1)[1].split("[grid] ---", 1)[0]
+        sdca = json.loads(
+            next(ln for ln in section.splitlines() if ln.startswith("[dry-run] sdca: ")).split(": ", 1)[1]
+        )
+        assert sdca["sbatch"]["partition"] == slurm.low_partition and sdca["iters"] == int(name[-1]), sdca
+    assert not root.exists(), "a dry run writes nothing"
+    assert slurm.run("squeue", "-h", "-o", "%i").stdout.split() == before, "a dry run submits nothing"
+
+
+def test_a_failed_grid_point_cancels_only_its_own_jobs(slurm, shards, tmp_path):
+    """src.lr=1e9 stops on non-finite values (exit 2, in src or dist_init) in both seeds; the
+    point's later stages never run, while the other point's src, dist_init and sdca (queued
+    behind the failing jobs) complete. Seed arrays chain with aftercorr; the grid summary names the
+    failed jobs and their error line."""
+    root = tmp_path / "g"
+    args = tiny(
+        shards,
+        "nodes=1",
+        f"cluster.partition={slurm.low_partition}",
+        "cluster.time_min=30",
+        "src.iters=2",
+        "sdca.iters=2",
+        "src.lr=1e9,0.01",
+        "seeds=2",
+        "stages=[src,dist_init,sdca]",
+        "wait=true",
+        f"run_dir={root}",
+    )
+    proc = run_launcher(args)
+    for j in re.findall(r"\[launch\] \w+: job (\d+)", proc.stdout):
+        slurm.track(j)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    bad, good = root / "src.lr=1e9", root / "src.lr=0.01"
+    for seed in (0, 1):
+        assert (good / f"seed_{seed}" / "sdca" / "DONE").is_file(), proc.stdout[-3000:]
+        assert not (bad / f"seed_{seed}" / "sdca" / "DONE").exists()
+    jobs = {
+        (p.name, st): json.loads((p / "seed_0" / "jobs.json").read_text())[st]["job_id"].split("_")[0]
+        for p in (bad, good)
+        for st in ("src", "dist_init", "sdca")
+    }
+    summary = json.loads((root / "summary.json").read_text())
+    failed = {(f["point"], f["seed"], f["stage"]): f for f in summary["failures"]}
+    first = (
+        failed["src.lr=1e9", 0, "dist_init"]
+        if ("src.lr=1e9", 0, "src") not in failed
+        else failed["src.lr=1e9", 0, "src"]
+    )
+    stage = first["stage"]
+    assert first["state"] == "failed" and "FAILED" in first["why"] and "non-finite" in first["why"], first
+    for seed in (0, 1):
+        assert slurm.sacct(f"{jobs['src.lr=1e9', stage]}_{seed}")[-1]["State"].startswith("FAILED")
+        state = slurm.sacct(f"{jobs['src.lr=1e9', 'sdca']}_{seed}")[-1]["State"]
+        assert state.startswith("CANCELLED"), state
+        after = failed["src.lr=1e9", seed, "sdca"]
+        assert after["state"] == "not run" and after["why"].startswith(f"{stage} failed"), after
+    assert {p for p, _, _ in failed} == {"src.lr=1e9"}, failed
+    script = next((good / "slurm" / "dist_init").rglob("*_submission.sh")).read_text()
+    assert f"--dependency=aftercorr:{jobs['src.lr=0.01', 'src']}" in script, script
+    assert set(summary["table"]["src.lr=0.01"]) == {"src", "dist_init", "sdca"}
+    assert last_error(proc).startswith(
+        f"error: grid {root} ended with failures ({stage} job {jobs['src.lr=1e9', stage]}_"
+    )

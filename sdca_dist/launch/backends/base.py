@@ -50,8 +50,10 @@ class Backend:
         """Run or submit the stale stages of ``todo``; the finished jobs' records, or None when
         the jobs were submitted and not waited for. ``hooks`` (a grid's point): a backend that
         queues jobs makes ``stage`` wait for ``hooks["after"][stage]`` (the jobs computing a
-        stage the point shares), reports its jobs in ``hooks["submitted"]`` ({stage: job id})
-        and ``hooks["jobs"]``, and leaves the waiting to the grid."""
+        stage the point shares, each ``{"job": id, "seeds": [...]}``), reports its jobs in
+        ``hooks["submitted"]`` ({stage: {"job": id, "seeds": [...]}}) and ``hooks["jobs"]`` (what
+        the grid hands to the wait), and leaves the waiting to the grid. A local backend runs a
+        seed's chain until one of its gating stages fails and goes on with the other seeds."""
         raise NotImplementedError
 
     def failure(self, records: list[dict]) -> Optional[str]:

@@ -3,8 +3,9 @@ process group per stage with its planned world size.
 
 This machine is one node: a launch with ``nodes > 1`` is refused (use more
 ``cluster.tasks_per_node`` for more local ranks). A stage that fails and gates the chain stops
-the launch at once (exit 2, no summary); a reference stage's failure is reported and the chain
-goes on.
+that seed's chain; the other seeds go on (their chains do not depend on it), and the launch
+exits 2 after the summary, naming the failure. A reference stage's failure is reported and the
+chain goes on.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def train_command(ranks: int, args: list[str]) -> list[str]:
 
 def run_local(todo: Todo, plan: dict[str, dict], model_from: str) -> list[dict]:
     """The chain on this machine: one torchrun (or plain python) process group per stage, each
-    with its planned world size."""
+    with its planned world size. A seed whose chain stage fails runs no later stage; the other
+    seeds go on. One record per stage run."""
     from sdca_dist.launch.status import run_recorded
 
     records = []
@@ -64,16 +66,17 @@ def run_local(todo: Todo, plan: dict[str, dict], model_from: str) -> list[dict]:
                     "state": state,
                     "run_dir": str(run_dir),
                     "seconds": round(time.time() - t0, 1),
+                    "exit_code": rc,
                 }
             )
             if state != "COMPLETED":
                 if not spec(stage).gates_chain:
                     print(f"[launch] seed {seed} {stage} failed (exit {rc}); it gates nothing, going on", flush=True)
                     continue
-                raise LaunchError(
-                    f"stage {stage} (seed {seed}) failed with exit code {rc}; see its output above "
-                    f"and {run_dir / stage}"
-                )
+                later = [s for s, _ in stages[[s for s, _ in stages].index(stage) + 1 :]]
+                note = f"; not run for this seed: {', '.join(later)}" if later else ""
+                print(f"[launch] seed {seed} {stage} failed (exit {rc}){note}; other seeds go on", flush=True)
+                break
     return records
 
 
@@ -98,6 +101,17 @@ class LocalBackend(Backend):
         hooks: Optional[dict] = None,
     ) -> Optional[list[dict]]:
         return run_local(todo, plan, str(cfg.eval.model_from))
+
+    def failure(self, records: list[dict]) -> Optional[str]:
+        failed = [r for r in records if r["state"] != "COMPLETED" and spec(r["stage"]).gates_chain]
+        if not failed:
+            return None
+        first = failed[0]
+        more = f" ({len(failed) - 1} more failed: seeds {', '.join(str(r['seed']) for r in failed[1:])})"
+        return (
+            f"stage {first['stage']} (seed {first['seed']}) failed with exit code {first['exit_code']}; see its "
+            f"output above and {Path(first['run_dir']) / first['stage']}" + (more if len(failed) > 1 else "")
+        )
 
 
 BACKEND = LocalBackend()

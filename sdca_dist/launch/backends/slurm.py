@@ -1,5 +1,7 @@
 """``cluster=slurm``: one submitit job per stage (a job array over the seeds that need it), each
-with its planned shape, chained with ``afterok`` dependencies on the last chain stage's job.
+with its planned shape, chained on the last chain stage's job: ``aftercorr`` between arrays over
+the same seeds (seed k's stage waits for seed k's previous stage only: one failed seed stops
+only its own chain), ``afterok`` otherwise.
 
 Before submitting, the partition must offer ``nodes`` nodes with ``cluster.gpus_per_node`` GPUs
 each (``sinfo``). With ``wait=true`` the launch follows every job to a terminal ``sacct`` state
@@ -12,6 +14,7 @@ from __future__ import annotations
 import re
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -82,49 +85,83 @@ def slurm_parameters(cfg: DictConfig, stage: str, row: dict) -> dict[str, Any]:
     return params
 
 
+@dataclass
+class StageArray:
+    """One submitted stage: its jobs (an array over ``seeds``, one task per seed in that order)
+    and the dependencies it was given (("afterok" | "aftercorr", job id) each)."""
+
+    stage: str
+    jobs: list[Any]
+    seeds: list[int]
+    deps: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def job_id(self) -> str:
+        return str(self.jobs[0].job_id).split("_")[0]
+
+
+def dependency_on(job_id: str, its_seeds: list[int], seeds: list[int]) -> tuple[str, str]:
+    """How an array over ``seeds`` waits for job ``job_id`` (an array over ``its_seeds``):
+    ``aftercorr`` when both are arrays over the same seeds (task k waits for task k only, so a
+    failed seed stops only that seed), else ``afterok`` on the whole job."""
+    same = len(seeds) > 1 and list(seeds) == list(its_seeds)
+    return ("aftercorr" if same else "afterok", str(job_id))
+
+
+def dependency_parameter(deps: list[tuple[str, str]]) -> str:
+    """sbatch's ``--dependency`` for ``deps``: every kind's jobs, all required (``,``)."""
+    kinds: dict[str, list[str]] = {}
+    for kind, job in deps:
+        kinds.setdefault(kind, []).append(job)
+    return ",".join(f"{kind}:" + ":".join(dict.fromkeys(jobs)) for kind, jobs in kinds.items())
+
+
 def submit_slurm(
     cfg: DictConfig,
     root: Path,
     todo: Todo,
     plan: dict[str, dict],
     stages: list[str],
-    after: Optional[dict[str, list[str]]] = None,
-) -> list[tuple[str, list[Any]]]:
+    after: Optional[dict[str, list[dict]]] = None,
+) -> list[StageArray]:
     """One job (an array over the seeds that need it) per stage, each with its planned shape and
-    depending afterok on the previous chain stage's job (and on ``after[stage]``: a grid's job
-    computing a stage this point shares)."""
+    depending on the previous chain stage's job (and on ``after[stage]``: a grid's jobs
+    computing a stage this point shares, each ``{"job": id, "seeds": [...]}``): ``aftercorr``
+    where both are arrays over the same seeds, ``afterok`` otherwise (``dependency_on``)."""
     import submitit
 
     from sdca_dist.jobs import StageJob
     from sdca_dist.launch.status import record_job
 
-    previous: Optional[str] = None
-    submitted = []
+    previous: Optional[StageArray] = None
+    submitted: list[StageArray] = []
     for stage in stages:
         runs = [(seed, rd) for seed, rd, st in todo if stage in dict(st)]
         if not runs:
             continue
+        seeds = [seed for seed, _ in runs]
         executor = submitit.SlurmExecutor(
             folder=str(root / "slurm" / stage / "%j"), max_num_timeout=int(cfg.cluster.max_requeues)
         )
         params = slurm_parameters(cfg, stage, plan[stage])
-        deps = ([previous] if previous and spec(stage).gates_chain else []) + list((after or {}).get(stage, []))
+        deps = [dependency_on(previous.job_id, previous.seeds, seeds)] if previous and spec(stage).gates_chain else []
+        deps += [dependency_on(a["job"], a["seeds"], seeds) for a in (after or {}).get(stage, [])]
         if deps:
-            params["dependency"] = "afterok:" + ":".join(deps)
+            params["dependency"] = dependency_parameter(deps)
         executor.update_parameters(**params)
         jobs = []
         with executor.batch():
             for seed, rd in runs:
                 jobs.append(executor.submit(StageJob(str(rd), stage, str(cfg.eval.model_from))))
-        base = str(jobs[0].job_id).split("_")[0]
+        array = StageArray(stage, jobs, seeds, deps)
         for (seed, rd), job in zip(runs, jobs):  # for the status view (sdca_dist.launch.status)
             record_job(rd, stage, str(job.job_id), str(job.paths.stderr))
         if spec(stage).gates_chain:
-            previous = base
-        submitted.append((stage, jobs))
+            previous = array
+        submitted.append(array)
         shape = f"{params['nodes']}x{params['ntasks_per_node']}"
         print(
-            f"[launch] {stage}: job {base} ({len(jobs)} seed(s), {shape} ranks) logs {root / 'slurm' / stage}",
+            f"[launch] {stage}: job {array.job_id} ({len(jobs)} seed(s), {shape} ranks) logs {root / 'slurm' / stage}",
             flush=True,
         )
     return submitted
@@ -150,27 +187,54 @@ def job_state(job: Any) -> str:
     return str(job.get_info(mode="force").get("State", "UNKNOWN")).split()[0]
 
 
-def wait_slurm(submitted: list[tuple[str, list[Any]]], poll_s: float = 5.0) -> list[dict]:
-    """Wait until every job reaches a terminal sacct state; SLURM itself cancels the dependants
-    of a failed stage (kill_invalid_depend), so a failure never leaves the wait hanging. Only a
-    failed stage that gates the chain makes its pending dependants be cancelled here."""
-    records = []
-    failed = False
-    for stage, jobs in submitted:
-        for job in jobs:
+def _task(job: Any) -> tuple[str, Optional[int]]:
+    """(array job id, task index or None) of a submitit job."""
+    base, _, index = str(job.job_id).partition("_")
+    return base, int(index) if index.isdigit() else None
+
+
+def _blocked(array: StageArray, index: Optional[int], ended_badly: dict[str, set[Optional[int]]]) -> bool:
+    """Whether task ``index`` of ``array`` can never start: a job it depends on ended other
+    than COMPLETED (for ``aftercorr``, the task of the same index)."""
+    for kind, job in array.deps:
+        bad = ended_badly.get(job, set())
+        if bad and (kind == "afterok" or index in bad or None in bad):
+            return True
+    return False
+
+
+def wait_slurm(submitted: list[StageArray], poll_s: float = 5.0) -> list[dict]:
+    """Wait until every job reaches a terminal sacct state; one record per job, in submission
+    order. A failure stays in its lane: SLURM itself cancels the dependants of a job that ended
+    badly (kill_invalid_depend); on clusters without it such jobs would stay pending forever, so
+    the wait cancels exactly those (a task whose dependency can no longer be satisfied, and then
+    theirs), never a job of an independent grid point or seed."""
+    tasks = [(array, job) for array in submitted for job in array.jobs]
+    states: dict[str, str] = {}
+    ended_badly: dict[str, set[Optional[int]]] = {}
+    while True:
+        for array, job in tasks:
+            jid = str(job.job_id)
+            if states.get(jid) in TERMINAL_STATES:
+                continue
             state = job_state(job)
-            if failed and state == "PENDING":
-                # clusters without kill_invalid_depend keep such jobs pending forever
-                subprocess.run(["scancel", str(job.job_id)], capture_output=True, timeout=60)
-            while state not in TERMINAL_STATES:
-                time.sleep(poll_s)
-                state = job_state(job)
-            failed = failed or (state != "COMPLETED" and spec(stage).gates_chain)
-            rec = {"stage": stage, "job_id": str(job.job_id), "state": state}
-            if state != "COMPLETED":
-                rec["error"] = job_error(job)
-            records.append(rec)
-            print(f"[launch] {stage}: job {job.job_id} {state}", flush=True)
+            if state == "PENDING" and _blocked(array, _task(job)[1], ended_badly):
+                subprocess.run(["scancel", jid], capture_output=True, timeout=60)
+            states[jid] = state
+            if state in TERMINAL_STATES:
+                print(f"[launch] {array.stage}: job {jid} {state}", flush=True)
+                if state != "COMPLETED":
+                    base, index = _task(job)
+                    ended_badly.setdefault(base, set()).add(index)
+        if all(states[str(job.job_id)] in TERMINAL_STATES for _, job in tasks):
+            break
+        time.sleep(poll_s)
+    records = []
+    for array, job in tasks:
+        rec = {"stage": array.stage, "job_id": str(job.job_id), "state": states[str(job.job_id)]}
+        if rec["state"] != "COMPLETED":
+            rec["error"] = job_error(job)
+        records.append(rec)
     return records
 
 
@@ -193,7 +257,7 @@ class SlurmBackend(Backend):
         check_partition(cfg, launch)
         submitted = submit_slurm(cfg, root, todo, plan, stages, after=(hooks or {}).get("after"))
         if hooks is not None:  # a grid's point: its jobs, for later points' dependencies; the grid waits
-            hooks.setdefault("submitted", {}).update({st: str(j[0].job_id).split("_")[0] for st, j in submitted})
+            hooks.setdefault("submitted", {}).update({a.stage: {"job": a.job_id, "seeds": a.seeds} for a in submitted})
             hooks["jobs"] = submitted
         if not launch.wait or hooks is not None:
             print("[launch] submitted; watch with: squeue --me / sacct", flush=True)
