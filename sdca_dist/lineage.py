@@ -8,10 +8,14 @@ settings themselves and the sha256 of the files the stage leaves for later stage
 * an input passed between stages is verified against the producer's record before use (a
   corrupt or replaced file: one line naming it, exit 2), and so are the settings the producer
   ran with (other settings than the run's: one line naming the stage and the keys, exit 2);
-* every shard tar a stage reads (the data sets and the pseudo-label shards) is hashed when the
-  stage starts and checked against the sha256 its manifest records, with its DALI index and
-  sidecar: a damaged or replaced tar is refused, naming it, so no stage trains on bytes other
-  than the ones packed (and a run never counts as done from them);
+* every shard tar a stage reads (the data sets and the pseudo-label shards) is checked when the
+  stage starts against the sha256 its manifest records, with its DALI index and sidecar: a
+  damaged or replaced tar is refused, naming it, so no stage trains on bytes other than the ones
+  packed (and a run never counts as done from them). A tar's sha256 comes from its verification
+  record while its file is unchanged (``sdca_dist.data.verification``: inode, size, mtime,
+  ctime); tars without one are hashed by all ranks in parallel before rank 0 checks
+  (``Lineage.known``), and the launcher hashes only tars that changed since their record; the
+  status view reads no tar at all (``read_tars=False``);
 * a stage whose recorded inputs no longer match is stale: the launcher reruns it, and the
   engine discards its checkpoints (they belong to other inputs) before starting again;
 * redoing a stage makes every stage after it stale (their inputs change), and so does a stage
@@ -141,15 +145,57 @@ def _is_manifest(rel: str) -> bool:
 class Lineage:
     """The lineage records of one run folder."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, read_tars: bool = True, max_age_days: Optional[float] = None) -> None:
+        """``read_tars=False`` (the status view): a shard tar's sha256 comes from its
+        verification record only, and a tar without a valid one counts as changed. Otherwise a
+        tar without a valid record (or one older than ``max_age_days``: a stage start's
+        periodic full check) is hashed and recorded."""
         self.root = Path(root)
+        self.read_tars = read_tars
+        self.max_age_days = max_age_days
         self._hashes: dict[Path, str] = {}
+        #: {tar path: {"sha256", **stat}} hashed by the ranks of this stage (``verify_share``)
+        self.known: dict[str, dict] = {}
 
     def _sha(self, path: Path) -> str:
         """sha256 of ``path``, once per Lineage (the launcher checks a model for every consumer)."""
         if path not in self._hashes:
             self._hashes[path] = sha256_file(path)
         return self._hashes[path]
+
+    def _tar_sha(self, tar: Path) -> str:
+        """sha256 of a shard tar: hashed by a rank of this stage, else from its verification
+        record, else (``read_tars``) hashed and recorded; ``Unverified`` when it may not read."""
+        from sdca_dist.data.verification import FileState, Unverified, recorded_sha, same_file, verified_sha
+
+        seen = self.known.get(str(tar))
+        if seen is not None:
+            try:
+                if same_file(seen, FileState.of(tar)):
+                    return seen["sha256"]
+            except OSError:
+                raise Unverified(tar) from None
+        if not self.read_tars:
+            return recorded_sha(tar)
+        return verified_sha(tar, max_age_days=self.max_age_days)
+
+    def shard_tars(self, cfg: Any, stage: str) -> list[tuple[Path, int]]:
+        """(tar path, manifest size) of every shard tar ``stage`` reads (its data sets and the
+        shard sets earlier stages wrote for it); manifests that are missing or unreadable are
+        left out (the stage's own checks name them)."""
+        from sdca_dist.data.errors import DataError
+        from sdca_dist.data.shard_set import load_manifest
+
+        manifests = [self.root / i.rel for i in stage_inputs(cfg, stage) if _is_manifest(i.file)]
+        manifests += [e.path for e in external_inputs(cfg, stage) if e.key.startswith("shards:")]
+        out = []
+        for path in manifests:
+            try:
+                m = load_manifest(path)
+            except DataError:
+                continue
+            out += [(m.folder / s["name"], int(s["bytes"])) for s in m.shards]
+        return out
 
     def folder(self, stage: str) -> Path:
         return self.root / stage
@@ -214,7 +260,7 @@ class Lineage:
             m = load_manifest(manifest)
         except DataError as exc:
             raise StageInputError(f"stage {stage!r}: {exc}") from None
-        bad = damaged_shards(m, sha=self._sha)
+        bad = damaged_shards(m, sha=self._tar_sha)
         if bad:
             first = bad[min(bad)]
             more = f" (and {len(bad) - 1} more shard(s))" if len(bad) > 1 else ""
@@ -370,6 +416,7 @@ class Lineage:
         """Why the shard tars of ``manifest`` are not the ones a stage read (None: the same)."""
         from sdca_dist.data.errors import DataError
         from sdca_dist.data.shard_set import load_manifest
+        from sdca_dist.data.verification import Unverified
 
         try:
             m = load_manifest(manifest)
@@ -381,8 +428,10 @@ class Lineage:
             if want is None:
                 return f"it has no record of the shard {tar} (it ran before shard contents were recorded)"
             try:
-                if self._sha(tar) != want:
+                if self._tar_sha(tar) != want:
                     return f"the shard {tar} is not the one it read (corrupt or replaced)"
+            except Unverified as exc:
+                return f"{exc}; a launch re-hashes it"
             except OSError:
                 return f"the shard {tar} is missing"
         return None

@@ -9,7 +9,8 @@ Layout of ``cache_dir``::
 
     <key>/ENTRY.json    {key, stage, files: {relative path: sha256}, summary, producer, code}
     <key>/files/...     the stage folder's files (not its checkpoints, TensorBoard events,
-                        DONE, LINEAGE.json, progress record or lock)
+                        DONE, LINEAGE.json, progress record, lock or shard
+                        verification records)
     .locks/<key>.lock   held (``sdca_dist.locks``) by the job computing or restoring that key
 
 * publishing is atomic: the files are copied (never linked: the entry must not change when a
@@ -21,6 +22,10 @@ Layout of ``cache_dir``::
   for the lock and then reuses the published entry. Never both write one entry. The engine's
   wait is taken by all ranks together before the stage (``CachedStage.attempt``, polled), so no
   rank waits inside a collective for another job's whole stage.
+* the launcher restores a hit itself (``sdca_dist.launch.restore``), before it starts or
+  submits anything: a stage whose key has an entry gets no job, no allocation and no stage
+  process. It reads the entry without the key's lock (``peek``: an entry is complete once its
+  folder exists) and never waits: a key being computed is left to the stage's job as before.
 
 Which cache a run folder uses is in ``<run_dir>/cache.json`` (written by the launcher at each
 launch: ``{"enabled": bool, "dir": path, "recompute": [stages]}``); a run folder without one
@@ -42,7 +47,7 @@ CACHE_FILE = "cache.json"
 ENTRY = "ENTRY.json"
 DEFAULT_DIR_NAME = "stage_cache"
 #: stage-folder names that are records of one attempt, not results
-_NOT_CACHED = {"DONE", "LINEAGE.json", ".lock", "progress.json", "checkpoints", "tb"}
+_NOT_CACHED = {"DONE", "LINEAGE.json", ".lock", "progress.json", "checkpoints", "tb", ".verified"}
 
 
 def default_cache_dir(launch_root: Path | str) -> Path:
@@ -171,6 +176,16 @@ class StageCache:
                 raise CorruptEntry(f"{path} is not the file published (sha256 differs)")
         return record
 
+    def peek(self, key: str) -> Optional[dict]:
+        """``record`` without the key's lock and without removing anything: None when the entry
+        is absent or corrupt (a stage job reports and removes a corrupt entry under the lock).
+        An entry that exists is complete: ``publish`` renames it into place. For the launcher,
+        which must never wait for a job that is computing the key."""
+        try:
+            return self.record(key)
+        except CorruptEntry:
+            return None
+
     def lookup(self, key: str) -> Optional[dict]:
         """``record``, with a corrupt entry reported in one line and removed (then None)."""
         try:
@@ -263,22 +278,32 @@ class CachedStage:
         record = self.cache.lookup(self.key)
         if record is None:
             return "miss", None  # computing: the lock is kept until publish/release
+        summary = self.restore(record, t0)
+        if summary is None:
+            return "miss", None  # the corrupt entry is removed; this job computes (lock kept)
+        self.cache.release()
+        self.cache.log(f"reused from {self.key} (computed in {record.get('producer')}); no training")
+        return "hit", summary
+
+    def restore(self, record: dict, t0: float, remove_corrupt: bool = True) -> Optional[dict]:
+        """Put the entry ``record`` describes in the stage folder; the DONE summary, or None when
+        it could not be restored (the restored files removed again, and with ``remove_corrupt``,
+        which needs the key's lock, the entry too)."""
         try:
             self.cache.restore(self.key, record, self.folder)
         except (OSError, CorruptEntry) as exc:
             self.cache.log(f"stage cache: entry {self.key[:12]} could not be restored ({exc}); computing the stage")
             for rel in record["files"]:
                 (self.folder / rel).unlink(missing_ok=True)
-            self.cache._remove(self.cache.entry(self.key))
-            return "miss", None
-        self.cache.release()
+            if remove_corrupt:
+                self.cache._remove(self.cache.entry(self.key))
+            return None
         summary = rebase_summary(dict(record.get("summary") or {}), str(record.get("producer") or ""), self.folder)
         summary["computed_wall_seconds"] = summary.get("computed_wall_seconds", summary.get("wall_seconds"))
         summary["wall_seconds"] = round(time.time() - t0, 2)
         summary["reused_from"] = self.key
         summary["reused_producer"] = record.get("producer")
-        self.cache.log(f"reused from {self.key} (computed in {record.get('producer')}); no training")
-        return "hit", summary
+        return summary
 
     def reuse(self, poll_s: float = 2.0) -> Optional[dict]:
         """``attempt`` until it is not busy (one process: waits here); the summary on a hit."""

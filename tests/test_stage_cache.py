@@ -8,7 +8,8 @@ Specifications:
   first published; never both compute;
 * through the launcher: a second run whose src reads the same settings (only ``method.tau``
   differs) reuses src (DONE ``reused_from``, same output hashes), byte-identical to the src a
-  ``cache=false`` run computes (its metrics too, but for their timings); ``redo=[src]``
+  ``cache=false`` run computes (its metrics too, but for their timings); the launcher restores
+  it itself (DONE ``restored_by: launcher``; it starts no stage process for it); ``redo=[src]``
   computes it again instead of reusing.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import re
 from pathlib import Path
 
 import pytest
@@ -146,6 +148,11 @@ def test_a_run_reading_the_same_settings_reuses_src_byte_identical_to_a_recomput
     assert "reused_from" not in a and "reused_from" not in c
     assert b["reused_from"] == a["key"] == b["key"] and b["lineage"]["reused_from"] == a["key"]
     assert "[src] reused from " in procs["b"].stdout
+    # the hit is restored by the launcher itself: no job, no stage process (the local backend
+    # prints "[launch] seed N <stage> (why): <command>" for every process it starts)
+    assert b["restored_by"] == "launcher" and "restored by the launcher" in procs["b"].stdout
+    assert not re.search(r"^\[launch\] seed \d+ src \(", procs["b"].stdout, re.M), procs["b"].stdout
+    assert re.search(r"^\[launch\] seed \d+ src \(", procs["a"].stdout, re.M)  # a computed it in a process
     assert b["outputs"] == a["outputs"] == c["outputs"], "reuse and recomputation give the same bytes"
     assert sha256_file(root / "b" / "src" / "model_final.pt") == sha256_file(root / "c" / "src" / "model_final.pt")
     reused, recomputed = (json.loads((root / n / "src" / "metrics.json").read_text()) for n in "bc")

@@ -64,6 +64,7 @@ from sdca_dist.data.shard_set import (
     sidecar_path,
     write_manifest,
 )
+from sdca_dist.data.verification import FileState, hash_and_record, write_record
 from sdca_dist.files import sha256_file
 
 # Cityscapes-layout sets (target train, val) are stored losslessly so training and evaluation see
@@ -536,8 +537,9 @@ def damaged_shards(m: Manifest, sha: Callable[[Path], str] = sha256_file) -> dic
 
 
 def verify(manifest_path: str | Path) -> list[str]:
-    """Check every shard against the manifest; one line per problem (empty = all good)."""
-    return list(damaged_shards(load_manifest(manifest_path)).values())
+    """Check every shard against the manifest, reading every tar in full (the full check: it
+    also renews each tar's verification record); one line per problem (empty = all good)."""
+    return list(damaged_shards(load_manifest(manifest_path), sha=hash_and_record).values())
 
 
 def repair(out: Path, root: Path, workers: int = 1) -> list[str]:
@@ -589,7 +591,13 @@ def repair(out: Path, root: Path, workers: int = 1) -> list[str]:
                 raise DataError(Path(out) / name, "only shards written by python -m sdca_dist.shard can be repaired")
             shutil.rmtree(tmp, ignore_errors=True)
             writer = ShardWriter(
-                tmp, prefix="shard", shard_size=opts.shard_size, num_classes=m.num_classes, start_index=i, options=rec
+                tmp,
+                prefix="shard",
+                shard_size=opts.shard_size,
+                num_classes=m.num_classes,
+                start_index=i,
+                options=rec,
+                record=False,
             )
             jobs = [(*job_head, p, *job_tail) for p in pairs[lo : last[i] + 1]]
             try:
@@ -604,6 +612,7 @@ def repair(out: Path, root: Path, workers: int = 1) -> list[str]:
             final = Path(out) / name
             for p in (index_path(final), sidecar_path(final), final):  # the tar last
                 os.replace(tmp / p.name, p)
+            write_record(final, infos[0].sha256, FileState.of(final))
             repaired.append(name)
     except OSError as e:
         raise os_error(out, e) from None

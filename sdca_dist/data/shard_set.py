@@ -175,6 +175,10 @@ class ShardWriter:
 
     File-system failures (no space, not writable) raise ``OutputError`` naming the path, after
     removing the incomplete shard's temp file: nothing half-written stays behind.
+
+    Each completed tar gets a verification record (``sdca_dist.data.verification``) from the
+    sha256 computed while writing, so nothing reads it again to verify it; ``record=False`` for
+    a writer whose shards are moved elsewhere afterwards (the record is of the file where it is).
     """
 
     def __init__(
@@ -185,8 +189,10 @@ class ShardWriter:
         num_classes: int = 19,
         start_index: int = 0,
         options: dict | None = None,
+        record: bool = True,
     ):
         self.out_dir = Path(out_dir)
+        self.record = record
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -317,6 +323,10 @@ class ShardWriter:
         atomic_write_bytes(sidecar_path(final), json_bytes(info.to_json()))
         os.replace(self._tmp, final)  # last: the shard "appears" only now, complete
         self._tmp = None
+        if self.record:
+            from sdca_dist.data.verification import FileState, write_record
+
+            write_record(final, info.sha256, FileState.of(final))  # hashed while written: no second read
         self.infos.append(info)
         self.pending = []
         self._tar = None

@@ -118,7 +118,18 @@ def main(argv: Sequence[str], hooks: Optional[dict] = None) -> int:
             from sdca_dist.data.sets import ensure_synthetic_shards
 
             ensure_synthetic_shards(cfg, log=lambda m: print(f"[launch] {m}", flush=True))
-        todo: Todo = [(seed, folder, stages_to_run(c, folder, stages)) for seed, folder, c, _ in runs]
+        from sdca_dist.launch.restore import restore_from_cache
+
+        def restorer(c, folder):
+            def restore(stage: str):
+                ranks = int(plan[stage]["world_size"])
+                return restore_from_cache(c, folder, stage, ranks, log=lambda m: print(f"[launch] {m}", flush=True))
+
+            return restore
+
+        todo: Todo = [
+            (seed, folder, stages_to_run(c, folder, stages, restore=restorer(c, folder))) for seed, folder, c, _ in runs
+        ]
         print(f"[launch] run folder {root.resolve()}; follow with: tensorboard --logdir {root}", flush=True)
         seed_folders = [(seed, folder) for seed, folder, _, _ in runs]
         records = where.run(cfg, launch, root, todo, plan, stages, hooks)

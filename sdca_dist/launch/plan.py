@@ -11,7 +11,7 @@ and plans anyway). Writes nothing; imports no torch.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from omegaconf import DictConfig
 
@@ -156,10 +156,14 @@ def missing_data(cfg: DictConfig, stages: list[str]) -> list[str]:
     return missing
 
 
-def stages_to_run(cfg: DictConfig, run_dir: Path, stages: list[str]) -> list[tuple[str, str]]:
+def stages_to_run(
+    cfg: DictConfig, run_dir: Path, stages: list[str], restore: Optional[Callable[[str], Optional[dict]]] = None
+) -> list[tuple[str, str]]:
     """(stage, why) for the planned stages that are not fresh; a stage after one that reruns
-    reruns too (its input changes)."""
-    from sdca_dist.lineage import Lineage
+    reruns too (its input changes). ``restore(stage)`` (the launcher's cache restore,
+    ``sdca_dist.launch.restore``) is asked for each stale stage none of whose producers runs in
+    this launch: a stage it restores is done and runs no job."""
+    from sdca_dist.lineage import Lineage, stage_inputs
 
     lineage = Lineage(run_dir)
     todo: list[tuple[str, str]] = []
@@ -167,6 +171,11 @@ def stages_to_run(cfg: DictConfig, run_dir: Path, stages: list[str]) -> list[tup
         ok, why = lineage.fresh(cfg, stage, rerun=[s for s, _ in todo])
         if ok:
             print(f"[launch] {run_dir} {stage}: DONE with these settings and inputs, skipped", flush=True)
-        else:
-            todo.append((stage, why))
+            continue
+        running = {s for s, _ in todo}
+        if restore is not None and not any(i.producer in running for i in stage_inputs(cfg, stage)):
+            if restore(stage) is not None:
+                lineage = Lineage(run_dir)  # the stage's files changed: no hash remembered from before
+                continue
+        todo.append((stage, why))
     return todo

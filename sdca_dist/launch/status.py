@@ -6,6 +6,9 @@ SLURM is there:
 * ``done``: mIoU, wall time, computed or reused from the stage cache (``DONE``);
 * ``stale``: DONE, but no longer valid for the run's settings or inputs, or built on a stage that
   is stale, missing or redone, naming it (``Lineage.fresh``, the launcher's own rule);
+  shard tars are judged by their verification records (``sdca_dist.data.verification``): the
+  view reads no tar, and a tar whose inode, size, mtime or ctime changed since it was verified
+  counts as changed;
 * ``running``: iteration i/N, images/s and ETA from the stage's progress record
   (``<stage>/progress.json``, written by rank 0 at each log step), when the stage lock's holder
   is alive on this machine or its SLURM job is running;
@@ -226,7 +229,7 @@ def status_rows(root: Path) -> list[tuple[str, str, str, str, str]]:
             cfg = load_frozen(rd)
         except Exception:  # noqa: BLE001 - a view: an unreadable config only skips the freshness check
             cfg = None
-        lineage = Lineage(rd)
+        lineage = Lineage(rd, read_tars=False)  # shard tars from their verification records only
         for stage in _stages_of(rd):
             try:
                 state, detail = stage_row(rd, stage, cfg, lineage, all_jobs[rd], states)
