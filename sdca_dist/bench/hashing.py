@@ -23,7 +23,6 @@ Ends with ``status speedup: Nx`` and ``stage start wait ratio: Nx``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -32,6 +31,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from sdca_dist import cli
 
 
 def _drop_cache(paths: list[Path]) -> None:
@@ -65,12 +66,14 @@ def _timed(fn) -> tuple[float, object]:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sdca_dist.bench hashing", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--gb", type=float, default=2.0, help="size of the shard set (default 2)")
-    ap.add_argument("--shard-mb", type=int, default=256, help="tar size in MB (default 256)")
-    ap.add_argument("--ranks", type=int, default=8, help="ranks of the first stage start (default 8)")
+    ap = cli.parser("python -m sdca_dist.bench hashing", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gb", type=cli.float_above(0.0), default=2.0, help="size of the shard set in GB (default 2)")
+    ap.add_argument("--shard-mb", type=cli.int_between(1, 4096), default=256, help="tar size in MB (default 256)")
+    ap.add_argument("--ranks", type=cli.int_between(1, 1024), default=8, help="ranks of a first start (default 8)")
     ap.add_argument("--dir", default=None, help="where to build (default a new folder under /tmp, removed)")
     args = ap.parse_args(argv)
+    if args.gb > 64:
+        ap.error(f"argument --gb: at most 64 (the set is built on this disk), got {args.gb}")
 
     from sdca_dist.config import compose_config
     from sdca_dist.config.run_config import freeze
