@@ -91,6 +91,7 @@ def test_status_of_a_slurm_run_pending_running_requeued_failed(slurm, shards, tm
         return None if ok else out
 
     _poll(running, 240, "src running with its progress record")
+    assert _squeue_state(slurm, src) == "RUNNING"  # src cannot end by itself (ITERS)
     rows, out = seen["running"]
     assert rows["dist_init"] == ("pending", f"job {dist_init} (Dependency)"), out
 
