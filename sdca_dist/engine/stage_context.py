@@ -17,8 +17,8 @@ from sdca_dist.engine.checkpoint import atomic_torch_save, atomic_write_text
 from sdca_dist.engine.distributed import DistContext
 from sdca_dist.engine.observe import StageObserver
 from sdca_dist.engine.run_dir import METRICS, MODEL_FINAL, RunDir, StageInputError
-from sdca_dist.scaling import ScaledSchedule as Schedule
-from sdca_dist.scaling import scaled_schedule
+from sdca_dist.rank_scaling import ScaledSchedule as Schedule
+from sdca_dist.rank_scaling import scaled_schedule
 
 
 @dataclass

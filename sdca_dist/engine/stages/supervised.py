@@ -119,7 +119,7 @@ def ssl_augmentation(cfg) -> dict:
     EVALUATION size (``data.eval_resize``), then an ``ssl_crop`` crop that never pads.
 
     Zooming relative to the evaluation size rather than to the stored image makes the recipe the
-    same for data stored at any resolution (``sdca_dist.train_scale``); on Cityscapes (stored
+    same for data stored at any resolution (``sdca_dist.image_scale``); on Cityscapes (stored
     2048x1024, evaluated 1024x512) [1.0, 3.0] of the evaluation size is the reference's [0.5, 1.5]
     of the stored image."""
     return dict(

@@ -23,7 +23,7 @@ from sdca_dist.data.shard_set import ShardWriter, write_manifest
 from sdca_dist.engine.data import make_loader
 from sdca_dist.engine.distributed import DistContext
 from sdca_dist.engine.stages.supervised import ssl_augmentation
-from sdca_dist.train_scale import scale_line, ssl_range
+from sdca_dist.image_scale import scale_line, ssl_range
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL = [32, 64]  # the evaluation size [H, W] of these tests; crops are the whole evaluation image

@@ -1,4 +1,4 @@
-"""Train/test scale: how large each stage's training images are relative to the test images.
+"""Image scale: how large each stage's training images are relative to the test images.
 
 The evaluation resizes every target image to ``data.eval_resize``: that is the scale a model is
 tested at. A segmentation model learns object sizes, so a stage that trains far from that scale
