@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from sdca_dist.config import ConfigError, compose_config
 from sdca_dist.config.run_config import resolve, with_values
 from sdca_dist.config.schema import LaunchConfig
-from sdca_dist.scaling import parse_scale, plan_row, resolve_scale
+from sdca_dist.rank_scaling import parse_scale, plan_row, resolve_scale
 from sdca_dist.stage_table import LAUNCH_FLAGS, ordered, spec
 
 
