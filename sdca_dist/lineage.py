@@ -95,35 +95,22 @@ def settings_record(cfg: Any) -> dict[str, Any]:
 
 def producer_mismatch(cfg: Any, done: dict) -> Optional[list[str]]:
     """Whether a DONE record holds for the run's settings ``cfg``: None when it does, else the
-    differing keys (``key: recorded -> run``; ``[]`` when the record keeps only a hash).
+    differing keys (``key: recorded -> run``; ``[]`` when the record names none, or lacks its
+    stage settings key and so cannot hold).
 
     The ONE comparison of a stage's record with the run's settings: the engine (a consumer's
-    inputs, before a stage starts) and the launcher (freshness) both ask it. A record with the
-    stage's own settings key (``sdca_dist.stage_keys``) is compared on the settings that stage
-    reads, so a setting only later stages read (``method.tau`` for src) leaves it valid; an
-    older record is compared on the whole run's settings."""
-    from sdca_dist.config.run_config import settings_hash
+    inputs, before a stage starts) and the launcher (freshness) both ask it. The record's stage
+    settings key (``sdca_dist.stage_keys``) covers the settings that stage reads, so a setting only
+    later stages read (``method.tau`` for src) leaves it valid."""
+    from sdca_dist.stage_keys import reads_of, settings_key
 
     lineage = done.get("lineage") if isinstance(done, dict) else None
-    if not isinstance(lineage, dict):
+    stage = done.get("stage") if isinstance(done, dict) else None
+    if not isinstance(lineage, dict) or "stage_settings" not in lineage or stage is None:
         return []
-    stage = done.get("stage")
-    if "stage_settings" in lineage and stage is not None:
-        from sdca_dist.stage_keys import reads_of, settings_key
-
-        if lineage["stage_settings"] == settings_key(cfg, stage):
-            return None
-        reads = reads_of(stage)
-
-        def read(key: str) -> bool:
-            return any(key == r or key.startswith(r + ".") for r in reads)
-    elif lineage.get("settings") == settings_hash(cfg):
+    if lineage["stage_settings"] == settings_key(cfg, stage):
         return None
-    else:
-
-        def read(key: str) -> bool:
-            return True
-
+    reads = reads_of(stage)
     recorded = done.get("settings")
     if not isinstance(recorded, dict):
         return []
@@ -131,7 +118,7 @@ def producer_mismatch(cfg: Any, done: dict) -> Optional[list[str]]:
     return [
         f"{k}: {recorded.get(k, '(absent)')} -> {now.get(k, '(absent)')}"
         for k in sorted(set(recorded) | set(now))
-        if read(k) and recorded.get(k) != now.get(k)
+        if any(k == r or k.startswith(r + ".") for r in reads) and recorded.get(k) != now.get(k)
     ]
 
 
@@ -369,7 +356,7 @@ class Lineage:
             return False, "not done"
         lineage = done.get("lineage")
         if not isinstance(lineage, dict):
-            return False, "DONE has no lineage record (made by an older version)"
+            return False, "DONE has no lineage record"
         differ = producer_mismatch(cfg, done)
         if differ is not None:
             return False, "done with other settings" + (f" ({'; '.join(differ)})" if differ else "")

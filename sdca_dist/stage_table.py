@@ -44,6 +44,10 @@ class StageSpec:
     #: DataConfig keys of the shard sets read directly (pseudo-label shards are an input instead)
     shard_sets: tuple[str, ...] = ()
     inputs: tuple[StageInput, ...] = ()
+    #: the shard sets of ``shard_sets`` whose labels it trains on: the launcher refuses a launch
+    #: in which one of them is unlabelled (``sdca_dist.data.labelled``); scoring on
+    #: ``target_val`` is checked for every stage
+    trains_on_labels: tuple[str, ...] = ()
     #: files this stage leaves for later stages (hashed into its DONE record)
     outputs: tuple[str, ...] = ()
     #: config section with the stage's StageSchedule; None for inference stages
@@ -96,6 +100,7 @@ TABLE: tuple[StageSpec, ...] = (
         "oracle",
         f"{_STAGES}.supervised:run_oracle",
         shard_sets=("target_train", "target_val"),
+        trains_on_labels=("target_train",),
         outputs=(MODEL_FINAL,),
         schedule="oracle",
         in_chain=False,
@@ -108,6 +113,7 @@ TABLE: tuple[StageSpec, ...] = (
         "src",
         f"{_STAGES}.supervised:run_src",
         shard_sets=("source", "target_val"),
+        trains_on_labels=("source",),
         outputs=(MODEL_FINAL,),
         schedule="src",
         batch_keys=("batch_size",),
@@ -132,6 +138,7 @@ TABLE: tuple[StageSpec, ...] = (
         "sdca",
         f"{_STAGES}.sdca:run",
         shard_sets=("source", "target_train", "target_val"),
+        trains_on_labels=("source",),
         inputs=(StageInput("src", MODEL_FINAL), StageInput("dist_init", DISTRIBUTIONS)),
         outputs=(MODEL_FINAL,),
         schedule="sdca",
@@ -144,6 +151,7 @@ TABLE: tuple[StageSpec, ...] = (
         "sdca_no_align",
         f"{_STAGES}.sdca:run_no_align",
         shard_sets=("source", "target_train", "target_val"),
+        trains_on_labels=("source",),
         inputs=(StageInput("src", MODEL_FINAL), StageInput("dist_init", DISTRIBUTIONS)),
         outputs=(MODEL_FINAL,),
         schedule="sdca",

@@ -33,7 +33,7 @@ def _arg(argv: Sequence[str], key: str) -> str | None:
 def prepare(argv: Sequence[str]):
     """The frozen run configuration for this command line (frozen now if the folder is new)."""
     from sdca_dist.config.run_config import freeze, resolve, with_values
-    from sdca_dist.scaling import parse_scale, resolve_scale
+    from sdca_dist.rank_scaling import parse_scale, resolve_scale
 
     stage = _arg(argv, "stage")
     run_dir = _arg(argv, "run_dir")
@@ -138,7 +138,7 @@ def _run(cfg) -> int:
     from sdca_dist.lineage import MissingInputError, RunFolderBusy, StageInputError, StageOutputError
     from sdca_dist.locks import LockError
     from sdca_dist.models.pretrained import WeightsError
-    from sdca_dist.scaling import ScaleError
+    from sdca_dist.rank_scaling import ScaleError
 
     try:
         run_stage(cfg)

@@ -48,7 +48,7 @@ def test_dali_index_matches_wds2idx(shard_sets, tmp_path):
     from wds2idx import IndexCreator
 
     m = load_manifest(shard_sets["gta5"])
-    for tar, idx in zip(m.shard_paths(), m.index_paths()):
+    for tar, idx in zip(m.shard_paths(), [m.folder / s["index"] for s in m.shards]):
         c = IndexCreator(str(tar), str(tmp_path / "ref.idx"), verbose=False)
         c.open()
         c.create_index()

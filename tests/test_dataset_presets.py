@@ -66,11 +66,15 @@ def test_an_unlabelled_target_refuses_the_oracle_and_an_unlabelled_val(tmp_path)
     assert proc.returncode == 2
     assert last_error(proc) == (
         f"error: data.target_train=dark_zurich_train_night: {shards / 'dark_zurich_train_night'} was packed from "
-        "an unlabelled split and the oracle trains on target labels (leave with_oracle off); name a labelled "
+        "an unlabelled split and oracle trains on its labels (leave with_oracle off); name a labelled "
         "shard set (docs/datasets.md, 'Targets without labels')"
     )
     proc = run_launcher(base + ["data.target_val=dark_zurich_train_night"], timeout=120)
     assert proc.returncode == 2 and "every stage is scored on it" in last_error(proc)
+    # the stage table says which stages train on which set's labels: an unlabelled source is refused too
+    proc = run_launcher(base + ["data.source=dark_zurich_train_night"], timeout=120)
+    assert proc.returncode == 2 and "data.source=dark_zurich_train_night" in last_error(proc)
+    assert "src trains on its labels;" in last_error(proc)
 
 
 def test_grid_figure_draws_every_paired_difference(tmp_path):

@@ -51,6 +51,21 @@ def _state(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _stopped_at(run: Path, stage: str) -> int:
+    """The iteration of the last complete checkpoint a stopped ``stage`` of ``run`` wrote: where its
+    rerun resumes (``iter_00000012``; a ``.tmp`` folder is a checkpoint still being written)."""
+    ckpts = [p for p in (run / stage / "checkpoints").glob("iter_*") if not p.name.endswith(".tmp")]
+    assert ckpts, f"{run / stage} has no checkpoint"
+    return max(int(p.name.split("_")[1]) for p in ckpts)
+
+
+def _assert_same_state(a: dict, b: dict, what: str) -> None:
+    """Two state dicts hold the same keys and bitwise equal tensors (``what`` names them in a failure)."""
+    assert a.keys() == b.keys(), f"{what}: keys differ: {sorted(set(a) ^ set(b))}"
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{what}: {k} differs"
+
+
 def test_chain_writes_every_stage_output(chain: Path):
     for stage in STAGES:
         assert (chain / stage / "DONE").is_file(), stage
@@ -158,24 +173,19 @@ def test_sdca_interrupted_at_a_random_step_resumes_bitwise_exact(shards: Path, t
         "checkpoint written; resume: run the same command again (exit 3); torchrun reports the ranks below "
         "as failed with exitcode 3: that is this stop, not a crash"
     ), stops
-    ckpts = sorted((runs["interrupted"] / "sdca" / "checkpoints").glob("iter_*"))
-    stopped_at = int(ckpts[-1].name.split("_")[1])
+    stopped_at = _stopped_at(runs["interrupted"], "sdca")
     assert stop_after <= stopped_at < iters
     assert not (runs["interrupted"] / "sdca" / "DONE").exists()
 
     second = run_train(2, [*common, f"run_dir={runs['interrupted']}"])
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"at iteration {stopped_at}" in second.stdout
-    a = _state(runs["straight"] / "sdca" / "model_final.pt")
-    b = _state(runs["interrupted"] / "sdca" / "model_final.pt")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after resume at {stopped_at}"
-    da = _state(runs["straight"] / "sdca" / "distributions_final.pt")
-    db = _state(runs["interrupted"] / "sdca" / "distributions_final.pt")
+    a, b = (_state(runs[name] / "sdca" / "model_final.pt") for name in ("straight", "interrupted"))
+    _assert_same_state(a, b, f"sdca's model after a resume at iteration {stopped_at}")
+    da, db = (_state(runs[name] / "sdca" / "distributions_final.pt") for name in ("straight", "interrupted"))
+    assert da.keys() == db.keys() and {"feat", "out"} <= set(da), (da.keys(), db.keys())
     for level in ("feat", "out"):
-        for k in da[level]:
-            assert torch.equal(da[level][k], db[level][k]), f"estimator {level}.{k} differs"
+        _assert_same_state(da[level], db[level], f"sdca's {level} estimator after a resume at {stopped_at}")
 
 
 @pytest.mark.parametrize("zero, bf16", [(2, False), (1, True)])
@@ -199,18 +209,14 @@ def test_deepspeed_two_ranks_resumes_bitwise_and_writes_plain_model(
     assert straight.returncode == 0, straight.stderr[-3000:]
     first = _run_until_signal(tiny(shards, *settings, f"run_dir={runs['interrupted']}"), 2)
     assert re.search(r"exitcode\s*: 3 ", first.stdout), first.stdout[-3000:]
-    ckpts = sorted((runs["interrupted"] / "src" / "checkpoints").glob("iter_*"))
-    stopped_at = int(ckpts[-1].name.split("_")[1])
+    stopped_at = _stopped_at(runs["interrupted"], "src")
     assert 2 <= stopped_at < 8 and not (runs["interrupted"] / "src" / "DONE").exists()
     second = run_train(2, ["stage=src", f"run_dir={runs['interrupted']}"], timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"at iteration {stopped_at}" in second.stdout
 
-    ds = _state(runs["straight"] / "src" / "model_final.pt")
-    resumed = _state(runs["interrupted"] / "src" / "model_final.pt")
-    assert ds.keys() == resumed.keys()
-    for k in ds:
-        assert torch.equal(ds[k], resumed[k]), f"{k} differs after a resume at iteration {stopped_at}"
+    ds, resumed = (_state(runs[name] / "src" / "model_final.pt") for name in ("straight", "interrupted"))
+    _assert_same_state(ds, resumed, f"src's model after a resume at iteration {stopped_at}")
     metrics = [json.loads((r / "src" / "metrics.json").read_text()) for r in runs.values()]
     assert metrics[0]["mIoU"] == metrics[1]["mIoU"]
     assert json.dumps(metrics[0]["per_class"]) == json.dumps(metrics[1]["per_class"])  # NaN: a class never seen

@@ -27,7 +27,7 @@ from engine_fixtures import (
 )
 
 from sdca_dist.config import compose_config
-from sdca_dist.scaling import plan_warnings
+from sdca_dist.rank_scaling import plan_warnings
 
 
 def _run(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:

@@ -174,7 +174,7 @@ def test_summary_labels_rows_selected_on_the_evaluation_set(best_run: Path, fina
 
 def test_select_every_is_a_cadence_of_the_scaled_schedule():
     from sdca_dist.config import compose_config
-    from sdca_dist.scaling import scaled_schedule
+    from sdca_dist.rank_scaling import scaled_schedule
 
     for scale, every in ((1, 1000), (4, 250), (3, 334)):
         cfg = compose_config(["conf=gta2city", f"train.scale={scale}"])

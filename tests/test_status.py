@@ -11,7 +11,8 @@ Specifications: one row per seed and stage, exit 0 in every case:
 * stale: DONE, but an output is no longer the file it wrote; and every stage built on a stale,
   missing or redone stage, naming the stage it depends on (and the one where the change began),
   whichever way the change came: settings, outputs, a deleted stage folder, input shards;
-* not started.
+* not started;
+* a job squeue still lists (pending, held, requeued, suspended, completing...) is never "failed".
 """
 
 from __future__ import annotations
@@ -114,6 +115,36 @@ def test_the_status_view_imports_no_torch(tiny_chain):
     proc = subprocess.run([sys.executable, "-c", view], cwd=REPO, env=child_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert " 6 done" in proc.stdout and proc.stdout.splitlines()[-1] == "False", proc.stdout
+
+
+#: every state squeue(1) lists for a job that has not ended, and the row the view must show (the
+#: SLURM test cluster shows PENDING, RUNNING and SPECIAL_EXIT for real: tests/slurm/test_status_slurm.py)
+SQUEUE_ROWS = {
+    "PENDING": "pending",
+    "RESV_DEL_HOLD": "pending",
+    "CONFIGURING": "configuring",
+    "REQUEUED": "requeued",
+    "REQUEUE_HOLD": "requeued",
+    "REQUEUE_FED": "requeued",
+    "SPECIAL_EXIT": "requeued",
+    "SUSPENDED": "suspended",
+    "STOPPED": "suspended",
+    "SIGNALING": "running",
+    "RESIZING": "running",
+    "COMPLETING": "completing",
+    "STAGE_OUT": "completing",
+}
+
+
+@pytest.mark.parametrize("state", sorted(SQUEUE_ROWS))
+def test_a_job_squeue_still_lists_is_never_shown_failed(tmp_path, state):
+    from sdca_dist.launch.status import stage_row
+
+    jobs = {"src": {"job_id": "7", "stderr": str(tmp_path / "7_0_log.err")}}
+    states = {"7": {"state": state, "reason": "Why"}}  # slurm_states' record of a job squeue lists
+    row, detail = stage_row(tmp_path, "src", None, None, jobs, states)
+    named = "" if state.lower() == row else f" {state}"
+    assert (row, detail) == (SQUEUE_ROWS[state], f"job 7{named} (Why)")
 
 
 def test_status_of_a_folder_that_is_no_run(tmp_path):

@@ -212,7 +212,7 @@ def validate(cfg: DictConfig) -> None:
         "train.select=best_val selects by evaluating on target val; it needs train.eval_at_end=true",
     )
     _check(t.warmup_iters >= -1, f"train.warmup_iters={t.warmup_iters} must be >= 0 (or -1 for the default rule)")
-    from sdca_dist.scaling import ScaleError, parse_scale
+    from sdca_dist.rank_scaling import ScaleError, parse_scale
 
     try:
         parse_scale(t.scale)
@@ -277,7 +277,7 @@ def validate(cfg: DictConfig) -> None:
         value = list(cfg.data[key])
         if len(value) != 2 or min(value) < 1:
             raise ConfigError(f"data.{key}={value} must be [H, W] with positive sizes")
-    from sdca_dist.train_scale import scale_mismatch, ssl_zoom_below_crop
+    from sdca_dist.image_scale import scale_mismatch, ssl_zoom_below_crop
 
     for problem in (ssl_zoom_below_crop(cfg.data), scale_mismatch(cfg)):
         _check(problem is None, str(problem))

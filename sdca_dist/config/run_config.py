@@ -165,11 +165,6 @@ def without_job_keys(overrides: Sequence[str]) -> list[str]:
     return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in JOB_KEYS]
 
 
-def job_values(cfg: DictConfig) -> dict[str, str]:
-    """The job keys other than stage/run_dir, as a job must carry them (``eval.model_from``)."""
-    return {"eval.model_from": str(cfg.eval.model_from)}
-
-
 def resolve(
     run_dir: Path | str, overrides: Sequence[str], stage: str | None = None, adjust=None
 ) -> tuple[DictConfig, bool]:

@@ -42,7 +42,7 @@ class DataConfig:
     #: ssl stage: random zoom of the target image RELATIVE TO ``eval_resize`` (1.0 = the test
     #: scale), whatever size the images are stored at. The reference zooms the stored image by
     #: 0.5-1.5; Cityscapes is stored at 2048x1024 and evaluated at 1024x512, so that is [1.0, 3.0]
-    #: here, the same recipe (``sdca_dist.train_scale``)
+    #: here, the same recipe (``sdca_dist.image_scale``)
     ssl_scale: list[float] = field(default_factory=lambda: [1.0, 3.0])
     #: ssl crop [H, W] of the zoomed image, never padded (``ssl_scale`` starts at a zoom that covers it)
     ssl_crop: list[int] = field(default_factory=lambda: [512, 1024])
@@ -117,7 +117,7 @@ class TrainConfig:
     #: frozen run configuration records the integer it chose)
     scale: Any = 1
     #: linear LR warm-up (iterations AFTER scaling) used when scale > 1; -1 = the default rule
-    #: (``sdca_dist.scaling.default_warmup``), 0 = none
+    #: (``sdca_dist.rank_scaling.default_warmup``), 0 = none
     warmup_iters: int = -1
     checkpoint_every: int = 2000
     keep_checkpoints: int = 2

@@ -57,16 +57,23 @@ def data_line(cfg, manifest_of) -> str:
 
 
 def label_problems(cfg, stages: list[str], manifest_of) -> list[str]:
-    """Planned stages that need labels a shard set lacks: the oracle (trains on target train's
-    labels) and every scoring (a stage's evaluation at its end, the eval stage) on target val."""
-    problems = []
-    if "oracle" in stages:
-        reason = unlabelled_reason(
-            Path(manifest_of(cfg.data.target_train)),
-            f"data.target_train={cfg.data.target_train}",
-            "the oracle trains on target labels (leave with_oracle off)",
-        )
-        problems += [reason] if reason else []
+    """Planned stages that need labels a shard set lacks: a stage that trains on a set's labels
+    (``StageSpec.trains_on_labels``: the source for src and sdca, target train for the oracle) and
+    every scoring (a stage's evaluation at its end, the eval stage) on target val."""
+    from sdca_dist.stage_table import spec
+
+    problems, seen = [], set()
+    for stage in stages:
+        s = spec(stage)
+        for key in s.trains_on_labels:
+            if key in seen:
+                continue
+            seen.add(key)
+            off = f" (leave {s.launch_flag} off)" if s.launch_flag else ""
+            reason = unlabelled_reason(
+                Path(manifest_of(cfg.data[key])), f"data.{key}={cfg.data[key]}", f"{stage} trains on its labels{off}"
+            )
+            problems += [reason] if reason else []
     if "eval" in stages or cfg.train.eval_at_end:
         reason = unlabelled_reason(
             Path(manifest_of(cfg.data.target_val)),

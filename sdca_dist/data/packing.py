@@ -328,7 +328,7 @@ def _resume_point(out: Path, pairs: list[SamplePair], opts: PackOptions) -> tupl
         if diff:
             raise DataError(out / info.name, f"was written with other options ({'; '.join(diff)}); {_REBUILD_HINT}")
         if not info.provenance:
-            raise DataError(out / info.name, f"has no source records (written by an older version); {_REBUILD_HINT}")
+            raise DataError(out / info.name, f"has no source records; {_REBUILD_HINT}")
         kept.append(info)
     owned = [(e, info) for info in kept for e in info.provenance]
     n = len(owned)
@@ -551,7 +551,7 @@ def repair(out: Path, root: Path, workers: int = 1) -> list[str]:
     m = load_manifest(out)
     rec = dict(m.info.get("options") or {})
     if "image_format" not in rec or "source" not in m.info:
-        raise DataError(m.path, f"has no build record (written by an older version); {_REBUILD_HINT}")
+        raise DataError(m.path, f"has no build record; {_REBUILD_HINT}")
     if rec.get("layout") == "folder":
         raise DataError(m.path, f"repair of a folder-layout set is not supported; {_REBUILD_HINT}")
     opts = PackOptions(

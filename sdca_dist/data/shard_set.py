@@ -395,9 +395,6 @@ class Manifest:
     def shard_paths(self) -> list[Path]:
         return [self.folder / s["name"] for s in self.shards]
 
-    def index_paths(self) -> list[Path]:
-        return [self.folder / s["index"] for s in self.shards]
-
     def presence(self) -> list[list[int]]:
         return [s["classes"] for s in self.samples]
 

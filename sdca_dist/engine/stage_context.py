@@ -17,9 +17,10 @@ from sdca_dist.engine.checkpoint import atomic_torch_save, atomic_write_text
 from sdca_dist.engine.distributed import DistContext
 from sdca_dist.engine.observe import StageObserver
 from sdca_dist.lineage import StageInputError
+from sdca_dist.rank_scaling import ScaledSchedule as Schedule
+from sdca_dist.rank_scaling import scaled_schedule
 from sdca_dist.run_folder import METRICS, MODEL_FINAL, PER_CLASS_IOU, RunDir
-from sdca_dist.scaling import ScaledSchedule as Schedule
-from sdca_dist.scaling import scaled_schedule
+from sdca_dist.stage_table import inputs_of
 
 
 @dataclass
@@ -42,6 +43,24 @@ class StageContext:
     @property
     def folder(self) -> Path:
         return self.run.stage(self.name)
+
+    def input_file(self, file: str) -> Optional[Path]:
+        """Where this stage reads ``file`` from an earlier stage: the producer the stage table
+        names for it under the run's settings (``stage_table.inputs_of``), so that a stage function
+        never names the stage that made its model and the table stays the one place that says so
+        (the lineage hashes the same entries). None when the stage reads no such file under these
+        settings (ssl started from ImageNet reads no model)."""
+        found = [i for i in inputs_of(self.name, self.cfg) if i.file == file]
+        if len(found) > 1:
+            raise StageInputError(f"stage {self.name} reads {file} from {len(found)} stages; name one")
+        return self.run.root / found[0].rel if found else None
+
+    def required_input(self, file: str) -> Path:
+        """``input_file`` for a file the stage cannot run without."""
+        path = self.input_file(file)
+        if path is None:
+            raise StageInputError(f"stage {self.name} reads no {file} (sdca_dist/stage_table.py declares its inputs)")
+        return path
 
     def schedule(self) -> Schedule:
         """The stage's schedule after ``train.iters`` and the scaled recipe (``train.scale``)."""

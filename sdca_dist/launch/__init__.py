@@ -3,7 +3,7 @@
 
 On a SLURM cluster (``cluster=slurm``, the default of the real-dataset presets) it submits, with
 submitit, one job per stage (src -> dist_init -> sdca -> pseudo_label -> ssl), chained with
-``afterok`` dependencies, each with the shape the stage's plan gives it (``sdca_dist.scaling``:
+``afterok`` dependencies, each with the shape the stage's plan gives it (``sdca_dist.rank_scaling``:
 inference stages take all ``nodes x cluster.tasks_per_node`` ranks, training stages as many as
 their global batch splits over, or all of them with ``train.scale``). With ``cluster=local`` it
 runs the same chain on this machine, stage after stage, under torchrun.

@@ -30,8 +30,8 @@ from sdca_dist.launch.plan import (
     stages_to_run,
 )
 from sdca_dist.launch.summary import data_manifest, describe_data, write_summary
+from sdca_dist.rank_scaling import ScaleError, parse_scale, plan_warnings
 from sdca_dist.run_folder import PLAN
-from sdca_dist.scaling import ScaleError, parse_scale, plan_warnings
 from sdca_dist.stage_table import spec
 
 

@@ -19,8 +19,8 @@ from sdca_dist.config import ConfigError, compose_config
 from sdca_dist.config.run_config import resolve, with_values
 from sdca_dist.config.schema import LaunchConfig
 from sdca_dist.launch.backends.base import LaunchError
+from sdca_dist.rank_scaling import parse_scale, plan_row, resolve_scale
 from sdca_dist.run_folder import planned_seed_folders, seed_folders
-from sdca_dist.scaling import parse_scale, plan_row, resolve_scale
 from sdca_dist.stage_table import LAUNCH_FLAGS, ordered, spec
 
 

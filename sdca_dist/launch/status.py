@@ -12,7 +12,9 @@ backend gives (``Backend.states``: squeue and sacct on SLURM) for the jobs it re
 * ``running``: iteration i/N, images/s and ETA from the stage's progress record
   (``<stage>/progress.json``, written by rank 0 at each log step), when the stage lock's holder
   is alive on this machine or its SLURM job is running;
-* ``pending``: its SLURM job id and squeue's reason (``<run>/jobs.json`` maps stages to jobs);
+* ``pending``, ``requeued``, ``suspended``, ``configuring``, ``completing``: its SLURM job id, squeue's
+  state where it is not the row's name (SPECIAL_EXIT, REQUEUE_HOLD...) and its reason
+  (``QUEUED_ROWS``; ``<run>/jobs.json`` maps stages to jobs);
 * ``failed``: exit code and the last error line (``<stage>/FAILED.json`` written by the local
   launcher, or sacct and the job's log on SLURM);
 * ``not started``.
@@ -78,6 +80,26 @@ def _stages_of(run_dir: Path) -> list[str]:
     return ordered(plan["stages"]) if plan and isinstance(plan.get("stages"), dict) else list(CHAIN)
 
 
+#: squeue's states (squeue(1), JOB STATE CODES) of a job that has not ended, other than RUNNING (read
+#: with the progress record above), and the row each shows: never "failed", which is for the states
+#: sacct records for an ended job
+QUEUED_ROWS = {
+    "PENDING": "pending",
+    "RESV_DEL_HOLD": "pending",  # held: the reservation it was submitted to was deleted
+    "CONFIGURING": "configuring",
+    "REQUEUED": "requeued",  # ending, to be queued again
+    "REQUEUE_HOLD": "requeued",  # requeued and held until released
+    "REQUEUE_FED": "requeued",  # requeued by a federation
+    "SPECIAL_EXIT": "requeued",  # requeued and held after a special exit (a site's epilog, scontrol requeuehold)
+    "SUSPENDED": "suspended",
+    "STOPPED": "suspended",  # stopped, its CPUs kept
+    "SIGNALING": "running",  # being signalled (a stop signal, a cancel): no progress shown
+    "RESIZING": "running",  # about to change size
+    "COMPLETING": "completing",  # its processes are ending (sacct gives the outcome once they have)
+    "STAGE_OUT": "completing",
+}
+
+
 def stage_row(run_dir: Path, stage: str, cfg: Any, lineage: Any, jobs: dict, states: dict) -> tuple[str, str]:
     """(state, detail) of one stage of one run folder."""
     folder = run_dir / stage
@@ -114,8 +136,10 @@ def stage_row(run_dir: Path, stage: str, cfg: Any, lineage: Any, jobs: dict, sta
             eta = float(eta) - (time.time() - float(progress.get("time", time.time())))
         detail += f", ETA {_fmt_s(eta)}, updated {_fmt_s(time.time() - float(progress.get('time', time.time())))} ago"
         return "running", detail + (f" (job {job['job_id']})" if job else "")
-    if slurm is not None and slurm.get("state") in ("PENDING", "CONFIGURING", "REQUEUED", "SUSPENDED"):
-        return slurm["state"].lower(), f"job {job['job_id']} ({slurm.get('reason') or 'no reason given'})"
+    row = QUEUED_ROWS.get(str(slurm.get("state"))) if slurm is not None else None
+    if row is not None:
+        named = "" if row == slurm["state"].lower() else f" {slurm['state']}"
+        return row, f"job {job['job_id']}{named} ({slurm.get('reason') or 'no reason given'})"
     if slurm is not None and slurm.get("state"):
         err = Path(str(job.get("stderr", "")))
         lines = err.read_text(errors="replace").splitlines() if err.is_file() else []

@@ -63,7 +63,6 @@ VGG16_LAYERS: dict[int, str] = {
     31: "fc7",
 }
 SUPPORTED = ("deeplabv2_r101", "deeplabv2_vgg16")
-_BN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
 
 
 class ConvertError(ValueError):

@@ -9,7 +9,8 @@ Specifications:
 3. a failing stage stops the chain: the next job never starts, and the launcher reports the
    stage's error line;
 4. a rank that dies at start (its rendezvous port is taken) ends its job at once instead of
-   leaving the other ranks waiting for the process-group timeout;
+   leaving the other ranks waiting: sacct records the job FAILED within 120 s of run time and its
+   rank step cancelled by srun;
 5. a 2 x 2 grid's dry run plans every point and submits nothing;
 6. a grid point that fails cancels only its own dependent jobs (seed arrays chained with
    aftercorr); the other point completes and the grid summary names the failures.
@@ -31,6 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine_fixtures import REPO, child_env, last_error, run_launcher, tiny  # noqa: E402
+
+from sdca_dist.launch.backends.slurm import TERMINAL_STATES  # noqa: E402
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -243,30 +246,102 @@ def test_seeds_run_as_one_job_array_and_are_summarised(slurm, shards, tmp_path):
         assert f"seed: {seed}" in (run / f"seed_{seed}" / "config.yaml").read_text()
 
 
+#: how long (sacct's Elapsed) the job of the dying-rank test may run: its ranks need about 20 s to
+#: start and fail; ranks left waiting for rank 0 would wait far longer (the process-group timeout is
+#: 30 minutes, and a rank whose store handshake went to a listener that never answers waits with no
+#: timeout at all: without --kill-on-bad-exit the job ran until the listener closed)
+ENDS_WITHIN_S = 120
+
+
+def _steps(slurm, job: str) -> dict[str, dict[str, str]]:
+    """sacct's records of a job and its steps ({JobID: {State, ExitCode, Elapsed (s)}})."""
+    out = slurm.run("sacct", "-j", job, "-n", "-P", "-o", "JobID,State,ExitCode,ElapsedRaw").stdout
+    rows = [ln.split("|") for ln in out.splitlines() if ln.strip()]
+    return {r[0]: {"State": r[1].split()[0], "ExitCode": r[2], "Elapsed": r[3]} for r in rows}
+
+
+def _wait_ended_within(slurm, job: str, within_s: int, start_guard_s: float = 300) -> dict[str, dict[str, str]]:
+    """Poll sacct until ``job`` ends; fail (and cancel it) once SLURM records it running for
+    ``within_s`` seconds without ending. The wall-clock guard only covers a job that never starts."""
+    guard = time.monotonic() + start_guard_s
+    while True:
+        steps = _steps(slurm, job)
+        rec = steps.get(job, {"State": "no record", "Elapsed": "0"})
+        if rec["State"] in TERMINAL_STATES:
+            return steps
+        if int(rec["Elapsed"] or 0) >= within_s:
+            slurm.run("scancel", job, check=False)
+            pytest.fail(
+                f"job {job} still {rec['State']} after {rec['Elapsed']} s of run time (sacct): the ranks were "
+                f"left waiting for the rank that died; {steps}",
+                pytrace=False,
+            )
+        if rec["State"] in ("PENDING", "no record") and time.monotonic() > guard:
+            slurm.run("scancel", job, check=False)
+            pytest.fail(f"job {job} did not start within {start_guard_s:.0f} s ({steps})", pytrace=False)
+        time.sleep(1)
+
+
 def test_a_rank_that_dies_at_start_ends_the_job_instead_of_leaving_the_others_waiting(slurm, shards, tmp_path):
     """Rank 0 cannot listen on the job's rendezvous port (another process holds it, as happens when
     two jobs on one node derive the same port): it exits 1, and srun ends the other ranks
-    (``--kill-on-bad-exit``) instead of leaving them waiting for rank 0 until the 30-minute
-    process-group timeout; the launcher reports the failed stage."""
+    (``--kill-on-bad-exit``) instead of leaving them waiting for rank 0. Checked from SLURM's own
+    records: the job ends FAILED within ENDS_WITHIN_S of run time (sacct's Elapsed), its rank step
+    CANCELLED with SIGKILL, srun's log names rank 0's exit 1 and the other three ranks killed, no
+    rank reports a timeout, and the launcher reports the failed stage."""
     import socket
 
+    run = tmp_path / "run"
     with socket.socket() as holder:
         holder.bind(("0.0.0.0", 0))
         holder.listen()  # accepts connections into the backlog and never answers them
         port = holder.getsockname()[1]
         args = _cluster(slurm, "stages=[src]", "wait=true", "cluster.tasks_per_node=2", "cache=false")
-        proc = subprocess.run(
-            [sys.executable, str(REPO / "launch" / "slurm.py"), *tiny(shards, *args, f"run_dir={tmp_path / 'run'}")],
+        launcher = subprocess.Popen(
+            [sys.executable, str(REPO / "launch" / "slurm.py"), *tiny(shards, *args, f"run_dir={run}")],
             cwd=REPO,
-            env={**child_env(), "MASTER_PORT": str(port)},  # sbatch passes it on to every rank
-            capture_output=True,
+            env=child_env(MASTER_PORT=str(port)),  # sbatch passes it on to every rank
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=240,  # a job left waiting for rank 0 never ends: subprocess.TimeoutExpired
         )
-    for j in _job_ids(proc.stdout).values():
-        slurm.track(j)
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: stage src job"), proc.stderr[-2000:]
+        try:
+            job = None
+            for line in launcher.stdout:
+                m = re.search(r"\[launch\] src: job (\d+)", line)
+                if m:
+                    job = slurm.track(m.group(1))
+                    break
+            assert job, "the launcher printed no job id"
+            _wait_ended_within(slurm, job, ENDS_WITHIN_S)
+            out, err = launcher.communicate(timeout=120)  # a guard: the job has ended, the launcher follows
+        finally:
+            if launcher.poll() is None:
+                launcher.kill()
+                launcher.wait()
+    assert launcher.returncode == 2, out[-2000:] + err[-2000:]
+    assert err.strip().splitlines()[-1].startswith(f"error: stage src job {job} ended FAILED"), err[-2000:]
+    steps = _steps(slurm, job)
+    ranks = steps.get(f"{job}.0")  # the srun step that ran the 4 ranks
+    assert ranks is not None, steps
+    # srun ended the step itself (CANCELLED, SIGKILL to the ranks still running) the moment rank 0
+    # exited 1; ranks left waiting would end it FAILED (exit 1) after their timeout
+    assert steps[job]["State"] == "FAILED", steps
+    assert (ranks["State"], ranks["ExitCode"]) == ("CANCELLED", "0:9"), steps
+    assert int(steps[job]["Elapsed"]) < ENDS_WITHIN_S, steps  # the job's recorded run time (End - Start)
+    log = (run / "slurm" / "src" / job / f"{job}_0_log.err").read_text(errors="replace")
+    assert "EADDRINUSE" in log, log[-3000:]
+    # srun's account, in the batch step's log (rank 0's file): rank 0 exited 1, the others were killed
+    assert re.search(r"^srun: error: \S+: task 0: Exited with exit code 1$", log, re.M), log[-3000:]
+    killed = [
+        t
+        for a, b in re.findall(r"^srun: error: \S+: tasks? (\d+)(?:-(\d+))?: Killed$", log, re.M)
+        for t in range(int(a), int(b or a) + 1)
+    ]
+    assert sorted(killed) == [1, 2, 3], log[-3000:]
+    for rank in (1, 2, 3):
+        text = (run / "slurm" / "src" / job / f"{job}_{rank}_log.err").read_text(errors="replace")
+        assert not re.search(r"[Tt]imed? ?out|DistStoreError", text), f"rank {rank} reports a timeout:\n{text[-2000:]}"
 
 
 def test_a_two_key_grid_dry_run_plans_every_point_and_submits_nothing(slurm, shards, tmp_path):

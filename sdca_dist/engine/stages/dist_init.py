@@ -21,12 +21,13 @@ from sdca_dist.engine.stage_context import StageContext
 from sdca_dist.engine.stages.distributions import DistributionPair, save_distributions
 from sdca_dist.method import flatten_pixels
 from sdca_dist.run_folder import DISTRIBUTIONS
+from sdca_dist.stage_table import MODEL_FINAL
 
 
 @torch.no_grad()
 def run(sc: StageContext) -> dict:
     cfg, ctx, obs = sc.cfg, sc.ctx, sc.observer
-    model = sc.build_model(init_from=sc.run.model_of("src"), freeze_bn=True)
+    model = sc.build_model(init_from=sc.required_input(MODEL_FINAL), freeze_bn=True)
     model.eval()
     loader = make_loader(
         cfg,

@@ -27,6 +27,7 @@ from sdca_dist.engine.distributed import all_gather_object, all_reduce_sum
 from sdca_dist.engine.model_engine import inference_amp, inference_autocast
 from sdca_dist.engine.stage_context import StageContext
 from sdca_dist.run_folder import PSEUDO_LABEL_QUALITY, PSEUDO_SHARDS, THRESHOLDS
+from sdca_dist.stage_table import MODEL_FINAL
 
 
 def _loader(sc: StageContext):
@@ -64,7 +65,7 @@ def run(sc: StageContext) -> dict:
 
     cfg, ctx, obs = sc.cfg, sc.ctx, sc.observer
     num_classes = cfg.data.num_classes
-    model = sc.build_model(init_from=sc.run.model_of("sdca"), freeze_bn=True)
+    model = sc.build_model(init_from=sc.required_input(MODEL_FINAL), freeze_bn=True)
     model.eval()
     amp = inference_amp(cfg.engine, ctx.device)
     t0 = time.time()

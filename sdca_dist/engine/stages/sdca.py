@@ -25,6 +25,7 @@ from sdca_dist.engine.stages.distributions import load_distributions, save_distr
 from sdca_dist.engine.training import TrainingPlan, run_training
 from sdca_dist.method.objective import DistributionPair, SDCAObjective
 from sdca_dist.run_folder import DISTRIBUTIONS_FINAL
+from sdca_dist.stage_table import DISTRIBUTIONS, MODEL_FINAL
 
 
 @dataclass
@@ -74,9 +75,9 @@ def _run(sc: StageContext, method: MethodConfig) -> dict:
     sched = sc.schedule()
     src_batch = per_rank(sched.global_batch, ctx, "sdca.batch_size")
     tgt_batch = per_rank(sched.global_target_batch, ctx, "sdca.target_batch_size")
-    model = sc.build_model(init_from=sc.run.model_of("src"), freeze_bn=True)
+    model = sc.build_model(init_from=sc.required_input(MODEL_FINAL), freeze_bn=True)
     dists = DistributionPair(cfg.data.num_classes, model.feature_dim, ctx.device)
-    load_distributions(dists, sc.run.distributions_of("dist_init"))
+    load_distributions(dists, sc.required_input(DISTRIBUTIONS))
     engine = make_engine(sc, model, micro_steps=2, micro_batch=src_batch, freeze_bn=True)
     source = make_loader(
         cfg,

@@ -13,6 +13,7 @@ from sdca_dist.engine.data import make_loader, per_rank
 from sdca_dist.engine.stage_context import StageContext
 from sdca_dist.engine.stages.common import finish_training, make_engine
 from sdca_dist.engine.training import TrainingPlan, run_training
+from sdca_dist.stage_table import MODEL_FINAL, PSEUDO_MANIFEST
 
 
 def _run_supervised(
@@ -119,7 +120,7 @@ def ssl_augmentation(cfg) -> dict:
     EVALUATION size (``data.eval_resize``), then an ``ssl_crop`` crop that never pads.
 
     Zooming relative to the evaluation size rather than to the stored image makes the recipe the
-    same for data stored at any resolution (``sdca_dist.train_scale``); on Cityscapes (stored
+    same for data stored at any resolution (``sdca_dist.image_scale``); on Cityscapes (stored
     2048x1024, evaluated 1024x512) [1.0, 3.0] of the evaluation size is the reference's [0.5, 1.5]
     of the stored image."""
     return dict(
@@ -136,9 +137,14 @@ def run_ssl(sc: StageContext) -> dict:
     """The published ssl recipe: ImageNet weights (``ssl.init=imagenet``) trained on the pseudo
     labels with a random zoom of the target image and a crop that never pads (``ssl_augmentation``)."""
     cfg = sc.cfg
-    init_from = sc.run.model_of("sdca") if cfg.ssl.init == "sdca" else None
+    init_from = sc.input_file(MODEL_FINAL)  # none with ssl.init=imagenet (stage_table.inputs_of)
     return _run_supervised(
-        sc, sc.run.pseudo_manifest(), init_from=init_from, freeze_bn=False, lovasz_weight=0.0, **ssl_augmentation(cfg)
+        sc,
+        sc.required_input(PSEUDO_MANIFEST),
+        init_from=init_from,
+        freeze_bn=False,
+        lovasz_weight=0.0,
+        **ssl_augmentation(cfg),
     )
 
 

@@ -14,7 +14,7 @@ from engine_fixtures import dry_run_plan, fake_shard_sets, run_launcher, run_tra
 from sdca_dist.config import compose_config
 from sdca_dist.config.run_config import with_values
 from sdca_dist.engine.schedule import poly_lr
-from sdca_dist.scaling import JobShape, ScaleError, check_world, job_shape, resolve_scale, scaled_schedule
+from sdca_dist.rank_scaling import JobShape, ScaleError, check_world, job_shape, resolve_scale, scaled_schedule
 
 
 def _gta(**values):

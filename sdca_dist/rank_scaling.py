@@ -1,4 +1,4 @@
-"""Scale-out: the scaled recipe (``train.scale=K``) and each stage's job shape.
+"""Rank scaling (scale-out): the scaled recipe (``train.scale=K``) and each stage's job shape.
 
 The published recipe fixes GLOBAL batches (src/ssl 8, sdca 4 + 4), so data parallelism beyond
 8 ranks needs a different recipe. ``train.scale=K`` is the linear scaling rule (Goyal et al.,

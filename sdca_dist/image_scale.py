@@ -1,4 +1,4 @@
-"""Train/test scale: how large each stage's training images are relative to the test images.
+"""Image scale: how large each stage's training images are relative to the test images.
 
 The evaluation resizes every target image to ``data.eval_resize``: that is the scale a model is
 tested at. A segmentation model learns object sizes, so a stage that trains far from that scale
@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Optional
+
+from sdca_dist.stage_table import STAGE_NAMES, spec
 
 #: a target-side training range entirely above WIDE x or below 1/WIDE x the test scale is refused
 WIDE = 2.0
@@ -68,20 +70,21 @@ def ssl_range(data: Any) -> ScaleRange:
 
 def stage_scales(cfg: Any, stage: str) -> list[ScaleRange]:
     """The train/test ratios of ``stage``'s images (empty for a stage that reads no images to
-    train or label on)."""
-    d = cfg.data
-    source = _resize_range("source", "source_resize", d.source_resize, d.eval_resize)
-    target = _resize_range("target", "target_resize", d.target_resize, d.eval_resize)
-    table = {
-        "src": [source],
-        "dist_init": [source],
-        "sdca": [source, target],
-        "sdca_no_align": [source, target],
-        "pseudo_label": [target],
-        "ssl": [ssl_range(d)],
-        "oracle": [target],
-    }
-    return table.get(stage, [])
+    train or label on).
+
+    Derived from the stage table: a stage's image sizes are the size settings it declares it reads
+    (``StageSpec.reads``, which ``tests/test_stage_reads.py`` holds to what the stage really reads):
+    ``data.source_resize`` gives its source side, ``data.target_resize`` or ``data.ssl_scale`` its
+    target side. ``data.eval_resize`` alone (every scoring reads it) is the test scale itself."""
+    reads, d = set(spec(stage).reads), cfg.data
+    out = []
+    if "data.source_resize" in reads:
+        out.append(_resize_range("source", "source_resize", d.source_resize, d.eval_resize))
+    if "data.ssl_scale" in reads:
+        out.append(ssl_range(d))
+    elif "data.target_resize" in reads:
+        out.append(_resize_range("target", "target_resize", d.target_resize, d.eval_resize))
+    return out
 
 
 def scale_line(cfg: Any, stage: str) -> str:
@@ -114,7 +117,7 @@ def scale_mismatch(cfg: Any) -> Optional[str]:
         return None
     seen: dict[str, list[str]] = {}
     ranges: dict[str, ScaleRange] = {}
-    for stage in ("sdca", "pseudo_label", "oracle", "ssl"):
+    for stage in STAGE_NAMES:
         for r in stage_scales(cfg, stage):
             if r.side == "target" and (r.low > WIDE or r.high < 1 / WIDE):
                 seen.setdefault(r.settings, []).append(stage)

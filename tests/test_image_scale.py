@@ -23,7 +23,8 @@ from sdca_dist.data.shard_set import ShardWriter, write_manifest
 from sdca_dist.engine.data import make_loader
 from sdca_dist.engine.distributed import DistContext
 from sdca_dist.engine.stages.supervised import ssl_augmentation
-from sdca_dist.train_scale import scale_line, ssl_range
+from sdca_dist.image_scale import scale_line, ssl_range
+from sdca_dist.stage_table import STAGE_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL = [32, 64]  # the evaluation size [H, W] of these tests; crops are the whole evaluation image
@@ -111,6 +112,28 @@ def test_published_presets_train_ssl_at_1_to_3x_the_test_scale():
         assert (r.low, r.high) == (1.0, 3.0), conf
         assert "target 1.00-3.00x" in scale_line(cfg, "ssl")
     assert "target 1.00x" in scale_line(compose_config(["conf=gta2city"]), "sdca")
+
+
+def test_each_stage_scale_line_names_the_sides_it_trains_or_labels_on():
+    """The sides come from the settings each stage reads (the stage table): the source at
+    source_resize, the target at target_resize or ssl's zoom; dist_init reads only the source,
+    pseudo_label only the target, and eval none (it reads the test scale itself)."""
+    from sdca_dist.image_scale import stage_scales
+
+    cfg = compose_config(["conf=gta2city"])
+    sides = {stage: [r.side for r in stage_scales(cfg, stage)] for stage in STAGE_NAMES}
+    assert sides == {
+        "oracle": ["target"],
+        "src": ["source"],
+        "dist_init": ["source"],
+        "sdca": ["source", "target"],
+        "sdca_no_align": ["source", "target"],
+        "pseudo_label": ["target"],
+        "ssl": ["target"],
+        "eval": [],
+    }
+    assert "data.ssl_scale" in stage_scales(cfg, "ssl")[0].settings
+    assert stage_scales(cfg, "pseudo_label")[0].settings == "data.target_resize=[512, 1024]"
 
 
 @pytest.mark.parametrize(
