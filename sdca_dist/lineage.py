@@ -38,11 +38,8 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from sdca_dist.files import atomic_write_text, read_json_dict, sha256_file
+from sdca_dist.run_folder import DONE, LINEAGE, LOCK
 from sdca_dist.stage_table import StageInput, inputs_of, spec, weights_read
-
-DONE = "DONE"
-LINEAGE = "LINEAGE.json"
-LOCK = ".lock"
 
 
 class MissingInputError(FileNotFoundError):

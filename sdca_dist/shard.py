@@ -27,7 +27,7 @@ import sys
 import threading
 from pathlib import Path
 
-from sdca_dist import cli
+from sdca_dist import arguments
 from sdca_dist.data.errors import DataError
 from sdca_dist.data.layouts import LAYOUTS
 
@@ -60,7 +60,7 @@ def _int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = cli.parser(
+    ap = arguments.parser(
         "python -m sdca_dist.shard",
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,

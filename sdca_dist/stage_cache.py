@@ -42,12 +42,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from sdca_dist.files import atomic_write_text, sha256_file
+from sdca_dist.run_folder import ATTEMPT_RECORDS, SHARD_RECORDS
+from sdca_dist.run_folder import CACHE_SETTING as CACHE_FILE
 
-CACHE_FILE = "cache.json"
 ENTRY = "ENTRY.json"
 DEFAULT_DIR_NAME = "stage_cache"
 #: stage-folder names that are records of one attempt, not results
-_NOT_CACHED = {"DONE", "LINEAGE.json", ".lock", "progress.json", "checkpoints", "tb", ".verified"}
+_NOT_CACHED = ATTEMPT_RECORDS | {SHARD_RECORDS}
 
 
 def default_cache_dir(launch_root: Path | str) -> Path:

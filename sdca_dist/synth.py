@@ -484,14 +484,14 @@ def _size(text: str) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     d = SynthConfig()
-    from sdca_dist import cli
+    from sdca_dist import arguments
 
-    ap = cli.parser("python -m sdca_dist.synth", __doc__.splitlines()[0])
+    ap = arguments.parser("python -m sdca_dist.synth", __doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--seed", type=cli.int_at_least(0), default=d.seed)
-    ap.add_argument("--num-source", type=cli.int_at_least(1), default=d.num_source)
-    ap.add_argument("--num-target-train", type=cli.int_at_least(0), default=d.num_target_train)
-    ap.add_argument("--num-target-val", type=cli.int_at_least(0), default=d.num_target_val)
+    ap.add_argument("--seed", type=arguments.int_at_least(0), default=d.seed)
+    ap.add_argument("--num-source", type=arguments.int_at_least(1), default=d.num_source)
+    ap.add_argument("--num-target-train", type=arguments.int_at_least(0), default=d.num_target_train)
+    ap.add_argument("--num-target-val", type=arguments.int_at_least(0), default=d.num_target_val)
     ap.add_argument("--source-size", type=_size, default=d.source_size, help="WxH")
     ap.add_argument("--synthia-size", type=_size, default=None, help="WxH (default: --source-size)")
     ap.add_argument("--target-size", type=_size, default=d.target_size, help="WxH")
@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         "class_tone",
     ):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
-    ap.add_argument("--workers", type=cli.int_between(1, 256), default=1)
+    ap.add_argument("--workers", type=arguments.int_between(1, 256), default=1)
     a = ap.parse_args(argv)
     cfg = SynthConfig(**{f.name: getattr(a, f.name) for f in fields(SynthConfig) if hasattr(a, f.name)})
     t0 = time.time()

@@ -97,8 +97,8 @@ def test_abbreviations_zero_and_absurd_sizes_are_refused_in_one_line(module, arg
 
 
 def test_every_tool_builds_its_parser_with_the_shared_one():
-    """``sdca_dist.cli.parser`` (no abbreviations, one-line errors) is the only ArgumentParser."""
-    own = REPO / "sdca_dist" / "cli.py"
+    """``sdca_dist.arguments.parser`` (no abbreviations, one-line errors) is the only ArgumentParser."""
+    own = REPO / "sdca_dist" / "arguments.py"
     files = [p for p in (REPO / "sdca_dist").rglob("*.py") if p != own]
     others = [str(p.relative_to(REPO)) for p in files if "ArgumentParser(" in p.read_text()]
     assert others == []

@@ -67,7 +67,16 @@ def test_cluster_names_are_the_backend_modules_each_with_a_cluster_file():
         assert backend(name).name == name
         assert OmegaConf.load(conf_dir() / "cluster" / f"{name}.yaml").name == name
     with pytest.raises(ConfigError, match=r"^cluster.name='pbs'; valid: local, slurm$"):
-        compose_config(["conf=synthetic", "cluster.name=pbs"])
+        backend("pbs")
+
+
+def test_an_unknown_cluster_name_is_refused_where_the_backend_is_chosen(tmp_path, capsys):
+    from sdca_dist.launch.cli import main
+
+    rc = main(["conf=synthetic", "cluster.name=pbs", "dry_run=true", f"run_dir={tmp_path / 'run'}"])
+    assert rc == 2
+    assert capsys.readouterr().err.strip() == "error: cluster.name='pbs'; valid: local, slurm"
+    assert not (tmp_path / "run").exists()
 
 
 def _seed_folder(rd: Path, scores: dict[str, float]) -> None:

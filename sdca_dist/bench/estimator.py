@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from sdca_dist import cli
+from sdca_dist import arguments
 from sdca_dist.method import SemanticDistribution, update_distributions
 
 N_PIXELS, NUM_CLASSES, FEAT_DIM = 14_400, 19, 2048
@@ -157,12 +157,14 @@ def _memory_in_subprocess(variant: str) -> float:
 
 
 def main(argv: list[str]) -> int:
-    parser = cli.parser(
+    parser = arguments.parser(
         "python -m sdca_dist.bench estimator", __doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--reps", type=cli.int_between(1, 1000), default=5, help="timed repetitions of our update")
     parser.add_argument(
-        "--ref-reps", type=cli.int_between(1, 1000), default=2, help="timed repetitions of the reference"
+        "--reps", type=arguments.int_between(1, 1000), default=5, help="timed repetitions of our update"
+    )
+    parser.add_argument(
+        "--ref-reps", type=arguments.int_between(1, 1000), default=2, help="timed repetitions of the reference"
     )
     parser.add_argument("--memory-probe", choices=("ours", "reference"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

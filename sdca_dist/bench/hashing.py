@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdca_dist import cli
+from sdca_dist import arguments
 
 
 def _drop_cache(paths: list[Path]) -> None:
@@ -66,10 +66,14 @@ def _timed(fn) -> tuple[float, object]:
 
 
 def main(argv: list[str]) -> int:
-    ap = cli.parser("python -m sdca_dist.bench hashing", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--gb", type=cli.float_above(0.0), default=2.0, help="size of the shard set in GB (default 2)")
-    ap.add_argument("--shard-mb", type=cli.int_between(1, 4096), default=256, help="tar size in MB (default 256)")
-    ap.add_argument("--ranks", type=cli.int_between(1, 1024), default=8, help="ranks of a first start (default 8)")
+    ap = arguments.parser("python -m sdca_dist.bench hashing", description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--gb", type=arguments.float_above(0.0), default=2.0, help="size of the shard set in GB (default 2)"
+    )
+    ap.add_argument("--shard-mb", type=arguments.int_between(1, 4096), default=256, help="tar size in MB (default 256)")
+    ap.add_argument(
+        "--ranks", type=arguments.int_between(1, 1024), default=8, help="ranks of a first start (default 8)"
+    )
     ap.add_argument("--dir", default=None, help="where to build (default a new folder under /tmp, removed)")
     args = ap.parse_args(argv)
     if args.gb > 64:
@@ -83,6 +87,7 @@ def main(argv: list[str]) -> int:
     from sdca_dist.launch import grid  # noqa: F401 - the status view's imports, before the clock starts
     from sdca_dist.launch.status import status_rows
     from sdca_dist.lineage import Lineage, settings_record
+    from sdca_dist.run_folder import PLAN
 
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="sdca-bench-hashing-", dir="/tmp"))
     try:
@@ -96,7 +101,7 @@ def main(argv: list[str]) -> int:
         cfg = compose_config(overrides)
         run = work / "run"
         freeze(run, cfg, overrides)
-        (run / "plan.json").write_text(json.dumps({"stages": {"src": {}}}))
+        (run / PLAN).write_text(json.dumps({"stages": {"src": {}}}))
         maker = Lineage(run)
         record = maker.current(cfg, "src")  # records exist: the writer made them
         maker.begin("src", record)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
-from sdca_dist.cli import int_at_least, parser, size_wh
+from sdca_dist.arguments import int_at_least, parser, size_wh
 from sdca_dist.data.layouts import list_pairs, read_label
 from sdca_dist.data.loader import IMAGENET_MEAN, IMAGENET_STD, ShardLoader
 from sdca_dist.data.packing import PackOptions, pack

@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sdca_dist import cli
+from sdca_dist import arguments
 from sdca_dist.bench.step import TimedAllReduce
 from sdca_dist.shard import shard_command
 from sdca_dist.synth import synth_command
@@ -420,29 +420,32 @@ def _machine_header(a) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    ap = cli.parser("python -m sdca_dist.bench scale", __doc__.splitlines()[0])
-    ap.add_argument("--iters", type=cli.int_between(1, 100000), default=60, help="timed steps per run")
+    ap = arguments.parser("python -m sdca_dist.bench scale", __doc__.splitlines()[0])
+    ap.add_argument("--iters", type=arguments.int_between(1, 100000), default=60, help="timed steps per run")
     ap.add_argument(
-        "--warmup", type=cli.int_between(1, 100000), default=5, help="untimed steps first (pipeline build, allocations)"
+        "--warmup",
+        type=arguments.int_between(1, 100000),
+        default=5,
+        help="untimed steps first (pipeline build, allocations)",
     )
     ap.add_argument(
         "--batches",
-        type=cli.int_between(2, 4096),
+        type=arguments.int_between(2, 4096),
         nargs="+",
         default=[4, 8],
         metavar="B",
         help="GLOBAL source (= target) batches to measure; the first one gives the last line",
     )
-    ap.add_argument("--size", type=cli.int_between(8, 4096), nargs=2, default=[64, 128], metavar=("H", "W"))
+    ap.add_argument("--size", type=arguments.int_between(8, 4096), nargs=2, default=[64, 128], metavar=("H", "W"))
     ap.add_argument(
         "--dali-threads",
-        type=cli.int_between(1, 256),
+        type=arguments.int_between(1, 256),
         default=1,
         help="DALI worker threads per loader (conf=synthetic: 1)",
     )
     ap.add_argument(
         "--repeats",
-        type=cli.int_between(1, 1000),
+        type=arguments.int_between(1, 1000),
         default=3,
         help="pairs of a 2-rank and a 1-rank run; the median pair's efficiency counts (machine noise)",
     )
@@ -459,7 +462,9 @@ def main(argv: list[str]) -> int:
         default=True,
         help="bind each rank (and its DALI and gloo threads) to one core of its own (default; --no-pin: unbound)",
     )
-    ap.add_argument("--timeout", type=cli.float_above(0), default=600.0, help="seconds before a hung run is ended")
+    ap.add_argument(
+        "--timeout", type=arguments.float_above(0), default=600.0, help="seconds before a hung run is ended"
+    )
     ap.add_argument("--kill-rank", type=int, default=-1, help=argparse.SUPPRESS)  # fault injection for the tests
     a = ap.parse_args(argv)
     bad = [b for b in a.batches if b % 2]

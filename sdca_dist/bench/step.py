@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sdca_dist.cli import int_at_least, parser
+from sdca_dist.arguments import int_at_least, parser
 
 
 class TimedAllReduce:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sdca_dist import cli
+from sdca_dist import arguments
 from sdca_dist.bench.estimator import peak_rss_delta_mb
 from sdca_dist.method import ClassThresholds
 
@@ -109,11 +109,11 @@ def _memory_in_subprocess(variant: str, n_images: int) -> float:
 
 
 def main(argv: list[str]) -> int:
-    parser = cli.parser(
+    parser = arguments.parser(
         "python -m sdca_dist.bench thresholds", __doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     # at most the Cityscapes train set: the reference then keeps ~25 GB (16 bytes per pixel)
-    parser.add_argument("--images", type=cli.int_between(1, MAX_IMAGES), default=200)
+    parser.add_argument("--images", type=arguments.int_between(1, MAX_IMAGES), default=200)
     parser.add_argument("--memory-probe", choices=("null", "ours", "reference"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     n = args.images

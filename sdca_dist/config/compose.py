@@ -230,9 +230,6 @@ def validate(cfg: DictConfig) -> None:
         _check(m[key] >= 0, f"method.{key}={m[key]} must be >= 0")
     _check(m.threshold_bins >= 2, f"method.threshold_bins={m.threshold_bins} must be >= 2")
     c = cfg.cluster
-    from sdca_dist.launch.backends import backend_names
-
-    _check(c.name in backend_names(), f"cluster.name={c.name!r}; valid: {', '.join(backend_names())}")
     _check(c.tasks_per_node >= 1, f"cluster.tasks_per_node={c.tasks_per_node} must be >= 1")
     _check(c.gpus_per_node >= 0, f"cluster.gpus_per_node={c.gpus_per_node} must be >= 0")
     _check(c.cpus_per_task >= 1, f"cluster.cpus_per_task={c.cpus_per_task} must be >= 1")

@@ -25,10 +25,10 @@ from omegaconf.errors import OmegaConfBaseException
 from sdca_dist.config.compose import JOB_KEYS, ConfigError, compose_config, validate
 from sdca_dist.config.schema import Config, LaunchConfig
 from sdca_dist.files import atomic_write_text
+from sdca_dist.run_folder import CONFIG as CONFIG_FILE
+from sdca_dist.run_folder import CONFIG_LOCK
+from sdca_dist.run_folder import CONFIG_ORIGIN as ORIGIN_FILE
 
-CONFIG_FILE = "config.yaml"
-#: how the frozen configuration was made (the overrides, for comparing later command lines)
-ORIGIN_FILE = "config.origin.json"
 #: sections that may differ between launches of one run: where jobs run, not what they compute
 VOLATILE = ("cluster",)
 
@@ -236,7 +236,7 @@ def freeze(run_dir: Path | str, cfg: DictConfig, overrides: Sequence[str]) -> bo
     from sdca_dist.locks import FileLock, LockError
 
     path = config_path(run_dir)
-    lock = FileLock(run_dir / ".config.lock", setting="run_dir")
+    lock = FileLock(run_dir / CONFIG_LOCK, setting="run_dir")
     try:
         lock.acquire(poll_s=0.2)
     except LockError as exc:

@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     import sys
 
-    from sdca_dist.cli import int_at_least, int_between, parser
+    from sdca_dist.arguments import int_at_least, int_between, parser
     from sdca_dist.data.errors import DataError
     from sdca_dist.data.shard_set import load_manifest
 

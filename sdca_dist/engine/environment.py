@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 
 from sdca_dist.files import atomic_write_text, read_json_dict
+from sdca_dist.run_folder import ENVIRONMENT as FILE
 
 #: distributions whose versions are recorded (those absent are recorded as null)
 PACKAGES = (
@@ -33,7 +34,6 @@ PACKAGES = (
     "submitit",
     "cityscapesscripts",
 )
-FILE = "environment.json"
 #: environment variables that change which kernels run (recorded when set)
 KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA", "OMP_NUM_THREADS", "CUBLAS_WORKSPACE_CONFIG")
 

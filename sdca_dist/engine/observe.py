@@ -18,9 +18,8 @@ import torch
 
 from sdca_dist.classes import colorize
 from sdca_dist.files import atomic_write_text
+from sdca_dist.run_folder import PROGRESS, TENSORBOARD
 
-#: the stage's progress record, replaced at each progress line (``launch/slurm.py status=true`` reads it)
-PROGRESS = "progress.json"
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
@@ -75,7 +74,7 @@ class StageObserver:
         if is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(Path(folder) / "tb"))
+            self._tb = SummaryWriter(log_dir=str(Path(folder) / TENSORBOARD))
 
     def log(self, message: str) -> None:
         if self.is_main:

@@ -34,7 +34,6 @@ from sdca_dist.engine.distributed import (
 )
 from sdca_dist.engine.environment import record_environment
 from sdca_dist.engine.observe import StageObserver
-from sdca_dist.engine.run_dir import RunDir
 from sdca_dist.engine.stage_context import StageContext
 from sdca_dist.image_scale import scale_line
 from sdca_dist.lineage import (
@@ -48,6 +47,7 @@ from sdca_dist.lineage import (
 )
 from sdca_dist.locks import LockError
 from sdca_dist.rank_scaling import ScaleError, check_world, plan_warnings, scaled_schedule
+from sdca_dist.run_folder import RunDir
 from sdca_dist.stage_cache import open_cached_stage
 from sdca_dist.stage_keys import code_version, stage_key
 from sdca_dist.stage_table import spec

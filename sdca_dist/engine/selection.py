@@ -26,9 +26,9 @@ import torch
 
 from sdca_dist.engine.checkpoint import atomic_write_text, rng_state, set_rng_state
 from sdca_dist.engine.stage_context import StageContext
+from sdca_dist.run_folder import SELECTION as SELECTION_FILE
 
 SELECTED_ON = "target val (the evaluation set)"
-SELECTION_FILE = "selection.json"
 
 
 class BestValSelection:

@@ -16,9 +16,10 @@ from sdca_dist.config.schema import Config
 from sdca_dist.engine.checkpoint import atomic_torch_save, atomic_write_text
 from sdca_dist.engine.distributed import DistContext
 from sdca_dist.engine.observe import StageObserver
-from sdca_dist.engine.run_dir import METRICS, MODEL_FINAL, RunDir, StageInputError
+from sdca_dist.lineage import StageInputError
 from sdca_dist.rank_scaling import ScaledSchedule as Schedule
 from sdca_dist.rank_scaling import scaled_schedule
+from sdca_dist.run_folder import METRICS, MODEL_FINAL, PER_CLASS_IOU, RunDir
 from sdca_dist.stage_table import inputs_of
 
 
@@ -107,5 +108,5 @@ class StageContext:
         payload = {**report, **(extra or {})}
         path = self.write_json(METRICS, payload)
         if self.ctx.is_main and "table" in report:
-            atomic_write_text(self.folder / "per_class_iou.md", report["table"] + "\n")
+            atomic_write_text(self.folder / PER_CLASS_IOU, report["table"] + "\n")
         return path

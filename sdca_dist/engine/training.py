@@ -24,6 +24,7 @@ from sdca_dist.engine.preemption import StopSignal
 from sdca_dist.engine.schedule import poly_lr
 from sdca_dist.engine.selection import BestValSelection, selection_for
 from sdca_dist.engine.stage_context import Schedule, StageContext
+from sdca_dist.run_folder import CHECKPOINTS
 
 
 class Stateful(Protocol):
@@ -101,7 +102,7 @@ def run_training(sc: StageContext, plan: TrainingPlan) -> dict:
     """Train to ``schedule.iters`` (resuming if possible); returns the loop's final statistics."""
     cfg, ctx, obs = sc.cfg, sc.ctx, sc.observer
     sched = plan.schedule
-    ckpt = Checkpointer(sc.folder / "checkpoints", ctx, keep=cfg.train.keep_checkpoints, log=obs.log)
+    ckpt = Checkpointer(sc.folder / CHECKPOINTS, ctx, keep=cfg.train.keep_checkpoints, log=obs.log)
     selection = selection_for(sc, sched)
     start = resume(sc, plan, ckpt, selection)
     obs.total = sched.iters

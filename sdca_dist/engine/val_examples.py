@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image
 
 from sdca_dist.files import atomic_write_bytes
+from sdca_dist.run_folder import VAL_EXAMPLES as FOLDER
 
-FOLDER = "val_examples"
 COUNT = 4
 MAX_WIDTH = 320
 

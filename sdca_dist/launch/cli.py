@@ -16,10 +16,10 @@ import sdca_dist.launch
 from sdca_dist.config import ConfigError
 from sdca_dist.config.run_config import freeze, parse_launch, split_overrides
 from sdca_dist.data.labelled import label_problems
+from sdca_dist.files import atomic_write_text
 from sdca_dist.launch.backends import backend
+from sdca_dist.launch.backends.base import LaunchError, LaunchHooks, Todo
 from sdca_dist.launch.plan import (
-    LaunchError,
-    Todo,
     _arg,
     check_shape,
     missing_data,
@@ -31,13 +31,13 @@ from sdca_dist.launch.plan import (
 )
 from sdca_dist.launch.summary import data_manifest, describe_data, write_summary
 from sdca_dist.rank_scaling import ScaleError, parse_scale, plan_warnings
+from sdca_dist.run_folder import PLAN
 from sdca_dist.stage_table import spec
 
 
-def main(argv: Sequence[str], hooks: Optional[dict] = None) -> int:
+def main(argv: Sequence[str], hooks: Optional[LaunchHooks] = None) -> int:
     """``hooks``: set by a grid (``sdca_dist.launch.grid``) for each of its points, whose command
-    line is then one run (never read as a sweep again): ``after`` {stage: [{"job", "seeds"}]}
-    the point's jobs depend on; ``submitted`` receives {stage: {"job", "seeds"}}."""
+    line is then one run (never read as a sweep again); handed to the backend's ``run``."""
     if any(a in ("-h", "--help") for a in argv):
         print(sdca_dist.launch.__doc__)
         return 0
@@ -54,9 +54,7 @@ def main(argv: Sequence[str], hooks: Optional[dict] = None) -> int:
         from sdca_dist.launch.grid import is_grid, run_grid
 
         if hooks is None and is_grid(user):
-            from sdca_dist.launch.backends.slurm import wait_slurm
-
-            return run_grid(user, main, wait_slurm)
+            return run_grid(user, main)
         stages = planned_stages(launch)
         runs = run_configs(run_overrides, launch, stages)
         cfg = runs[0][2]
@@ -110,7 +108,7 @@ def main(argv: Sequence[str], hooks: Optional[dict] = None) -> int:
                     c,
                     [o for o in run_overrides if o.split("=", 1)[0] not in ("seed", "run_dir")] + [f"seed={seed}"],
                 )
-            (folder / "plan.json").write_text(json.dumps({"nodes": launch.nodes, "stages": plan}, indent=1) + "\n")
+            atomic_write_text(folder / PLAN, json.dumps({"nodes": launch.nodes, "stages": plan}, indent=1) + "\n")
             for stage in launch.redo:
                 Lineage(folder).invalidate(stage)
             write_run_cache_setting(folder, cache_dir, recompute=recompute)

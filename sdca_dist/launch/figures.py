@@ -24,10 +24,7 @@ from typing import Any, Optional
 import numpy as np
 
 from sdca_dist.files import atomic_write_bytes, read_json_dict
-
-IOU_FIGURE = "summary_iou.png"
-EXAMPLES_FIGURE = "summary_examples.png"
-GRID_FIGURE = "grid_differences.png"
+from sdca_dist.run_folder import EXAMPLES_FIGURE, GRID_FIGURE, IOU_FIGURE, METRICS, SUMMARY_JSON
 
 
 def _pyplot():
@@ -52,7 +49,7 @@ def per_class_by_stage(runs: list[tuple[int, Path]], stages: list[str]) -> dict[
     out: dict[str, dict[int, dict]] = {}
     for stage in stages:
         for seed, rd in runs:
-            metrics = read_json_dict(Path(rd) / stage / "metrics.json")
+            metrics = read_json_dict(Path(rd) / stage / METRICS)
             if metrics is not None and isinstance(metrics.get("per_class"), dict):
                 out.setdefault(stage, {})[seed] = metrics["per_class"]
     return out
@@ -145,7 +142,7 @@ def write_run_figures(cfg, root: Path, runs: list[tuple[int, Path]], stages: lis
 def grid_figure(root: Path) -> Optional[Path]:
     """``GRID_FIGURE`` from the grid's summary.json: per (stage, point) the paired differences to
     the baseline, each seed a point, the mean with its 95% interval; None without differences."""
-    summary = read_json_dict(Path(root) / "summary.json") or {}
+    summary = read_json_dict(Path(root) / SUMMARY_JSON) or {}
     diffs: dict[str, Any] = summary.get("paired_differences") or {}
     rows = [
         (f"{stage}: {point}", d)

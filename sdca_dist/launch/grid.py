@@ -44,8 +44,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from sdca_dist.config.compose import ConfigError
+from sdca_dist.launch.backends.base import LaunchHooks, QueuedJob
+from sdca_dist.run_folder import DONE, GRID, planned_seed_folders
 
-GRID_FILE = "grid.json"
 #: keys a grid cannot sweep: they name the job or the seeds (``seeds=K`` gives seeds)
 _NOT_SWEPT = ("run_dir", "stage", "seed", "conf")
 #: longest point folder name kept as it is (longer ones are cut and hashed)
@@ -358,20 +359,20 @@ def _plan(argv: Sequence[str]) -> tuple[GridPlan, Any]:
     return plan, launch
 
 
-def run_grid(argv: Sequence[str], launch_one: Callable[..., int], wait: Optional[Callable] = None) -> int:
+def run_grid(argv: Sequence[str], launch_one: Callable[[Sequence[str], LaunchHooks], int]) -> int:
     """Launch every point of the grid through ``launch_one(argv, hooks)`` (the single-run
     launcher). Every point is checked (a dry run of each, output kept back) before any is
     launched, so a bad point means nothing is written or submitted. A point that fails stops
-    only the points that take a chain stage from it. On SLURM with ``wait=true``,
-    ``wait(submitted)`` (the backend's) follows every point's jobs and cancels only those that
-    depend on a failed one. The summary is written when every point ended (locally, or with
-    ``wait=true``); exit 2 when anything failed."""
+    only the points that take a chain stage from it. Jobs a backend queued (SLURM) are followed,
+    with ``wait=true``, by that backend's ``wait``, which cancels only those that depend on a
+    failed one. The summary is written when every point ended (locally, or with ``wait=true``);
+    exit 2 when anything failed."""
     plan, launch = _plan(argv)
     checked: list[str] = []
     for i in range(len(plan.points)):
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            rc = launch_one([*plan.argv(i), "dry_run=true"], {"grid_point": True})
+            rc = launch_one([*plan.argv(i), "dry_run=true"], LaunchHooks())
         if rc != 0:
             print(f"error: grid point {plan.names[i]} cannot run (above); nothing launched", file=sys.stderr)
             return rc
@@ -386,11 +387,11 @@ def run_grid(argv: Sequence[str], launch_one: Callable[..., int], wait: Optional
     from sdca_dist.files import atomic_write_text
 
     plan.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(plan.root / GRID_FILE, json.dumps(plan.record(), indent=1) + "\n")
+    atomic_write_text(plan.root / GRID, json.dumps(plan.record(), indent=1) + "\n")
     failed_points, submitted = _launch_points(plan, launch_one)
     records: list[dict] = []
-    if submitted and launch.wait and wait is not None:
-        records = wait(submitted)
+    if submitted and launch.wait:
+        records = _wait(submitted)
     queued = bool(submitted) and not launch.wait
     if queued:
         print(
@@ -429,14 +430,24 @@ def _print_plan(plan: GridPlan, seeds: int) -> None:
         print(line, flush=True)
 
 
-def _launch_points(plan: GridPlan, launch_one: Callable[..., int]) -> tuple[dict[str, str], list]:
-    """Launch the points in order: ({failed point: why}, every queued job array of every point,
-    for the wait). A point that takes a chain stage from a failed point is not launched."""
+def _wait(submitted: list[QueuedJob]) -> list[dict]:
+    """Each backend's ``wait`` on the jobs it queued, in submission order per backend."""
+    from sdca_dist.launch.backends import backend
+
+    names = list(dict.fromkeys(j.backend for j in submitted))
+    return [r for name in names for r in backend(name).wait([j for j in submitted if j.backend == name])]
+
+
+def _launch_points(
+    plan: GridPlan, launch_one: Callable[[Sequence[str], LaunchHooks], int]
+) -> tuple[dict[str, str], list[QueuedJob]]:
+    """Launch the points in order: ({failed point: why}, every job any point queued, for the
+    wait). A point that takes a chain stage from a failed point is not launched."""
     from sdca_dist.stage_table import spec
 
-    jobs: list[dict[str, Any]] = []  # per point: {stage: {"job": id, "seeds": [...]}} it queued
+    jobs: list[dict[str, QueuedJob]] = []  # per point: {stage: the job it queued}
     failed: dict[str, str] = {}
-    submitted: list = []
+    submitted: list[QueuedJob] = []
     for i, name in enumerate(plan.names):
         blocked = [
             (s, plan.names[j])
@@ -451,11 +462,11 @@ def _launch_points(plan: GridPlan, launch_one: Callable[..., int]) -> tuple[dict
             jobs.append({})
             continue
         after = {s: [jobs[j][s]] for s in plan.stages for j in [plan.sharing[(i, s)]] if j is not None and s in jobs[j]}
-        hooks: dict[str, Any] = {"after": after, "submitted": {}, "grid_point": True}
+        queued: list[QueuedJob] = []
         print(f"[grid] point {i + 1}/{len(plan.names)}: {name}", flush=True)
-        rc = launch_one(plan.argv(i), hooks)
-        jobs.append(dict(hooks["submitted"]))
-        submitted += hooks.get("jobs", [])
+        rc = launch_one(plan.argv(i), LaunchHooks(after=after, submitted=queued.append))
+        jobs.append({q.stage: q for q in queued})
+        submitted += queued
         if rc != 0:
             failed[name] = f"exit {rc}"
             print(f"[grid] point {name} failed (exit {rc}, above); going on with the points that do not need it")
@@ -464,9 +475,7 @@ def _launch_points(plan: GridPlan, launch_one: Callable[..., int]) -> tuple[dict
 
 def _done(plan: GridPlan, j: int, stage: str) -> bool:
     """Whether point ``j`` has ``stage`` done for every seed (its failure came later)."""
-    folder = plan.root / plan.names[j]
-    folders = [folder / f"seed_{s}" for s in plan.seeds] if len(plan.seeds) > 1 else [folder]
-    return all((f / stage / "DONE").is_file() for f in folders)
+    return all((f / stage / DONE).is_file() for _, f in planned_seed_folders(plan.root / plan.names[j], plan.seeds))
 
 
 def _preset_seed(fixed: list[str]) -> int:

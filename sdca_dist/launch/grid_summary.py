@@ -21,49 +21,32 @@ The statistics are ``sdca_dist.launch.seed_stats``'s, shared with the run summar
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from sdca_dist.files import atomic_write_text, read_json_dict
 from sdca_dist.launch.figures import grid_figure
-from sdca_dist.launch.grid import GRID_FILE
 from sdca_dist.launch.seed_stats import fmt_interval, over_seeds, paired
-
-
-def seed_folders(point_dir: Path) -> list[tuple[int, Path]]:
-    """(seed, run folder) of a point (or single run) folder: ``seed_<k>/`` sub-folders, or itself."""
-    subs = sorted(
-        (int(p.name.split("_", 1)[1]), p)
-        for p in point_dir.glob("seed_*")
-        if p.is_dir() and p.name.split("_", 1)[1].isdigit()
-    )
-    if subs:
-        return subs
-    cfg = point_dir / "config.yaml"
-    if cfg.is_file():
-        m = re.search(r"^seed: (\d+)$", cfg.read_text(), re.M)
-        return [(int(m.group(1)) if m else 0, point_dir)]
-    return []
+from sdca_dist.run_folder import DONE, GRID, METRICS, SUMMARY_JSON, SUMMARY_MD, run_folders, seed_folders
 
 
 def grid_table(root: Path) -> dict[str, Any]:
     """{point: {stage: {per_seed: {seed: mIoU}, n, mean, std, ci95, reused_seeds, wall_seconds}}}
     from the DONE records and metrics of every point's run folders."""
-    grid = read_json_dict(root / GRID_FILE) or {}
+    grid = read_json_dict(root / GRID) or {}
     out: dict[str, Any] = {}
     for name in grid.get("points", []):
         rows: dict[str, Any] = {}
         for stage in grid.get("stages", []):
             per_seed, reused, walls = {}, [], []
             for seed, rd in seed_folders(root / name):
-                done = read_json_dict(rd / stage / "DONE")
+                done = read_json_dict(rd / stage / DONE)
                 if done is None:
                     continue
                 walls.append(float(done.get("wall_seconds", float("nan"))))
                 if done.get("reused_from"):
                     reused.append(seed)
-                metrics = read_json_dict(rd / stage / "metrics.json")
+                metrics = read_json_dict(rd / stage / METRICS)
                 if metrics is not None and "mIoU" in metrics:
                     per_seed[seed] = float(metrics["mIoU"])
             if not walls:
@@ -128,22 +111,16 @@ def failures(root: Path, grid: dict) -> list[dict[str, str]]:
     """Every planned stage of every point and seed that has no DONE: its state and why, as the
     status view reads it (``failed`` with the exit code or SLURM state and the error line,
     ``not started``), or ``not run`` when an earlier chain stage of that seed failed."""
-    from sdca_dist.launch.status import JOBS_FILE, slurm_states, stage_row
+    from sdca_dist.launch.status import queue_states, stage_row
     from sdca_dist.stage_table import spec
 
-    seeds = [int(s) for s in grid.get("seeds", [0])]
-    folders = []
-    for name in grid.get("points", []):
-        found = seed_folders(root / name)
-        expected = [(s, root / name / f"seed_{s}" if len(seeds) > 1 else root / name) for s in seeds]
-        folders += [(name, seed, rd) for seed, rd in (found or expected)]
-    jobs = {rd: read_json_dict(rd / JOBS_FILE) or {} for _, _, rd in folders}
-    states = slurm_states([str(j["job_id"]) for js in jobs.values() for j in js.values() if "job_id" in j])
+    folders = run_folders(root, grid)
+    jobs, states = queue_states([rd for _, _, rd in folders])
     out = []
     for name, seed, rd in folders:
         stopped_by = None  # the first chain stage of this seed that failed
         for stage in grid.get("stages", []):
-            if (rd / stage / "DONE").is_file():
+            if (rd / stage / DONE).is_file():
                 continue
             state, detail = stage_row(rd, stage, None, None, jobs[rd], states)
             if stopped_by is not None and state in ("failed", "not started"):
@@ -162,7 +139,7 @@ def write_grid_summary(
     (a point that ended with an error, or was not launched because a point it takes a stage from
     failed)."""
     root = Path(root)
-    grid = read_json_dict(root / GRID_FILE)
+    grid = read_json_dict(root / GRID)
     if grid is None:
         return None
     table = grid_table(root)
@@ -182,11 +159,11 @@ def write_grid_summary(
     if points_failed:
         lines += ["", "Points that failed or were not launched:", ""]
         lines += [f"- {name}: {why}" for name, why in points_failed.items()]
-    atomic_write_text(root / "summary.json", json.dumps(payload, indent=1) + "\n")
-    atomic_write_text(root / "summary.md", "\n".join(lines) + "\n")
+    atomic_write_text(root / SUMMARY_JSON, json.dumps(payload, indent=1) + "\n")
+    atomic_write_text(root / SUMMARY_MD, "\n".join(lines) + "\n")
     grid_figure(root)  # grid_differences.png beside summary.json (sdca_dist.launch.figures)
     log("\n".join(lines))
-    return root / "summary.md"
+    return root / SUMMARY_MD
 
 
 def _markdown(

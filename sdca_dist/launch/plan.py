@@ -18,22 +18,10 @@ from omegaconf import DictConfig
 from sdca_dist.config import ConfigError, compose_config
 from sdca_dist.config.run_config import resolve, with_values
 from sdca_dist.config.schema import LaunchConfig
+from sdca_dist.launch.backends.base import LaunchError
 from sdca_dist.rank_scaling import parse_scale, plan_row, resolve_scale
+from sdca_dist.run_folder import planned_seed_folders, seed_folders
 from sdca_dist.stage_table import LAUNCH_FLAGS, ordered, spec
-
-
-class LaunchError(RuntimeError):
-    """A problem found before or while running the chain; one line, names what is at fault."""
-
-
-#: (seed, run folder, [(stage, why it runs)]) per seed: what a backend runs
-Todo = list[tuple[int, Path, list[tuple[str, str]]]]
-
-
-def seed_runs(run_dir: Path, seed: int, seeds: int) -> list[tuple[int, Path]]:
-    if seeds == 1:
-        return [(seed, run_dir)]
-    return [(seed + k, run_dir / f"seed_{seed + k}") for k in range(seeds)]
 
 
 def planned_stages(launch: LaunchConfig) -> list[str]:
@@ -61,7 +49,7 @@ def _base_seed(root: Path, run_overrides: list[str], seeds: int) -> int:
     if any(o.split("=", 1)[0] == "conf" for o in run_overrides):
         return int(compose_config([o for o in run_overrides if o.split("=", 1)[0] != "run_dir"]).seed)
     if seeds > 1:
-        found = sorted(int(p.name[5:]) for p in root.glob("seed_*") if p.name[5:].isdigit())
+        found = [seed for seed, folder in seed_folders(root) if folder != root]
         return found[0] if found else 0
     return 0
 
@@ -78,7 +66,7 @@ def run_configs(
     root = Path(run_dir or "runs/default")
     base = _base_seed(root, run_overrides, launch.seeds)
     out = []
-    for seed, folder in seed_runs(root, base, launch.seeds):
+    for seed, folder in planned_seed_folders(root, [base + k for k in range(launch.seeds)]):
 
         def adjust(cfg: DictConfig, seed: int = seed) -> DictConfig:
             updates: dict = {"seed": seed}

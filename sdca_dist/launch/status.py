@@ -1,7 +1,7 @@
 """Where a run (or a grid) stands: ``python launch/slurm.py run_dir=R status=true``.
 
-One row per (grid point,) seed and stage, from the files alone plus ``squeue``/``sacct`` when
-SLURM is there:
+One row per (grid point,) seed and stage, from the files alone plus the job states the run's
+backend gives (``Backend.states``: squeue and sacct on SLURM) for the jobs it recorded:
 
 * ``done``: mIoU, wall time, computed or reused from the stage cache (``DONE``);
 * ``stale``: DONE, but no longer valid for the run's settings or inputs, or built on a stage that
@@ -19,79 +19,19 @@ SLURM is there:
   launcher, or sacct and the job's log on SLURM);
 * ``not started``.
 
-Read-only, exit 0. No torch here.
+Read-only, exit 0: the records it reads are written by the engine and the backends. No torch
+here, and no scheduler command: the backend of each run folder's ``cluster.name`` is asked.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
-from sdca_dist.files import atomic_write_text, read_json_dict
-
-JOBS_FILE = "jobs.json"
-FAILED_FILE = "FAILED.json"
-PROGRESS_FILE = "progress.json"
-
-_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Preempted)\b.*: |^error: ")
-
-
-def last_error_line(lines: Sequence[str]) -> str:
-    """The last exception (or ``error:``) line of a log, else its last line."""
-    lines = [re.sub(r"^\[rank\d+\]:\s?", "", ln).strip() for ln in lines if ln.strip()]
-    errors = [ln for ln in lines if _ERROR_LINE.match(ln)]
-    if errors:
-        return errors[-1]
-    return lines[-1] if lines else "(no output)"
-
-
-# ----------------------------------------------------------------------------------------------
-# records the launcher leaves
-# ----------------------------------------------------------------------------------------------
-def run_recorded(cmd: list[str], folder: Path) -> int:
-    """Run one local stage process, its stderr passed through as it comes and kept; a failure
-    leaves ``<folder>/FAILED.json`` (exit code, last error line), a success removes it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / FAILED_FILE).unlink(missing_ok=True)
-    proc = subprocess.Popen(cmd, cwd=os.getcwd(), stderr=subprocess.PIPE, text=True, errors="replace")
-    tail: list[str] = []
-
-    def pump() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            sys.stderr.write(line)
-            sys.stderr.flush()
-            tail.append(line)
-            del tail[:-200]
-
-    t = threading.Thread(target=pump, daemon=True)
-    t.start()
-    rc = proc.wait()
-    t.join()
-    if rc != 0:
-        record = {"exit_code": rc, "error": last_error_line(tail), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        atomic_write_text(folder / FAILED_FILE, json.dumps(record, indent=1) + "\n")
-    return rc
-
-
-def record_job(run_dir: Path, stage: str, job_id: str, stderr: str) -> None:
-    """Remember which SLURM job runs ``stage`` of ``run_dir`` (for the status view)."""
-    path = Path(run_dir) / JOBS_FILE
-    jobs = read_json_dict(path) or {}
-    jobs[stage] = {"job_id": str(job_id), "stderr": str(stderr), "submitted": time.time()}
-    atomic_write_text(path, json.dumps(jobs, indent=1) + "\n")
-
-
-# ----------------------------------------------------------------------------------------------
-# the view
-# ----------------------------------------------------------------------------------------------
+from sdca_dist.files import read_json_dict
+from sdca_dist.launch.backends.base import last_error_line
+from sdca_dist.run_folder import DONE, FAILED, GRID, JOBS, LOCK, METRICS, PLAN, PROGRESS, run_folders
 
 
 def _fmt_s(seconds: Optional[float]) -> str:
@@ -108,61 +48,35 @@ def _lock_holder_alive(folder: Path) -> bool:
     test it could make a starting job fail); the rule is ``sdca_dist.locks``'s."""
     from sdca_dist.locks import holder_alive
 
-    return holder_alive(folder / ".lock")
+    return holder_alive(folder / LOCK)
 
 
-def slurm_states(job_ids: Sequence[str]) -> dict[str, dict[str, str]]:
-    """{job id: {state, reason | exit_code}} from squeue (queued/running), then sacct (ended);
-    empty without SLURM."""
-    out: dict[str, dict[str, str]] = {}
-    ids = sorted(set(job_ids))
-    if not ids:
-        return out
-    try:
-        q = subprocess.run(
-            ["squeue", "-h", "-j", ",".join(ids), "-o", "%i|%T|%r"], capture_output=True, text=True, timeout=30
-        )
-        for row in q.stdout.strip().splitlines():
-            jid, state, reason = (row.split("|") + ["", ""])[:3]
-            out[jid.strip()] = {"state": state.strip(), "reason": reason.strip()}
-        missing = [i for i in ids if i not in out]
-        if missing:
-            a = subprocess.run(
-                ["sacct", "-n", "-P", "-X", "-j", ",".join(missing), "-o", "JobID,State,ExitCode"],
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
-            for row in a.stdout.strip().splitlines():
-                jid, state, code = (row.split("|") + ["", ""])[:3]
-                out.setdefault(jid.strip(), {"state": state.split()[0] if state else "", "exit_code": code.strip()})
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return out
+def queue_states(folders: list[Path]) -> tuple[dict[Path, dict], dict[str, dict[str, str]]]:
+    """({run folder: its jobs.json}, {job id: state}) for the status view: each folder's recorded
+    jobs, and their states from the backend that recorded them (``Backend.states``; the record
+    names it, as a run's later launches may use another cluster than its first)."""
+    from sdca_dist.config import ConfigError
+    from sdca_dist.launch.backends import backend
 
-
-def run_folders(root: Path) -> list[tuple[str, int, Path]]:
-    """(point name or "", seed, run folder) under ``root``: a grid, a multi-seed run or a run."""
-    from sdca_dist.launch.grid import GRID_FILE
-    from sdca_dist.launch.grid_summary import seed_folders
-
-    grid = read_json_dict(root / GRID_FILE)
-    if grid is not None:
-        seeds = [int(s) for s in grid.get("seeds", [0])]
-        out = []
-        for name in grid.get("points", []):
-            found = seed_folders(root / name)
-            # a point not launched yet: the folders it will have
-            expected = [(s, root / name / f"seed_{s}" if len(seeds) > 1 else root / name) for s in seeds]
-            out += [(name, seed, rd) for seed, rd in (found or expected)]
-        return out
-    return [("", seed, rd) for seed, rd in seed_folders(root)]
+    jobs = {rd: (read_json_dict(rd / JOBS) or {}) for rd in folders}
+    by_backend: dict[str, list[str]] = {}
+    for recorded in jobs.values():
+        for job in recorded.values():
+            if isinstance(job, dict) and "job_id" in job and "backend" in job:
+                by_backend.setdefault(str(job["backend"]), []).append(str(job["job_id"]))
+    states: dict[str, dict[str, str]] = {}
+    for name, ids in by_backend.items():
+        try:
+            states.update(backend(name).states(ids))
+        except ConfigError:  # a record naming no backend found here: its rows come from the files
+            pass
+    return jobs, states
 
 
 def _stages_of(run_dir: Path) -> list[str]:
     from sdca_dist.stage_table import CHAIN, ordered
 
-    plan = read_json_dict(run_dir / "plan.json")
+    plan = read_json_dict(run_dir / PLAN)
     return ordered(plan["stages"]) if plan and isinstance(plan.get("stages"), dict) else list(CHAIN)
 
 
@@ -189,16 +103,14 @@ QUEUED_ROWS = {
 def stage_row(run_dir: Path, stage: str, cfg: Any, lineage: Any, jobs: dict, states: dict) -> tuple[str, str]:
     """(state, detail) of one stage of one run folder."""
     folder = run_dir / stage
-    done = read_json_dict(folder / "DONE")
-    failed = read_json_dict(folder / FAILED_FILE)
-    if failed is not None and (
-        done is None or (folder / FAILED_FILE).stat().st_mtime >= (folder / "DONE").stat().st_mtime
-    ):
+    done = read_json_dict(folder / DONE)
+    failed = read_json_dict(folder / FAILED)
+    if failed is not None and (done is None or (folder / FAILED).stat().st_mtime >= (folder / DONE).stat().st_mtime):
         # the last attempt failed (a failure before the stage began keeps the earlier DONE)
         return "failed", f"exit code {failed.get('exit_code')}: {failed.get('error')}"
     if done is not None:
         fresh, why = (True, "") if cfg is None else lineage.fresh(cfg, stage)
-        metrics = read_json_dict(folder / "metrics.json") or {}
+        metrics = read_json_dict(folder / METRICS) or {}
         miou = f"mIoU {float(metrics['mIoU']):.2f}, " if "mIoU" in metrics else ""
         wall = float(done.get("wall_seconds", float("nan")))
         how = (
@@ -211,7 +123,7 @@ def stage_row(run_dir: Path, stage: str, cfg: Any, lineage: Any, jobs: dict, sta
         return "done", f"{miou}wall {_fmt_s(wall)}, {how}"
     job = jobs.get(stage) or {}
     slurm = states.get(str(job.get("job_id", ""))) if job else None
-    progress = read_json_dict(folder / PROGRESS_FILE)
+    progress = read_json_dict(folder / PROGRESS)
     running = _lock_holder_alive(folder) or (slurm is not None and slurm.get("state") == "RUNNING")
     if running:
         if progress is None:
@@ -244,9 +156,8 @@ def status_rows(root: Path) -> list[tuple[str, str, str, str, str]]:
     from sdca_dist.config.run_config import load_frozen
     from sdca_dist.lineage import Lineage
 
-    folders = run_folders(root)
-    all_jobs = {rd: (read_json_dict(rd / JOBS_FILE) or {}) for _, _, rd in folders}
-    states = slurm_states([str(j["job_id"]) for jobs in all_jobs.values() for j in jobs.values() if "job_id" in j])
+    folders = run_folders(root, read_json_dict(root / GRID))
+    all_jobs, states = queue_states([rd for _, _, rd in folders])
     rows = []
     for point, seed, rd in folders:
         try:

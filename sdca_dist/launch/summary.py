@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from sdca_dist.files import atomic_write_text, read_json_dict
 from sdca_dist.launch.figures import write_run_figures
 from sdca_dist.launch.seed_stats import fmt_interval, mean_std, paired
+from sdca_dist.run_folder import DONE, METRICS, SUMMARY_JSON, SUMMARY_MD
 from sdca_dist.stage_table import TABLE, spec
 
 
@@ -32,11 +33,11 @@ def write_summary(cfg: DictConfig, root: Path, runs: list[tuple[int, Path]], sta
     for stage in stages:
         per_seed, walls, per_class = [], [], []
         for seed, rd in runs:
-            done = read_json_dict(rd / stage / "DONE")
+            done = read_json_dict(rd / stage / DONE)
             if done is None:
                 continue
             walls.append(float(done.get("wall_seconds", float("nan"))))
-            metrics = read_json_dict(rd / stage / "metrics.json")
+            metrics = read_json_dict(rd / stage / METRICS)
             if metrics is not None:
                 row = {"seed": seed, "mIoU": float(metrics["mIoU"])}
                 if "mIoU13" in metrics:
@@ -121,11 +122,11 @@ def write_summary(cfg: DictConfig, root: Path, runs: list[tuple[int, Path]], sta
             payload[stage] = table[stage]
     for ablation, effect in effects.items():
         payload[str(spec(ablation).effect).replace(" ", "_")] = effect
-    atomic_write_text(root / "summary.json", json.dumps(payload, indent=1) + "\n")
-    atomic_write_text(root / "summary.md", "\n".join(lines) + "\n")
+    atomic_write_text(root / SUMMARY_JSON, json.dumps(payload, indent=1) + "\n")
+    atomic_write_text(root / SUMMARY_MD, "\n".join(lines) + "\n")
     write_run_figures(cfg, root, runs, stages)
     print("\n".join(lines), flush=True)
-    return root / "summary.md"
+    return root / SUMMARY_MD
 
 
 def data_manifest(cfg: DictConfig, name: str) -> Path:
@@ -148,7 +149,7 @@ def _selected_on_val(rd: Path, stage: str, metrics: dict) -> Optional[dict]:
     selected = metrics.get("selected")
     model_from = str(metrics.get("model_from") or "")
     if selected is None and stage == "eval" and model_from and not model_from.endswith(".pt"):
-        selected = (read_json_dict(rd / model_from / "metrics.json") or {}).get("selected")
+        selected = (read_json_dict(rd / model_from / METRICS) or {}).get("selected")
     return selected if isinstance(selected, dict) and selected.get("rule") == "best_val" else None
 
 

@@ -42,7 +42,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from sdca_dist import cli
+from sdca_dist import arguments
 from sdca_dist.models import build_model
 
 #: The reference's FrozenBatchNorm2d has no eps; ours (nn.BatchNorm2d) adds this one.
@@ -336,7 +336,7 @@ def _unlink(path: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = cli.parser("python -m sdca_dist.models.convert", __doc__.split("\n")[0])
+    parser = arguments.parser("python -m sdca_dist.models.convert", __doc__.split("\n")[0])
     parser.add_argument(
         "--from",
         dest="source_format",

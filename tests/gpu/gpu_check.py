@@ -321,11 +321,11 @@ def _g3_train(cfg, folder: Path, steps: int, stop_after: int | None):
     from sdca_dist.config.compose import compose_config
     from sdca_dist.engine.observe import StageObserver
     from sdca_dist.engine.preemption import Preempted
-    from sdca_dist.engine.run_dir import RunDir
     from sdca_dist.engine.stage_context import StageContext
     from sdca_dist.engine.stages.common import make_engine
     from sdca_dist.engine.training import TrainingPlan, run_training
     from sdca_dist.method.segmentation_loss import segmentation_loss
+    from sdca_dist.run_folder import RunDir
 
     ctx = cfg.ctx
     conf = compose_config(

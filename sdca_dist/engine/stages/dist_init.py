@@ -17,10 +17,10 @@ from sdca_dist.data.sets import manifest_path, shard_set
 from sdca_dist.engine.data import make_loader
 from sdca_dist.engine.health import TrainingHealth
 from sdca_dist.engine.model_engine import inference_amp, inference_autocast
-from sdca_dist.engine.run_dir import DISTRIBUTIONS
 from sdca_dist.engine.stage_context import StageContext
 from sdca_dist.engine.stages.distributions import DistributionPair, save_distributions
 from sdca_dist.method import flatten_pixels
+from sdca_dist.run_folder import DISTRIBUTIONS
 from sdca_dist.stage_table import MODEL_FINAL
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sdca_dist.engine.evaluation import evaluate
 from sdca_dist.engine.stage_context import StageContext
+from sdca_dist.run_folder import METRICS
 from sdca_dist.stage_table import MODEL_FINAL
 
 
@@ -20,7 +21,7 @@ def run(sc: StageContext) -> dict:
     report = evaluate(sc, model, tag=tag)
     extra = {"stage": sc.name, "model_from": source}
     if not source.endswith(".pt"):  # a model chosen on the evaluation set stays labelled as such
-        scored = sc.run.stage(source) / "metrics.json"
+        scored = sc.run.stage(source) / METRICS
         selected = json.loads(scored.read_text()).get("selected") if scored.is_file() else None
         if selected:
             extra["selected"] = selected

@@ -25,8 +25,8 @@ from sdca_dist.data.sets import manifest_path, shard_set
 from sdca_dist.engine.data import make_loader
 from sdca_dist.engine.distributed import all_gather_object, all_reduce_sum
 from sdca_dist.engine.model_engine import inference_amp, inference_autocast
-from sdca_dist.engine.run_dir import PSEUDO_SHARDS, THRESHOLDS
 from sdca_dist.engine.stage_context import StageContext
+from sdca_dist.run_folder import PSEUDO_LABEL_QUALITY, PSEUDO_SHARDS, THRESHOLDS
 from sdca_dist.stage_table import MODEL_FINAL
 
 
@@ -164,5 +164,5 @@ def run(sc: StageContext) -> dict:
         "manifest": str(out / "manifest.json"),
         "seconds": round(time.time() - t0, 2),
     }
-    sc.write_json("pseudo_label_quality.json", {**summary, "per_class": report["per_class"]})
+    sc.write_json(PSEUDO_LABEL_QUALITY, {**summary, "per_class": report["per_class"]})
     return summary

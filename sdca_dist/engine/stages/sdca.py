@@ -24,6 +24,7 @@ from sdca_dist.engine.stages.common import finish_training, make_engine
 from sdca_dist.engine.stages.distributions import load_distributions, save_distributions
 from sdca_dist.engine.training import TrainingPlan, run_training
 from sdca_dist.method.objective import DistributionPair, SDCAObjective
+from sdca_dist.run_folder import DISTRIBUTIONS_FINAL
 from sdca_dist.stage_table import DISTRIBUTIONS, MODEL_FINAL
 
 
@@ -110,5 +111,5 @@ def _run(sc: StageContext, method: MethodConfig) -> dict:
     )
     stats = run_training(sc, plan)
     if ctx.is_main:
-        save_distributions(dists, sc.folder / "distributions_final.pt")
+        save_distributions(dists, sc.folder / DISTRIBUTIONS_FINAL)
     return finish_training(sc, engine, stats, sched.iters)

@@ -6,11 +6,18 @@ This machine is one node: a launch with ``nodes > 1`` is refused (use more
 that seed's chain; the other seeds go on (their chains do not depend on it), and the launch
 exits 2 after the summary, naming the failure. A reference stage's failure is reported and the
 chain goes on.
+
+A failed attempt leaves ``<stage>/FAILED.json`` (exit code, last error line) for the status view;
+the stages run before ``run`` returns, so there is nothing to wait for and no job states.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -18,8 +25,9 @@ from typing import Optional
 from omegaconf import DictConfig
 
 from sdca_dist.config.schema import LaunchConfig
-from sdca_dist.launch.backends.base import Backend
-from sdca_dist.launch.plan import LaunchError, Todo
+from sdca_dist.files import atomic_write_text
+from sdca_dist.launch.backends.base import Backend, LaunchError, LaunchHooks, Todo, last_error_line
+from sdca_dist.run_folder import DONE, FAILED
 from sdca_dist.stage_table import spec
 
 
@@ -40,12 +48,36 @@ def train_command(ranks: int, args: list[str]) -> list[str]:
     return [sys.executable, "-m", "sdca_dist.train", *args]
 
 
+def run_recorded(cmd: list[str], folder: Path) -> int:
+    """Run one local stage process, its stderr passed through as it comes and kept; a failure
+    leaves ``<folder>/FAILED.json`` (exit code, last error line), a success removes it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / FAILED).unlink(missing_ok=True)
+    proc = subprocess.Popen(cmd, cwd=os.getcwd(), stderr=subprocess.PIPE, text=True, errors="replace")
+    tail: list[str] = []
+
+    def pump() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            tail.append(line)
+            del tail[:-200]
+
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    rc = proc.wait()
+    t.join()
+    if rc != 0:
+        record = {"exit_code": rc, "error": last_error_line(tail), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        atomic_write_text(folder / FAILED, json.dumps(record, indent=1) + "\n")
+    return rc
+
+
 def run_local(todo: Todo, plan: dict[str, dict], model_from: str) -> list[dict]:
     """The chain on this machine: one torchrun (or plain python) process group per stage, each
     with its planned world size. A seed whose chain stage fails runs no later stage; the other
     seeds go on. One record per stage run."""
-    from sdca_dist.launch.status import run_recorded
-
     records = []
     for seed, run_dir, stages in todo:
         for stage, why in stages:
@@ -57,7 +89,7 @@ def run_local(todo: Todo, plan: dict[str, dict], model_from: str) -> list[dict]:
             print(f"[launch] seed {seed} {stage} ({why}): {' '.join(cmd[1:])}", flush=True)
             t0 = time.time()
             rc = run_recorded(cmd, run_dir / stage)  # a failure leaves FAILED.json for the status view
-            done = (run_dir / stage / "DONE").is_file()
+            done = (run_dir / stage / DONE).is_file()
             state = "COMPLETED" if rc == 0 and done else f"FAILED(rc={rc})"
             records.append(
                 {
@@ -98,7 +130,7 @@ class LocalBackend(Backend):
         todo: Todo,
         plan: dict[str, dict],
         stages: list[str],
-        hooks: Optional[dict] = None,
+        hooks: Optional[LaunchHooks] = None,
     ) -> Optional[list[dict]]:
         return run_local(todo, plan, str(cfg.eval.model_from))
 

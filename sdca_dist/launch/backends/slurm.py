@@ -7,22 +7,28 @@ Before submitting, the partition must offer ``nodes`` nodes with ``cluster.gpus_
 each (``sinfo``). With ``wait=true`` the launch follows every job to a terminal ``sacct`` state
 and exits 2, after writing the summary, naming the first failed job's error line from its log;
 without it the launch ends once everything is queued.
+
+Each submitted job is recorded in its run folder's ``jobs.json`` (stage -> job id and log); the
+status view asks ``states`` (squeue for queued and running jobs, then sacct for ended ones) about
+them. A grid's points hand their jobs to ``wait``.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from omegaconf import DictConfig
 
 from sdca_dist.config.schema import LaunchConfig
-from sdca_dist.launch.backends.base import Backend
-from sdca_dist.launch.plan import LaunchError, Todo
+from sdca_dist.files import atomic_write_text, read_json_dict
+from sdca_dist.launch.backends.base import Backend, LaunchError, LaunchHooks, QueuedJob, Todo
+from sdca_dist.run_folder import JOBS, SLURM_LOGS
 from sdca_dist.stage_table import spec
 
 
@@ -100,6 +106,45 @@ class StageArray:
         return str(self.jobs[0].job_id).split("_")[0]
 
 
+def record_job(run_dir: Path, stage: str, job_id: str, stderr: str) -> None:
+    """Remember in ``<run_dir>/jobs.json`` which job runs ``stage``, where its log is and which
+    backend to ask about it (the status view reads it)."""
+    path = Path(run_dir) / JOBS
+    jobs = read_json_dict(path) or {}
+    jobs[stage] = {"job_id": str(job_id), "stderr": str(stderr), "submitted": time.time(), "backend": "slurm"}
+    atomic_write_text(path, json.dumps(jobs, indent=1) + "\n")
+
+
+def slurm_states(job_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+    """{job id: {state, reason | exit_code}} from squeue (queued/running), then sacct (ended);
+    empty without SLURM."""
+    out: dict[str, dict[str, str]] = {}
+    ids = sorted(set(job_ids))
+    if not ids:
+        return out
+    try:
+        q = subprocess.run(
+            ["squeue", "-h", "-j", ",".join(ids), "-o", "%i|%T|%r"], capture_output=True, text=True, timeout=30
+        )
+        for row in q.stdout.strip().splitlines():
+            jid, state, reason = (row.split("|") + ["", ""])[:3]
+            out[jid.strip()] = {"state": state.strip(), "reason": reason.strip()}
+        missing = [i for i in ids if i not in out]
+        if missing:
+            a = subprocess.run(
+                ["sacct", "-n", "-P", "-X", "-j", ",".join(missing), "-o", "JobID,State,ExitCode"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            for row in a.stdout.strip().splitlines():
+                jid, state, code = (row.split("|") + ["", ""])[:3]
+                out.setdefault(jid.strip(), {"state": state.split()[0] if state else "", "exit_code": code.strip()})
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
 def dependency_on(job_id: str, its_seeds: list[int], seeds: list[int]) -> tuple[str, str]:
     """How an array over ``seeds`` waits for job ``job_id`` (an array over ``its_seeds``):
     ``aftercorr`` when both are arrays over the same seeds (task k waits for task k only, so a
@@ -122,16 +167,15 @@ def submit_slurm(
     todo: Todo,
     plan: dict[str, dict],
     stages: list[str],
-    after: Optional[dict[str, list[dict]]] = None,
+    after: Optional[Mapping[str, Sequence[QueuedJob]]] = None,
 ) -> list[StageArray]:
     """One job (an array over the seeds that need it) per stage, each with its planned shape and
     depending on the previous chain stage's job (and on ``after[stage]``: a grid's jobs
-    computing a stage this point shares, each ``{"job": id, "seeds": [...]}``): ``aftercorr``
-    where both are arrays over the same seeds, ``afterok`` otherwise (``dependency_on``)."""
+    computing a stage this point shares): ``aftercorr`` where both are arrays over the same
+    seeds, ``afterok`` otherwise (``dependency_on``)."""
     import submitit
 
     from sdca_dist.jobs import StageJob
-    from sdca_dist.launch.status import record_job
 
     previous: Optional[StageArray] = None
     submitted: list[StageArray] = []
@@ -141,11 +185,11 @@ def submit_slurm(
             continue
         seeds = [seed for seed, _ in runs]
         executor = submitit.SlurmExecutor(
-            folder=str(root / "slurm" / stage / "%j"), max_num_timeout=int(cfg.cluster.max_requeues)
+            folder=str(root / SLURM_LOGS / stage / "%j"), max_num_timeout=int(cfg.cluster.max_requeues)
         )
         params = slurm_parameters(cfg, stage, plan[stage])
         deps = [dependency_on(previous.job_id, previous.seeds, seeds)] if previous and spec(stage).gates_chain else []
-        deps += [dependency_on(a["job"], a["seeds"], seeds) for a in (after or {}).get(stage, [])]
+        deps += [dependency_on(a.job_id, list(a.seeds), seeds) for a in (after or {}).get(stage, [])]
         if deps:
             params["dependency"] = dependency_parameter(deps)
         executor.update_parameters(**params)
@@ -154,14 +198,14 @@ def submit_slurm(
             for seed, rd in runs:
                 jobs.append(executor.submit(StageJob(str(rd), stage, str(cfg.eval.model_from))))
         array = StageArray(stage, jobs, seeds, deps)
-        for (seed, rd), job in zip(runs, jobs):  # for the status view (sdca_dist.launch.status)
+        for (seed, rd), job in zip(runs, jobs):  # for the status view (``states``)
             record_job(rd, stage, str(job.job_id), str(job.paths.stderr))
         if spec(stage).gates_chain:
             previous = array
         submitted.append(array)
-        shape = f"{params['nodes']}x{params['ntasks_per_node']}"
+        shape, logs = f"{params['nodes']}x{params['ntasks_per_node']}", root / SLURM_LOGS / stage
         print(
-            f"[launch] {stage}: job {array.job_id} ({len(jobs)} seed(s), {shape} ranks) logs {root / 'slurm' / stage}",
+            f"[launch] {stage}: job {array.job_id} ({len(jobs)} seed(s), {shape} ranks) logs {logs}",
             flush=True,
         )
     return submitted
@@ -252,17 +296,23 @@ class SlurmBackend(Backend):
         todo: Todo,
         plan: dict[str, dict],
         stages: list[str],
-        hooks: Optional[dict] = None,
+        hooks: Optional[LaunchHooks] = None,
     ) -> Optional[list[dict]]:
         check_partition(cfg, launch)
-        submitted = submit_slurm(cfg, root, todo, plan, stages, after=(hooks or {}).get("after"))
+        submitted = submit_slurm(cfg, root, todo, plan, stages, after=hooks.after if hooks else None)
         if hooks is not None:  # a grid's point: its jobs, for later points' dependencies; the grid waits
-            hooks.setdefault("submitted", {}).update({a.stage: {"job": a.job_id, "seeds": a.seeds} for a in submitted})
-            hooks["jobs"] = submitted
+            for a in submitted:
+                hooks.submitted(QueuedJob(self.name, a.stage, a.job_id, tuple(a.seeds), a))
         if not launch.wait or hooks is not None:
             print("[launch] submitted; watch with: squeue --me / sacct", flush=True)
             return None
         return wait_slurm(submitted)
+
+    def wait(self, jobs: Sequence[QueuedJob]) -> list[dict]:
+        return wait_slurm([j.handle for j in jobs])
+
+    def states(self, job_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        return slurm_states(job_ids)
 
     def failure(self, records: list[dict]) -> Optional[str]:
         failed = [r for r in records if r["state"] != "COMPLETED"]
