@@ -147,6 +147,26 @@ def test_a_job_squeue_still_lists_is_never_shown_failed(tmp_path, state):
     assert (row, detail) == (SQUEUE_ROWS[state], f"job 7{named} (Why)")
 
 
+@pytest.mark.parametrize(
+    "record, tasks",
+    [
+        ("17", ["17"]),
+        ("17_3", ["17_3"]),
+        ("17_[0-1]", ["17_0", "17_1"]),
+        ("17_[0,2-3]", ["17_0", "17_2", "17_3"]),
+        ("17_[1-2%256]", ["17_1", "17_2"]),
+        ("17_[4]", ["17_4"]),
+    ],
+)
+def test_an_array_record_stands_for_each_task_it_holds(record, tasks):
+    """squeue and sacct list a pending array's tasks as one record (``17_[0-1]``, with submitit's
+    throttle ``%256``); the status view reads it as each task's (the real SLURM case:
+    tests/slurm/test_status_slurm.py)."""
+    from sdca_dist.launch.backends.slurm import array_task_ids
+
+    assert array_task_ids(record) == tasks
+
+
 def test_status_of_a_folder_that_is_no_run(tmp_path):
     proc = run_launcher([f"run_dir={tmp_path}", "status=true"], timeout=300)
     assert proc.returncode == 0 and "no run folder here" in proc.stdout
