@@ -150,18 +150,10 @@ def run_folders(root: Path, grid: Optional[dict]) -> list[tuple[str, int, Path]]
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RunDir:
-    """One run folder: where each stage's files live."""
+    """One run folder: where each stage's files live. A stage function opens an earlier stage's
+    file through ``StageContext.input_file``, which asks the stage table which stage made it."""
 
     root: Path
 
     def stage(self, name: str) -> Path:
         return self.root / name
-
-    def model_of(self, stage: str) -> Path:
-        return self.stage(stage) / MODEL_FINAL
-
-    def distributions_of(self, stage: str) -> Path:
-        return self.stage(stage) / DISTRIBUTIONS
-
-    def pseudo_manifest(self) -> Path:
-        return self.root / "pseudo_label" / PSEUDO_MANIFEST
