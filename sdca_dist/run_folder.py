@@ -27,7 +27,9 @@ and each run folder (the root itself for one seed) holds::
 The files a stage leaves for later stages are declared with the stages, in
 ``sdca_dist.stage_table`` (their home), and a shard folder's verification records with the shard
 sets (``sdca_dist.data.verification``); this module re-exports them so a reader of the folder
-finds every name here. ``STAGE_FILES`` and ``RUN_FILES`` list every name (a test walks a finished
+finds every name here. That re-export is the one import of the package's lowest layer that runs
+up to the data layer: the records' folder belongs to the shard-set layout, which the data layer
+owns, and ``data.verification`` imports no torch. ``STAGE_FILES`` and ``RUN_FILES`` list every name (a test walks a finished
 run and checks each entry is one of them). No torch here: the launcher and the status view read
 the folder with it.
 """
@@ -150,18 +152,10 @@ def run_folders(root: Path, grid: Optional[dict]) -> list[tuple[str, int, Path]]
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RunDir:
-    """One run folder: where each stage's files live."""
+    """One run folder: where each stage's files live. A stage function opens an earlier stage's
+    file through ``StageContext.input_file``, which asks the stage table which stage made it."""
 
     root: Path
 
     def stage(self, name: str) -> Path:
         return self.root / name
-
-    def model_of(self, stage: str) -> Path:
-        return self.stage(stage) / MODEL_FINAL
-
-    def distributions_of(self, stage: str) -> Path:
-        return self.stage(stage) / DISTRIBUTIONS
-
-    def pseudo_manifest(self) -> Path:
-        return self.root / "pseudo_label" / PSEUDO_MANIFEST

@@ -167,6 +167,28 @@ def test_an_array_record_stands_for_each_task_it_holds(record, tasks):
     assert array_task_ids(record) == tasks
 
 
+def test_a_job_cancelled_before_it_started_is_not_run_and_one_cancelled_while_running_is_not_failed(tmp_path):
+    """sacct's CANCELLED: without a log the job never started (SLURM cancels the jobs that depend
+    on a failed one; the SLURM test sees it and the failed stage named); with one, scancel stopped
+    it while it ran. Neither is the stage failing."""
+    from sdca_dist.launch.status import stage_row
+
+    log = tmp_path / "8_0_log.err"
+    jobs = {"dist_init": {"job_id": "8", "stderr": str(log)}}
+    states = {"8": {"state": "CANCELLED", "exit_code": "0:0"}}
+    assert stage_row(tmp_path, "dist_init", None, None, jobs, states) == (
+        "not run",
+        "job 8 cancelled before it started",
+    )
+    log.write_text("starting\nslurmstepd: error: *** JOB 8 ON n1 CANCELLED AT 2026-12-07T05:00:00 ***\n")
+    row, detail = stage_row(tmp_path, "dist_init", None, None, jobs, states)
+    assert row == "cancelled" and detail.startswith("job 8 cancelled while it ran: slurmstepd: error: *** JOB 8"), (
+        detail
+    )
+    states["8"]["state"] = "FAILED"  # the control: an ended job in any other state is a failure
+    assert stage_row(tmp_path, "dist_init", None, None, jobs, states)[0] == "failed"
+
+
 def test_status_of_a_folder_that_is_no_run(tmp_path):
     proc = run_launcher([f"run_dir={tmp_path}", "status=true"], timeout=300)
     assert proc.returncode == 0 and "no run folder here" in proc.stdout

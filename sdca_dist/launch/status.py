@@ -17,10 +17,13 @@ backend gives (``Backend.states``: squeue and sacct on SLURM) for the jobs it re
   (``QUEUED_ROWS``; ``<run>/jobs.json`` maps stages to jobs);
 * ``failed``: exit code and the last error line (``<stage>/FAILED.json`` written by the local
   launcher, or sacct and the job's log on SLURM);
+* ``not run``: its job was cancelled before it started (no log), naming the earlier stage of the
+  seed that failed, if one did (SLURM cancels the jobs that depend on a failed one);
+  ``cancelled``: cancelled while it ran (scancel), with its log's last error line;
 * ``not started``.
 
 Read-only, exit 0: the records it reads are written by the engine and the backends. No torch
-here, and no scheduler command: the backend of each run folder's ``cluster.name`` is asked.
+here, and no scheduler command: the backend that recorded each job (``jobs.json``) is asked.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import Any, Optional
 from sdca_dist.files import read_json_dict
 from sdca_dist.launch.backends.base import last_error_line
 from sdca_dist.run_folder import DONE, FAILED, GRID, JOBS, LOCK, METRICS, PLAN, PROGRESS, run_folders
+from sdca_dist.stage_table import spec
 
 
 def _fmt_s(seconds: Optional[float]) -> str:
@@ -142,7 +146,12 @@ def stage_row(run_dir: Path, stage: str, cfg: Any, lineage: Any, jobs: dict, sta
         return row, f"job {job['job_id']}{named} ({slurm.get('reason') or 'no reason given'})"
     if slurm is not None and slurm.get("state"):
         err = Path(str(job.get("stderr", "")))
+        if slurm["state"] == "CANCELLED" and not err.is_file():
+            # never started (no log): cancelled while it waited, e.g. on a stage that failed
+            return "not run", f"job {job['job_id']} cancelled before it started"
         lines = err.read_text(errors="replace").splitlines() if err.is_file() else []
+        if slurm["state"] == "CANCELLED":
+            return "cancelled", f"job {job['job_id']} cancelled while it ran: {last_error_line(lines) if lines else ''}"
         code = slurm.get("exit_code", "?")
         error = last_error_line(lines) if lines else f"no log at {err}"
         return "failed", f"job {job['job_id']} {slurm['state']}, exit code {code}: {error}"
@@ -165,11 +174,16 @@ def status_rows(root: Path) -> list[tuple[str, str, str, str, str]]:
         except Exception:  # noqa: BLE001 - a view: an unreadable config only skips the freshness check
             cfg = None
         lineage = Lineage(rd, read_tars=False)  # shard tars from their verification records only
+        failed_before: Optional[str] = None  # the first gating stage of this seed that failed
         for stage in _stages_of(rd):
             try:
                 state, detail = stage_row(rd, stage, cfg, lineage, all_jobs[rd], states)
             except Exception as exc:  # noqa: BLE001 - one unreadable stage must not hide the others
                 state, detail = "unknown", f"{type(exc).__name__}: {exc}"
+            if state == "not run" and failed_before is not None:
+                detail += f" ({failed_before} failed)"
+            if state == "failed" and failed_before is None and spec(stage).gates_chain:
+                failed_before = stage
             rows.append((point, f"seed {seed}", stage, state, detail))
     return rows
 

@@ -7,6 +7,7 @@ row is read from the status command's own output, each state polled for with a d
 * requeued: src requeued and held (``scontrol requeuehold State=SpecialExit``, what a site's epilog
   does with a job that exits with a special code): squeue's SPECIAL_EXIT and its reason, never
   "failed";
+* not run: dist_init, cancelled by SLURM once src failed, names src;
 * failed: src released after its run configuration was broken by hand: sacct's FAILED, the exit
   code, and the last error line of the job's log.
 """
@@ -111,6 +112,10 @@ def test_status_of_a_slurm_run_pending_running_requeued_failed(slurm, shards, tm
     error = last_error_line(log.splitlines())
     assert "not_a_setting" in error and str(config) in error, log[-3000:]
     assert rows["src"] == ("failed", f"job {src} FAILED, exit code 1:0: {error}"), out
+    # dist_init waited on src (afterok): SLURM cancels it, and the view says why it never ran
+    slurm.wait_sacct_state(dist_init, {"CANCELLED"}, 120, "dist_init after src failed")
+    rows, out = _status(run)
+    assert rows["dist_init"] == ("not run", f"job {dist_init} cancelled before it started (src failed)"), out
 
 
 def test_slurm_states_of_a_pending_array_and_of_one_slurm_cancelled_whole(slurm):
