@@ -147,6 +147,26 @@ def test_a_job_squeue_still_lists_is_never_shown_failed(tmp_path, state):
     assert (row, detail) == (SQUEUE_ROWS[state], f"job 7{named} (Why)")
 
 
+@pytest.mark.parametrize(
+    "record, tasks",
+    [
+        ("17", ["17"]),
+        ("17_3", ["17_3"]),
+        ("17_[0-1]", ["17_0", "17_1"]),
+        ("17_[0,2-3]", ["17_0", "17_2", "17_3"]),
+        ("17_[1-2%256]", ["17_1", "17_2"]),
+        ("17_[4]", ["17_4"]),
+    ],
+)
+def test_an_array_record_stands_for_each_task_it_holds(record, tasks):
+    """squeue and sacct list a pending array's tasks as one record (``17_[0-1]``, with submitit's
+    throttle ``%256``); the status view reads it as each task's (the real SLURM case:
+    tests/slurm/test_status_slurm.py)."""
+    from sdca_dist.launch.backends.slurm import array_task_ids
+
+    assert array_task_ids(record) == tasks
+
+
 def test_a_job_cancelled_before_it_started_is_not_run_and_one_cancelled_while_running_is_not_failed(tmp_path):
     """sacct's CANCELLED: without a log the job never started (SLURM cancels the jobs that depend
     on a failed one; the SLURM test sees it and the failed stage named); with one, scancel stopped

@@ -110,7 +110,8 @@ def main_effects(grid: dict, table: dict, stages: list[str]) -> dict[str, dict[s
 def failures(root: Path, grid: dict) -> list[dict[str, str]]:
     """Every planned stage of every point and seed that has no DONE: its state and why, as the
     status view reads it (``failed`` with the exit code or SLURM state and the error line,
-    ``not started``), or ``not run`` when an earlier chain stage of that seed failed."""
+    ``not started``), or ``not run`` naming the earlier chain stage of that seed that failed (and
+    the status view's detail, e.g. SLURM's cancelling the job before it started)."""
     from sdca_dist.launch.status import queue_states, stage_row
     from sdca_dist.stage_table import spec
 
@@ -123,7 +124,7 @@ def failures(root: Path, grid: dict) -> list[dict[str, str]]:
             if (rd / stage / DONE).is_file():
                 continue
             state, detail = stage_row(rd, stage, None, None, jobs[rd], states)
-            if stopped_by is not None and state in ("failed", "not started"):
+            if stopped_by is not None and state in ("failed", "not started", "not run"):
                 state, detail = "not run", f"{stopped_by} failed" + (f" ({detail})" if detail else "")
             elif state == "failed" and spec(stage).gates_chain:
                 stopped_by = stage

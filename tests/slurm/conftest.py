@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -73,6 +74,25 @@ class SlurmCluster:
         out = self.run(*args).stdout
         names = fields.split(",")
         return [dict(zip(names, line.split("|"))) for line in out.splitlines() if line.strip()]
+
+    def task_state(self, array_id: str, index: int) -> str:
+        """sacct's state of task ``index`` of job array ``array_id``: its own row, or, for a task
+        SLURM never split out of the array's pending record (an array it cancelled whole), the
+        array's row ``<id>_[0-1]`` whose index list holds it (or, until slurmdbd has that
+        record's task list, its only row, named ``<id>``). ``-j <id>_<index>`` would find no row
+        at all for such a task."""
+        rows = self.sacct(array_id)
+        own = [r["State"] for r in rows if r["JobID"] == f"{array_id}_{index}"]
+        if own:
+            return own[-1]
+        for r in rows:
+            m = re.fullmatch(rf"{array_id}_\[([\d,\-]+)(?:%\d+)?\]", r["JobID"])
+            spans = [part.partition("-") for part in m.group(1).split(",")] if m else []
+            if any(int(lo) <= index <= int(hi or lo) for lo, _, hi in spans):
+                return r["State"]
+        if [r["JobID"] for r in rows] == [array_id]:  # the same record before slurmdbd has its task list
+            return rows[0]["State"]
+        raise AssertionError(f"sacct has no record of task {index} of job array {array_id}: {rows}")
 
     def wait_sacct_state(self, job_id: str, states: set[str], timeout_s: float, what: str) -> str:
         """Poll sacct until the job's (last) record is in `states`; fail with the last seen state."""

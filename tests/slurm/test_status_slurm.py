@@ -116,3 +116,43 @@ def test_status_of_a_slurm_run_pending_running_requeued_failed(slurm, shards, tm
     slurm.wait_sacct_state(dist_init, {"CANCELLED"}, 120, "dist_init after src failed")
     rows, out = _status(run)
     assert rows["dist_init"] == ("not run", f"job {dist_init} cancelled before it started (src failed)"), out
+
+
+def test_slurm_states_of_a_pending_array_and_of_one_slurm_cancelled_whole(slurm):
+    """Tasks 0 and 1 of an array waiting (``afterok``) on a blocker job: squeue lists both as one
+    row ``<id>_[0-1]``, and once the blocker is cancelled SLURM cancels the array whole
+    (kill_invalid_depend) before splitting it, so sacct has only the array's row ``<id>_[0-1]``
+    (named ``<id>`` until slurmdbd has its task list) and none for ``<id>_0`` (what made a grid
+    test's ``sacct -j <id>_0`` come back empty). The status view's ``slurm_states`` still gives
+    each task its state: pending (Dependency), then CANCELLED (from squeue while it still lists
+    the ended array, and from sacct alone, as once squeue has forgotten it)."""
+    from sdca_dist.launch.backends.slurm import sacct_states, slurm_states
+
+    def sbatch(*args: str) -> str:
+        out = slurm.run("sbatch", "--parsable", "-p", slurm.low_partition, "-o", "/dev/null", *args).stdout
+        return slurm.track(out.strip().split(";")[0])
+
+    blocker = sbatch("--wrap", "sleep 600")
+    array = sbatch("-a", "0-1", "-d", f"afterok:{blocker}", "--wrap", "true")
+    tasks = [f"{array}_0", f"{array}_1"]
+    assert slurm.run("squeue", "-h", "-j", ",".join(tasks), "-o", "%i").stdout.split() == [f"{array}_[0-1]"]
+
+    def both_wait_on_the_blocker() -> Optional[str]:  # the scheduler names the reason on its next pass
+        states = slurm_states(tasks)
+        rows = [(states.get(t, {}).get("state"), states.get(t, {}).get("reason")) for t in tasks]
+        return None if rows == [("PENDING", "Dependency")] * 2 else str(states)
+
+    _poll(both_wait_on_the_blocker, 60, "both tasks pending (Dependency) in slurm_states")
+
+    slurm.run("scancel", blocker)
+
+    def both_cancelled() -> Optional[str]:
+        states = slurm_states(tasks)
+        return None if [states.get(t, {}).get("state") for t in tasks] == ["CANCELLED"] * 2 else str(states)
+
+    _poll(both_cancelled, 60, "both tasks CANCELLED in slurm_states once their dependency failed")
+    states = sacct_states(tasks)
+    assert [states.get(t, {}).get("state") for t in tasks] == ["CANCELLED"] * 2, states
+    records = [r["JobID"] for r in slurm.sacct(array)]
+    assert records in ([array], [f"{array}_[0-1]"]), f"SLURM split the array (no repro): {records}"
+    assert slurm.sacct(tasks[0]) == []

@@ -115,31 +115,78 @@ def record_job(run_dir: Path, stage: str, job_id: str, stderr: str) -> None:
     atomic_write_text(path, json.dumps(jobs, indent=1) + "\n")
 
 
+def array_task_ids(record_id: str) -> list[str]:
+    """The job ids a sacct/squeue ``JobID`` stands for: itself, or for a job array's record that
+    still holds several tasks (``17_[0-3,5%2]``: a pending array whose tasks SLURM never split
+    out, e.g. one it cancelled whole because an ``afterok`` dependency failed) ``17_0`` ... ``17_5``."""
+    m = re.fullmatch(r"(\d+)_\[([\d,\-]+)(?:%\d+)?\]", record_id.strip())
+    if m is None:
+        return [record_id.strip()]
+    ids = []
+    for part in m.group(2).split(","):
+        lo, _, hi = part.partition("-")
+        ids += [f"{m.group(1)}_{i}" for i in range(int(lo), int(hi or lo) + 1)]
+    return ids
+
+
+def squeue_states(job_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+    """{job id: {state, reason}} of the jobs squeue still lists (queued, running, just ended).
+    Asked about several tasks of a pending array, squeue prints them as the array's one row
+    (``17_[0-1]``), read as each task's."""
+    out: dict[str, dict[str, str]] = {}
+    q = subprocess.run(
+        ["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i|%T|%r"], capture_output=True, text=True, timeout=30
+    )
+    for row in q.stdout.strip().splitlines():
+        jid, state, reason = (row.split("|") + ["", ""])[:3]
+        for task in array_task_ids(jid):
+            out[task] = {"state": state.strip(), "reason": reason.strip()}
+    return out
+
+
+def sacct_states(job_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+    """{job id: {state, exit_code}} from sacct's allocation records. An array task that never
+    left its array's pending record (SLURM cancelled the array whole, e.g. kill_invalid_depend
+    after an ``afterok`` dependency failed) has no row of its own, only the array's
+    (``17_[0-1]``; named by the bare ``17`` until slurmdbd has its task list), and ``-j 17_0``
+    finds nothing: so sacct is asked about whole arrays (``-j 17``) and a task's own row wins
+    over its array's."""
+    a = subprocess.run(
+        ["sacct", "-n", "-P", "-X", "-j", ",".join(sorted({i.split("_")[0] for i in job_ids}))]
+        + ["-o", "JobID,State,ExitCode"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    own: dict[str, dict[str, str]] = {}
+    shared: dict[str, dict[str, str]] = {}
+    for row in a.stdout.strip().splitlines():
+        jid, state, code = (row.split("|") + ["", ""])[:3]
+        record = {"state": state.split()[0] if state else "", "exit_code": code.strip()}
+        tasks = array_task_ids(jid)
+        for task in tasks:
+            (own if len(tasks) == 1 else shared).setdefault(task, record)
+    out = {}
+    for i in job_ids:
+        record = own.get(i) or shared.get(i) or (own.get(i.split("_")[0]) if "_" in i else None)
+        if record is not None:
+            out[i] = record
+    return out
+
+
 def slurm_states(job_ids: Sequence[str]) -> dict[str, dict[str, str]]:
     """{job id: {state, reason | exit_code}} from squeue (queued/running), then sacct (ended);
-    empty without SLURM."""
-    out: dict[str, dict[str, str]] = {}
+    empty without SLURM. Each task of a job array is answered by its own id (``17_0``), whatever
+    form SLURM's record of it has (``squeue_states``, ``sacct_states``)."""
     ids = sorted(set(job_ids))
     if not ids:
-        return out
+        return {}
+    out: dict[str, dict[str, str]] = {}
     try:
-        q = subprocess.run(
-            ["squeue", "-h", "-j", ",".join(ids), "-o", "%i|%T|%r"], capture_output=True, text=True, timeout=30
-        )
-        for row in q.stdout.strip().splitlines():
-            jid, state, reason = (row.split("|") + ["", ""])[:3]
-            out[jid.strip()] = {"state": state.strip(), "reason": reason.strip()}
+        out.update(squeue_states(ids))
         missing = [i for i in ids if i not in out]
         if missing:
-            a = subprocess.run(
-                ["sacct", "-n", "-P", "-X", "-j", ",".join(missing), "-o", "JobID,State,ExitCode"],
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
-            for row in a.stdout.strip().splitlines():
-                jid, state, code = (row.split("|") + ["", ""])[:3]
-                out.setdefault(jid.strip(), {"state": state.split()[0] if state else "", "exit_code": code.strip()})
+            out.update(sacct_states(missing))
     except (OSError, subprocess.SubprocessError):
         pass
     return out
