@@ -29,9 +29,9 @@ The files a stage leaves for later stages are declared with the stages, in
 sets (``sdca_dist.data.verification``); this module re-exports them so a reader of the folder
 finds every name here. That re-export is the one import of the package's lowest layer that runs
 up to the data layer: the records' folder belongs to the shard-set layout, which the data layer
-owns, and ``data.verification`` imports no torch. ``STAGE_FILES`` and ``RUN_FILES`` list every name (a test walks a finished
-run and checks each entry is one of them). No torch here: the launcher and the status view read
-the folder with it.
+owns, and ``data.verification`` imports no torch. ``STAGE_FILES`` and ``RUN_FILES`` list every
+name (a test walks a finished run and checks each entry is one of them). No torch here: the
+launcher and the status view read the folder with it.
 """
 
 from __future__ import annotations
