@@ -112,8 +112,7 @@ def failures(root: Path, grid: dict) -> list[dict[str, str]]:
     status view reads it (``failed`` with the exit code or SLURM state and the error line,
     ``not started``), or ``not run`` naming the earlier chain stage of that seed that failed (and
     the status view's detail, e.g. SLURM's cancelling the job before it started)."""
-    from sdca_dist.launch.status import queue_states, stage_row
-    from sdca_dist.stage_table import spec
+    from sdca_dist.launch.status import queue_states, stage_row, stops_chain
 
     folders = run_folders(root, grid)
     jobs, states = queue_states([rd for _, _, rd in folders])
@@ -126,7 +125,7 @@ def failures(root: Path, grid: dict) -> list[dict[str, str]]:
             state, detail = stage_row(rd, stage, None, None, jobs[rd], states)
             if stopped_by is not None and state in ("failed", "not started", "not run"):
                 state, detail = "not run", f"{stopped_by} failed" + (f" ({detail})" if detail else "")
-            elif state == "failed" and spec(stage).gates_chain:
+            elif stops_chain(stage, state):
                 stopped_by = stage
             out.append({"point": name, "seed": seed, "stage": stage, "state": state, "why": detail})
     return out

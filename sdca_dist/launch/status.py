@@ -104,6 +104,13 @@ QUEUED_ROWS = {
 }
 
 
+def stops_chain(stage: str, state: str) -> bool:
+    """Whether ``stage`` in row ``state`` keeps the later stages of its seed from running: it
+    failed and gates the chain (``StageSpec.gates_chain``). The status view and the grid summary
+    both name it in the rows of the stages after it."""
+    return state == "failed" and spec(stage).gates_chain
+
+
 def stage_row(run_dir: Path, stage: str, cfg: Any, lineage: Any, jobs: dict, states: dict) -> tuple[str, str]:
     """(state, detail) of one stage of one run folder."""
     folder = run_dir / stage
@@ -182,7 +189,7 @@ def status_rows(root: Path) -> list[tuple[str, str, str, str, str]]:
                 state, detail = "unknown", f"{type(exc).__name__}: {exc}"
             if state == "not run" and failed_before is not None:
                 detail += f" ({failed_before} failed)"
-            if state == "failed" and failed_before is None and spec(stage).gates_chain:
+            if failed_before is None and stops_chain(stage, state):
                 failed_before = stage
             rows.append((point, f"seed {seed}", stage, state, detail))
     return rows

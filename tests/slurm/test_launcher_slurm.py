@@ -112,6 +112,15 @@ def _wait_log(path_glob, pattern: str, timeout_s: float, base: Path) -> str:
     raise AssertionError(f"no {pattern!r} in {base}/{path_glob} after {timeout_s}s")
 
 
+def _src_job(launcher: subprocess.Popen, slurm) -> str:
+    """src's job id as the running launcher prints it (``[launch] src: job N``), tracked for cleanup."""
+    for line in launcher.stdout:
+        m = re.search(r"\[launch\] src: job (\d+)", line)
+        if m:
+            return slurm.track(m.group(1))
+    raise AssertionError("the launcher printed no job id")
+
+
 def _slow_requeue(folder: Path, delay_s: int) -> dict[str, str]:
     """The PATH (for ``child_env``) whose ``scontrol requeue`` takes ``delay_s`` seconds (a loaded
     controller): a wrapper first on PATH, which the job inherits from the launcher. Each requeue it
@@ -152,13 +161,7 @@ def test_usr2_mid_stage_checkpoints_requeues_and_resumes_bitwise(slurm, shards, 
         text=True,
     )
     try:
-        job = None
-        for line in launcher.stdout:
-            m = re.search(r"\[launch\] src: job (\d+)", line)
-            if m:
-                job = slurm.track(m.group(1))
-                break
-        assert job, "the launcher printed no job id"
+        job = _src_job(launcher, slurm)
         _wait_log(f"slurm/src/{job}/*_0_log.out", r"\[src\] it ([3-9]|1\d)/24", 300, run)
         slurm.run("scancel", "--signal=USR2", job)
         out, err = launcher.communicate(timeout=600)
@@ -306,13 +309,7 @@ def test_a_rank_that_dies_at_start_ends_the_job_instead_of_leaving_the_others_wa
             text=True,
         )
         try:
-            job = None
-            for line in launcher.stdout:
-                m = re.search(r"\[launch\] src: job (\d+)", line)
-                if m:
-                    job = slurm.track(m.group(1))
-                    break
-            assert job, "the launcher printed no job id"
+            job = _src_job(launcher, slurm)
             _wait_ended_within(slurm, job, ENDS_WITHIN_S)
             out, err = launcher.communicate(timeout=120)  # a guard: the job has ended, the launcher follows
         finally:

@@ -16,8 +16,9 @@ works out which stages are stale; a backend only
    (``failure``).
 
 A stage whose ``StageSpec.gates_chain`` is false (a reference) never stops the stages after it.
-Nothing outside ``sdca_dist/launch/backends/`` talks to a scheduler: a grid, the launcher and
-the status view call these methods on the backend ``cluster.name`` names.
+Nothing outside ``sdca_dist/launch/backends/`` talks to a scheduler: a grid and the launcher
+call these methods on the backend ``cluster.name`` names, the status view on the backend that
+recorded the job (``jobs.json``).
 """
 
 from __future__ import annotations
